@@ -1,0 +1,1 @@
+"""Engine pieces shared by prefill and decode: KV storage, sampling, generation steps."""

@@ -1,0 +1,29 @@
+"""The one place environment variables are read.
+
+Everything else receives values through config dataclasses. `read_env()` is called
+by entry points (CLI, service mains, tests), never at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+    cache_dir: pathlib.Path        # where built demo checkpoints and other caches live
+    log_level: str                 # default logging level for services and CLI
+    redis_server_bin: str          # redis-server binary used for a private Redis
+
+
+def read_env(environ: os._Environ[str] | dict[str, str] | None = None) -> Env:
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
+    cache_dir = pathlib.Path(env.get("EPDSERVE_CACHE_DIR") or pathlib.Path(xdg) / "epdserve")
+    return Env(
+        cache_dir=cache_dir,
+        log_level=env.get("EPDSERVE_LOG_LEVEL", "INFO").upper(),
+        redis_server_bin=env.get("EPDSERVE_REDIS_SERVER", "redis-server"),
+    )
