@@ -1,0 +1,155 @@
+"""Configuration: one frozen dataclass per concern; each component receives only its slice.
+
+CLI flags are generated from these fields (`add_config_args` / `config_from_args`), so each
+setting and its help text is written once. Contradictory settings are rejected with a clear
+error, never silently rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, TypeVar
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - "help" matches argparse
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default_factory=lambda: tuple(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = setting("127.0.0.1", "bind address (internal services stay on loopback unless told otherwise)")
+    port: int = setting(0, "TCP port; 0 picks a free port (reported in --ready-file)")
+    advertise_host: str = setting("", "host name peers use to reach this server (default: the bind host)")
+    ready_file: str = setting("", "once serving, write {'address': ..., 'pid': ...} as JSON to this file")
+    drain_timeout_s: float = setting(10.0, "on SIGTERM, seconds in-flight RPCs get to finish")
+    max_message_bytes: int = setting(64 * MiB, "largest gRPC message accepted or sent")
+    max_concurrent_rpcs: int = setting(256, "RPCs beyond this are rejected with RESOURCE_EXHAUSTED")
+    reflection: bool = setting(False, "enable gRPC server reflection (for grpcurl)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535] (got {self.port})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis holding the mmcache index")
+    namespace: str = setting("epdserve", "prefix of every Redis key this deployment writes")
+    shm_dir: str = setting("", "directory for this process's cache bytes (default: a fresh dir in /dev/shm)")
+    capacity_bytes: int = setting(2 * GiB, "bytes of entries this process holds before evicting (LRU)")
+    prefer_shared_memory: bool = setting(True, "read same-host entries in place from shared memory")
+    fetch_chunk_bytes: int = setting(4 * MiB, "chunk size when streaming entries between hosts")
+    redis_timeout_s: float = setting(5.0, "timeout of one Redis round trip")
+
+    def __post_init__(self) -> None:
+        if self.capacity_bytes <= 0:
+            raise ValueError(f"capacity_bytes must be > 0 (got {self.capacity_bytes})")
+        if self.fetch_chunk_bytes <= 0 or self.fetch_chunk_bytes > 32 * MiB:
+            raise ValueError(f"fetch_chunk_bytes must be in (0, 32 MiB] (got {self.fetch_chunk_bytes})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model: str = setting("", "LLaVA checkpoint directory (default: the tiny demo checkpoint, built on first use)")
+    dtype: str = setting("auto", "auto | float32 | float16 | bfloat16 (auto: stored dtype on GPU, float32 on CPU)")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    revision: str = setting("", "model revision used in cache keys (default: a fingerprint of the files)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+    max_image_bytes: int = setting(20 * MiB, "largest encoded image accepted")
+    max_image_pixels: int = setting(40_000_000, "largest decoded image (width x height) accepted")
+    max_images_per_request: int = setting(16, "most images in one request")
+    embedding_ttl_s: float = setting(3600.0, "seconds an image embedding stays in the cache after its last use")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    kv_ttl_s: float = setting(120.0, "seconds published KV waits for its decode before it is freed")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    max_new_tokens_limit: int = setting(1 << 16, "largest max_new_tokens one request may ask for")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    encode: tuple[str, ...] = setting((), "encode service address(es) host:port")
+    prefill: tuple[str, ...] = setting((), "prefill service address(es) host:port")
+    decode: tuple[str, ...] = setting((), "decode service address(es) host:port")
+    default_max_tokens: int = setting(16, "max_tokens when a request does not set it")
+    max_prompt_bytes: int = setting(1 * MiB, "largest prompt text accepted (UTF-8 bytes)")
+    max_images_per_request: int = setting(16, "most images in one request")
+    max_image_bytes: int = setting(20 * MiB, "largest encoded image accepted")
+    max_stop_strings: int = setting(16, "most stop strings in one request")
+    max_stop_string_chars: int = setting(256, "longest stop string")
+    request_timeout_s: float = setting(600.0, "deadline of one request across all stages when the client sets none")
+    stage_retries: int = setting(1, "times a request is re-run from encode when a cache entry vanished between stages")
+
+    def __post_init__(self) -> None:
+        for stage in ("encode", "prefill", "decode"):
+            if not getattr(self, stage):
+                raise ValueError(f"router needs at least one --{stage} address")
+
+
+# ---- CLI plumbing: flags from fields -------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one --flag per field of `cls` (help text from the field). Defaults stay None on the
+    parser so `config_from_args` can tell "not given" from "given"."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = hints[f.name]
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            group.add_argument(flag, dest=f.name, action="append", default=None, help=help_text + "; repeatable")
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = tuple(_split_list(value)) if isinstance(value, list) else value
+    values.update(overrides)
+    return cls(**values)
+
+
+def _split_list(items: list[str]) -> list[str]:
+    return [part for item in items for part in item.split(",") if part]
+
+
+def config_to_args(config: Any) -> list[str]:
+    """The CLI flags that reproduce `config` (used to start service processes)."""
+    args: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            args.extend(a for item in value for a in (flag, str(item)))
+        else:
+            args.extend((flag, str(value)))
+    return args
