@@ -1,0 +1,181 @@
+"""The `epdserve` command.
+
+  epdserve demo                                   one image+text request through a local cluster
+  epdserve up [--model DIR] [--redis-url URL] [--port N]   run the four services until Ctrl-C
+  epdserve generate --router ADDR [--image FILE]... PROMPT
+  epdserve serve encode|prefill|decode|router ...  one service process (flags: --help)
+  epdserve model tiny --out DIR [--backbone B]     write a tiny random checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import signal
+import sys
+
+from epdserve.env import read_env
+from epdserve.errors import EpdserveError
+
+STAGES = ("encode", "prefill", "decode", "router")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "serve" and argv[1] in STAGES:
+        return _serve(argv[1], argv[2:])  # the service parses its own flags
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except EpdserveError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epdserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(title="commands")
+
+    serve = sub.add_parser("serve", help="run one service process")
+    serve.add_argument("stage", choices=STAGES)
+
+    up = sub.add_parser("up", help="run redis + the four services locally until Ctrl-C")
+    _model_flag(up)
+    up.add_argument("--redis-url", default="", help="use this Redis instead of starting a private redis-server")
+    up.add_argument("--host", default="127.0.0.1", help="router bind address (default: loopback)")
+    up.add_argument("--port", type=int, default=50051, help="router port (0 = a free port)")
+    up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    up.set_defaults(run=_up)
+
+    demo = sub.add_parser("demo", help="start a local cluster, send one image+text request, stop")
+    _model_flag(demo)
+    demo.add_argument("--prompt", default=None, help="question about the image")
+    demo.add_argument("--image", type=pathlib.Path, default=None, help="image file (default: a generated picture)")
+    demo.add_argument("--max-tokens", type=int, default=24)
+    demo.add_argument("--json", action="store_true", help="print one JSON object instead of the streamed text")
+    demo.set_defaults(run=_demo)
+
+    gen = sub.add_parser("generate", help="send one request to a running router")
+    gen.add_argument("--router", required=True, help="router address host:port")
+    gen.add_argument("--image", action="append", default=[], type=pathlib.Path, help="image file; repeatable")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as written (with its own image placeholders)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text and token_ids")
+    gen.add_argument("--timeout", type=float, default=600.0, help="request deadline in seconds")
+    gen.add_argument("prompt")
+    gen.set_defaults(run=_generate)
+
+    model = sub.add_parser("model", help="checkpoint tools")
+    model_sub = model.add_subparsers(title="model commands")
+    tiny = model_sub.add_parser("tiny", help="write a tiny random LLaVA checkpoint that transformers can load")
+    tiny.add_argument("--out", type=pathlib.Path, required=True)
+    tiny.add_argument("--backbone", choices=("llama", "mistral", "qwen2", "mixtral"), default="llama")
+    tiny.add_argument("--vision", choices=("clip", "siglip"), default="clip")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_model_tiny)
+    return parser
+
+
+def _model_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=pathlib.Path, default=None,
+                        help="LLaVA checkpoint directory (default: the tiny demo checkpoint, built once and cached)")
+
+
+def _serve(stage: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(f"services.{stage}.server").main(argv)
+
+
+def _default_model(model: pathlib.Path | None) -> pathlib.Path:
+    if model is not None:
+        from epdserve.models.spec import load_spec
+
+        load_spec(model)  # fail here, clearly, rather than in four services
+        return model
+    from epdserve.models.tiny import TinySpec, cached_tiny_checkpoint
+
+    return cached_tiny_checkpoint(read_env().cache_dir, TinySpec())
+
+
+def _up(args: argparse.Namespace) -> int:
+    from epdserve.launcher import ClusterConfig, LocalCluster
+
+    env = read_env()
+    config = ClusterConfig(model_dir=_default_model(args.model), redis_url=args.redis_url, router_host=args.host,
+                           router_port=args.port, device=args.device, redis_server_bin=env.redis_server_bin)
+    cluster = LocalCluster(config)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        address = cluster.start()
+        print(f"epdserve is up: router {address} (redis {cluster.redis_url}); Ctrl-C to stop", flush=True)
+        print(f'try: epdserve generate --router {address} "Hello"', flush=True)
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        codes = cluster.stop()
+        print("stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()), flush=True)
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from epdserve.demo import DEMO_PROMPT, run_demo
+
+    if not args.json:
+        print("preparing the model (the tiny demo checkpoint is built once and cached)...", flush=True)
+    image = args.image.read_bytes() if args.image else None
+    return run_demo(_default_model(args.model), prompt=args.prompt or DEMO_PROMPT, image=image,
+                    max_tokens=args.max_tokens, as_json=args.json)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from epdserve.sdk import Client
+
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, raw=args.raw)
+    with Client(args.router, timeout_s=args.timeout) as client:
+        stream = client.stream(args.prompt, images=args.image, **options)
+        for chunk in stream:
+            if not args.json:
+                print(chunk.text, end="", flush=True)
+        result = stream.result
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": list(result.token_ids),
+                          "finish_reason": result.finish_reason, "usage": vars(result.usage),
+                          "timings_ms": result.timings_ms}))
+    else:
+        print()
+    return 0
+
+
+def _model_tiny(args: argparse.Namespace) -> int:
+    from epdserve.models.tiny import TinySpec, build_tiny_checkpoint
+
+    if args.out.exists() and any(args.out.iterdir()):
+        print(f"error: {args.out} exists and is not empty", file=sys.stderr)
+        return 1
+    path = build_tiny_checkpoint(args.out, TinySpec(backbone=args.backbone, vision=args.vision, seed=args.seed))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""LocalCluster: the embedded default deployment on one machine.
+
+Starts a private redis-server (unless given a URL), then encode, prefill and decode as separate
+processes on free loopback ports, then the router pointed at them. Every child dies with the
+launcher (PDEATHSIG); `stop()` sends SIGTERM, waits, then SIGKILLs stragglers, and removes the
+shared-memory and scratch directories, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from epdserve.errors import FailedPreconditionError
+from epdserve.procutil import die_with_parent, stop_process
+from epdserve.redis_server import PrivateRedis
+
+STAGES = ("encode", "prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    model_dir: pathlib.Path
+    redis_url: str = ""              # "" = start a private redis-server
+    router_host: str = "127.0.0.1"
+    router_port: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    log_level: str = "WARNING"
+    start_timeout_s: float = 300.0
+    stop_timeout_s: float = 15.0
+    redis_server_bin: str = "redis-server"
+    stage_args: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # extra flags per stage
+
+
+@dataclasses.dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen
+    ready_file: pathlib.Path
+    log_file: pathlib.Path
+    address: str = ""
+
+
+class LocalCluster:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.redis: PrivateRedis | None = None
+        self.redis_url = config.redis_url
+        self.children: dict[str, _Child] = {}
+        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="epdserve-cluster-"))
+        self.shm_root = _shm_root() / f"epdserve-cluster-{uuid.uuid4().hex[:12]}"
+        self.router_address = ""
+
+    def start(self) -> str:
+        """Start everything; returns the router address. Raises FailedPreconditionError (with the
+        failing service's log tail) if a service exits or is not ready in time."""
+        try:
+            if not self.redis_url:
+                self.redis = PrivateRedis(self.config.redis_server_bin).start()
+                self.redis_url = self.redis.url
+            for stage in STAGES:
+                self._spawn(stage, self._stage_args(stage))
+            for stage in STAGES:
+                self._wait_ready(self.children[stage])
+            self._spawn("router", self._router_args())
+            self.router_address = self._wait_ready(self.children["router"])
+            return self.router_address
+        except BaseException:
+            self.stop()
+            raise
+
+    def _common_args(self, name: str) -> list[str]:
+        c = self.config
+        return ["--model", str(c.model_dir), "--log-level", c.log_level, "--port", "0",
+                "--ready-file", str(self.workdir / f"{name}.ready")]
+
+    def _stage_args(self, stage: str) -> list[str]:
+        c = self.config
+        return [*self._common_args(stage), "--dtype", c.dtype, "--device", c.device,
+                "--redis-url", self.redis_url, "--shm-dir", str(self.shm_root / stage),
+                *self.config.stage_args.get(stage, ())]
+
+    def _router_args(self) -> list[str]:
+        args = [*self._common_args("router"), "--host", self.config.router_host]
+        args[args.index("--port") + 1] = str(self.config.router_port)
+        for stage in STAGES:
+            args += [f"--{stage}", self.children[stage].address]
+        return [*args, *self.config.stage_args.get("router", ())]
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log_file = self.workdir / f"{name}.log"
+        with open(log_file, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}", *args],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent, env=_child_env(),
+            )
+        self.children[name] = _Child(name, process, self.workdir / f"{name}.ready", log_file)
+
+    def _wait_ready(self, child: _Child) -> str:
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while time.monotonic() < deadline:
+            if child.ready_file.is_file():
+                child.address = json.loads(child.ready_file.read_text())["address"]
+                return child.address
+            if child.process.poll() is not None:
+                raise FailedPreconditionError(
+                    f"{child.name} service exited with code {child.process.returncode}:\n{self.log_tail(child.name)}"
+                )
+            time.sleep(0.05)
+        raise FailedPreconditionError(f"{child.name} service not ready after {self.config.start_timeout_s:.0f} s")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        child = self.children.get(name)
+        if child is None or not child.log_file.is_file():
+            return ""
+        return "\n".join(child.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def pids(self) -> dict[str, int]:
+        pids = {name: child.process.pid for name, child in self.children.items()}
+        if self.redis is not None and self.redis.process is not None:
+            pids["redis"] = self.redis.process.pid
+        return pids
+
+    def stop(self) -> dict[str, int | None]:
+        """Stop the router first (no new work), then the stages, then Redis. Returns exit codes."""
+        codes: dict[str, int | None] = {}
+        if "router" in self.children:
+            codes["router"] = stop_process(self.children["router"].process, timeout_s=self.config.stop_timeout_s)
+        stages = [self.children[s] for s in STAGES if s in self.children]
+        for child in stages:
+            if child.process.poll() is None:
+                child.process.terminate()
+        for child in stages:
+            codes[child.name] = stop_process(child.process, timeout_s=self.config.stop_timeout_s)
+        self.children.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        shutil.rmtree(self.shm_root, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return codes
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _shm_root() -> pathlib.Path:
+    shm = pathlib.Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else pathlib.Path(tempfile.gettempdir())
+
+
+def _child_env() -> dict[str, str]:
+    """Children import the same code as the launcher, installed or not (source checkouts)."""
+    env = dict(os.environ)
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env

@@ -1,0 +1,25 @@
+"""The epdserve Python SDK: `Client` / `AsyncClient` with `generate()` and `stream()`.
+
+Results are plain dataclasses; failures raise the typed errors of `epdserve.errors`.
+"""
+
+from epdserve.errors import (
+    DeadlineExceededError,
+    EpdserveError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    RequestCancelledError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from epdserve.sdk.client import AsyncClient, AsyncGenerationStream, Client, GenerationStream
+from epdserve.sdk.types import GenerationChunk, GenerationResult, ModelInfo, Usage
+
+__all__ = [
+    "AsyncClient", "AsyncGenerationStream", "Client", "DeadlineExceededError", "EpdserveError",
+    "FailedPreconditionError", "GenerationChunk", "GenerationResult", "GenerationStream", "InternalError",
+    "InvalidArgumentError", "ModelInfo", "NotFoundError", "RequestCancelledError", "ResourceExhaustedError",
+    "UnavailableError", "Usage",
+]

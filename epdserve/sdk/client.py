@@ -1,0 +1,173 @@
+"""Client and AsyncClient: what users import to talk to an epdserve router.
+
+    from epdserve.sdk import Client
+    with Client("127.0.0.1:50051") as client:
+        result = client.generate("What is in this picture?", images=["cat.png"], max_tokens=32)
+        for chunk in client.stream("Describe it", images=["cat.png"]):
+            print(chunk.text, end="")
+
+Failures raise typed errors from `epdserve.errors` (InvalidArgumentError, ResourceExhaustedError,
+UnavailableError, DeadlineExceededError, ...), mapped from gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import grpc
+
+from epdserve.sdk import _wire
+from epdserve.sdk.types import GenerationChunk, GenerationResult, ModelInfo
+from epdserve.transport.channels import DEFAULT_MAX_MESSAGE_BYTES, aio_channel, sync_channel
+from epdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+
+def _request(prompt, images, kwargs) -> router_pb2.GenerateRequest:
+    request_id = kwargs.pop("request_id", None) or uuid.uuid4().hex
+    fields = dict(max_tokens=None, temperature=None, top_k=None, top_p=None, seed=None, stop=(),
+                  ignore_eos=False, raw=False)
+    unknown = set(kwargs) - set(fields)
+    if unknown:
+        raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
+    fields.update(kwargs)
+    return _wire.build_request(prompt, images, request_id=request_id, **fields)
+
+
+class GenerationStream:
+    """Iterate for GenerationChunk; afterwards `.result` holds the GenerationResult."""
+
+    def __init__(self, call, request_id: str) -> None:
+        self._call = call
+        self._acc = _wire.Accumulator(request_id)
+        self.request_id = request_id
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        try:
+            for response in self._call:
+                chunk = self._acc.add(response)
+                if chunk is not None:
+                    yield chunk
+        except grpc.RpcError as exc:
+            raise _wire.typed_error(exc) from None
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._acc.result is None:
+            raise RuntimeError("the stream has not finished")
+        return self._acc.result
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class Client:
+    """Blocking client. Keyword arguments of generate()/stream(): max_tokens, temperature, top_k,
+    top_p, seed, stop (list of strings), ignore_eos, raw (prompt holds its own image placeholders),
+    request_id. Images: bytes, file paths or PIL images, in prompt order."""
+
+    def __init__(self, address: str, *, timeout_s: float | None = 600.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.timeout_s = timeout_s
+        self._channel = sync_channel(address, max_message_bytes)
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+
+    def stream(self, prompt: str, *, images: Sequence = (), **kwargs) -> GenerationStream:
+        request = _request(prompt, images, kwargs)
+        call = self._stub.Generate(request, timeout=self.timeout_s)
+        return GenerationStream(call, request.request_id)
+
+    def generate(self, prompt: str, *, images: Sequence = (), **kwargs) -> GenerationResult:
+        stream = self.stream(prompt, images=images, **kwargs)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def abort(self, request_id: str) -> bool:
+        try:
+            return self._stub.Abort(common_pb2.AbortRequest(request_id=request_id), timeout=self.timeout_s).found
+        except grpc.RpcError as exc:
+            raise _wire.typed_error(exc) from None
+
+    def model_info(self) -> ModelInfo:
+        try:
+            return _wire.model_info(self._stub.GetModelInfo(router_pb2.GetModelInfoRequest(), timeout=self.timeout_s))
+        except grpc.RpcError as exc:
+            raise _wire.typed_error(exc) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncGenerationStream:
+    def __init__(self, call, request_id: str) -> None:
+        self._call = call
+        self._acc = _wire.Accumulator(request_id)
+        self.request_id = request_id
+
+    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        try:
+            async for response in self._call:
+                chunk = self._acc.add(response)
+                if chunk is not None:
+                    yield chunk
+        except grpc.RpcError as exc:
+            raise _wire.typed_error(exc) from None
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._acc.result is None:
+            raise RuntimeError("the stream has not finished")
+        return self._acc.result
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class AsyncClient:
+    """asyncio twin of Client (same arguments); use inside a running event loop."""
+
+    def __init__(self, address: str, *, timeout_s: float | None = 600.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.timeout_s = timeout_s
+        self._channel = aio_channel(address, max_message_bytes)
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+
+    def stream(self, prompt: str, *, images: Sequence = (), **kwargs) -> AsyncGenerationStream:
+        request = _request(prompt, images, kwargs)
+        return AsyncGenerationStream(self._stub.Generate(request, timeout=self.timeout_s), request.request_id)
+
+    async def generate(self, prompt: str, *, images: Sequence = (), **kwargs) -> GenerationResult:
+        stream = self.stream(prompt, images=images, **kwargs)
+        async for _ in stream:
+            pass
+        return stream.result
+
+    async def abort(self, request_id: str) -> bool:
+        try:
+            response = await self._stub.Abort(common_pb2.AbortRequest(request_id=request_id), timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise _wire.typed_error(exc) from None
+        return response.found
+
+    async def model_info(self) -> ModelInfo:
+        try:
+            msg = await self._stub.GetModelInfo(router_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise _wire.typed_error(exc) from None
+        return _wire.model_info(msg)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,38 @@
+"""Plain result types of the SDK (no protobuf types leak out)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationChunk:
+    text: str                       # newly completed text (whole code points)
+    token_ids: tuple[int, ...]      # the tokens this chunk adds
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    image_tokens: int
+    completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str              # "stop" | "length" | "abort"
+    usage: Usage
+    timings_ms: dict[str, float]    # per-stage timings (encode, cache, prefill, KV hand-off, decode, TTFT, TPOT)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    revision: str
+    max_context: int
+    image_tokens_per_image: int
+    image_placeholder: str
+    vocab_size: int

@@ -1,0 +1,74 @@
+"""Typed errors <-> gRPC status codes, for servers (abort) and clients (raise)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from epdserve.errors import EpdserveError, RequestCancelledError, UnavailableError, error_for_code
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+INTERNAL_MESSAGE = "internal error (see the service log)"
+
+
+def status_code(error: EpdserveError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code]
+
+
+def from_rpc_error(exc: grpc.RpcError, *, peer: str = "") -> EpdserveError:
+    """The typed error for a failed call (`peer` names the stage, e.g. "prefill")."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and peer:
+        return UnavailableError(f"{peer} stage unavailable: {details}")
+    return error_for_code(code.name, details or code.name)
+
+
+def unary_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Decorate a grpc.aio unary handler: typed errors abort with their status; anything else
+    aborts INTERNAL without leaking details (they go to the log)."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await handler(self, request, context)
+        except EpdserveError as exc:
+            await context.abort(status_code(exc), exc.message)
+        except grpc.RpcError as exc:
+            err = from_rpc_error(exc)
+            await context.abort(status_code(err), err.message)
+        except Exception:
+            log.exception("unhandled error in %s", handler.__qualname__)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+    return wrapper
+
+
+def stream_errors(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """The streaming twin of `unary_errors` for async-generator handlers."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            async for item in handler(self, request, context):
+                yield item
+        except EpdserveError as exc:
+            await context.abort(status_code(exc), exc.message)
+        except grpc.RpcError as exc:
+            err = from_rpc_error(exc)
+            await context.abort(status_code(err), err.message)
+        except Exception:
+            log.exception("unhandled error in %s", handler.__qualname__)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+    return wrapper
+
+
+def is_cancelled(error: EpdserveError) -> bool:
+    return isinstance(error, RequestCancelledError)

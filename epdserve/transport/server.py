@@ -1,0 +1,97 @@
+"""Lifecycle of one service process's grpc.aio server.
+
+start: bind (port 0 = free port), register the standard health service ("" = liveness, plus
+one name per service = readiness), optional reflection, mark SERVING, write the ready file.
+SIGTERM/SIGINT: health NOT_SERVING, stop accepting, give in-flight RPCs `drain_timeout_s`,
+run the service's cleanup, return (exit code 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pathlib
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from epdserve.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+class ServiceServer:
+    def __init__(self, config: ServerConfig, service_names: Sequence[str]) -> None:
+        self.config = config
+        self.service_names = tuple(service_names)
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.advertise_host or self.config.host}:{self.port}"
+
+    def bind(self) -> str:
+        """Bind the listening port (port 0 = a free one) and return the advertised address.
+        Services bind before start so they know their own address while wiring up."""
+        if self.port == 0:
+            self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+            if self.port == 0:
+                raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        return self.address
+
+    async def start(self) -> str:
+        self.bind()
+        if self.config.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            names = (*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+            reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), self.server)
+        await self.server.start()
+        for name in ("", *self.service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._write_ready_file()
+        log.info("serving %s on %s", ", ".join(self.service_names), self.address)
+        return self.address
+
+    def _write_ready_file(self) -> None:
+        if not self.config.ready_file:
+            return
+        path = pathlib.Path(self.config.ready_file)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps({"address": self.address, "pid": os.getpid()}))
+        tmp.replace(path)
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.drain_timeout_s)
+
+
+async def run_until_signalled(server: ServiceServer, cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and clean up."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("signal received: draining (up to %.0f s)", server.config.drain_timeout_s)
+    await server.stop()
+    if cleanup is not None:
+        await cleanup()
+    log.info("stopped")

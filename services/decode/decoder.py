@@ -1,0 +1,54 @@
+"""The decode stage's model side: rebuild a sequence's KV from published layers and step it.
+
+Invariant: after `load`, the sequence's KV holds the prompt's positions [0, length); step i
+(i >= 1) appends the token sampled at step i-1 at logical position length + i - 1 and samples
+with sampling step i, so the token stream equals a single-process generate() with the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from epdserve.engine.generation import decode_one
+from epdserve.engine.kv_cache import SequenceKV
+from epdserve.engine.sampler import SamplingParams, sample_token
+from epdserve.errors import InvalidArgumentError
+from epdserve.models.decoder import Decoder
+
+
+@dataclasses.dataclass
+class Sequence:
+    kv: SequenceKV
+    sampling: SamplingParams
+    last_token: int
+    step: int = 1
+
+
+class TokenDecoder:
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+
+    def check_layers(self, layers: list[torch.Tensor], length: int) -> None:
+        spec = self.decoder.spec
+        expected = (2, spec.num_kv_heads, length, spec.head_dim)
+        if len(layers) != spec.num_layers:
+            raise InvalidArgumentError(f"kv.layers: {len(layers)} layers, the model has {spec.num_layers}")
+        for i, layer in enumerate(layers):
+            if tuple(layer.shape) != expected or not layer.is_floating_point():
+                raise InvalidArgumentError(
+                    f"kv.layers[{i}]: expected a float tensor of shape {expected}, got {layer.dtype} {tuple(layer.shape)}"
+                )
+
+    def load(self, layers: list[torch.Tensor], first_token: int, max_new_tokens: int, sampling: SamplingParams) -> Sequence:
+        capacity = layers[0].shape[2] + max_new_tokens
+        kv = SequenceKV.from_layers([layer.to(self.decoder.dtype) for layer in layers], capacity, self.decoder.device)
+        return Sequence(kv=kv, sampling=sampling, last_token=first_token)
+
+    @torch.inference_mode()
+    def step(self, seq: Sequence) -> int:
+        logits = decode_one(self.decoder, seq.last_token, seq.kv)
+        token = sample_token(logits, seq.sampling, seq.step)
+        seq.last_token, seq.step = token, seq.step + 1
+        return token

@@ -1,0 +1,1 @@
+"""Encode service: image bytes -> vision tower + projector -> embeddings in mmcache."""

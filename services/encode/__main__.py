@@ -1,0 +1,3 @@
+from services.encode.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Prefill service: PrefillService.Prefill over grpc.aio; publishes each layer's KV to mmcache and
+serves it to decode through the mmcache transfer service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from epdserve.config import CacheConfig, ModelConfig, PrefillConfig, ServerConfig
+from epdserve.errors import FailedPreconditionError
+from epdserve.models.loader import load_decoder
+from epdserve.models.spec import load_spec
+from epdserve.transport.errors import unary_errors
+from epdserve.transport.server import ServiceServer, run_until_signalled
+from epdserve.v1 import cache_pb2_grpc, common_pb2, prefill_pb2, prefill_pb2_grpc
+from mmcache.client import MMCache, OwnerInfo, local_host_id
+from mmcache.keys import kv_layer_key, new_kv_prefix
+from services.prefill.prefill import PromptPrefiller
+from services.runtime import ModelExecutor, Stopwatch, new_owner_id, parse_configs, resolve_model_dir, service_arg_parser
+from services.wire import sampling_from_proto
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, prefiller: PromptPrefiller, cache: MMCache, executor: ModelExecutor, config: PrefillConfig):
+        self.prefiller, self.cache, self.executor, self.config = prefiller, cache, executor, config
+
+    @unary_errors
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
+        sampling = sampling_from_proto(request.sampling)
+        token_ids = list(request.token_ids)
+        watch = Stopwatch()
+        with watch.section("cache_get_ms"):
+            embeddings = await self._fetch_embeddings(request.image_embeddings)
+        self.prefiller.validate(token_ids, embeddings)
+        with watch.section("prefill_ms"):
+            result = await self.executor.run(self.prefiller.run, token_ids, embeddings, sampling)
+        with watch.section("kv_publish_ms"):
+            refs = await self._publish(result.kv_layers)
+        return prefill_pb2.PrefillResponse(
+            first_token_id=result.first_token_id,
+            kv=common_pb2.KVHandle(layers=refs, length=result.length),
+            timings_ms=watch.timings_ms,
+        )
+
+    async def _fetch_embeddings(self, refs) -> list:
+        if not refs:
+            return []
+        tensors = await self.cache.get_many(list(refs))
+        missing = [i for i, t in enumerate(tensors) if t is None]
+        if missing:
+            raise FailedPreconditionError(f"image_embeddings[{missing[0]}]: entry is no longer in the cache")
+        return tensors
+
+    async def _publish(self, layers) -> list:
+        """Publish the KV one entry per layer. If the RPC is cancelled meanwhile, the put still
+        completes (shielded) and its entries are released at once instead of waiting for the TTL."""
+        prefix = new_kv_prefix()
+        items = [(kv_layer_key(prefix, i), layer) for i, layer in enumerate(layers)]
+        put = asyncio.ensure_future(self.cache.put_many(items, ttl_s=self.config.kv_ttl_s))
+        try:
+            return await asyncio.shield(put)
+        except asyncio.CancelledError:
+            refs = await put
+            await self.cache.release(refs)
+            raise
+
+
+async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,
+                prefill_config: PrefillConfig) -> None:
+    spec = load_spec(resolve_model_dir(model_config))
+    decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
+    server = ServiceServer(server_config, [SERVICE_NAME])
+    cache = await MMCache.open(cache_config, OwnerInfo(new_owner_id("prefill"), local_host_id(), server.bind()))
+    executor = ModelExecutor("prefill-model")
+    servicer = PrefillServicer(PromptPrefiller(spec, decoder), cache, executor, prefill_config)
+    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
+    cache_pb2_grpc.add_CacheTransferServicer_to_server(cache.servicer(), server.server)
+
+    async def cleanup() -> None:
+        await cache.close()
+        executor.shutdown()
+
+    await run_until_signalled(server, cleanup)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = service_arg_parser("prefill", PrefillConfig)
+    configs = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, PrefillConfig)
+    asyncio.run(serve(*configs))
+    return 0

@@ -1,0 +1,2 @@
+"""Router service: the front door. Tokenizes, validates, drives Encode -> Prefill -> Decode and
+streams text back."""

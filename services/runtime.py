@@ -1,0 +1,98 @@
+"""What every service process shares: logging, argument parsing, model path resolution,
+the model executor thread, the stage's mmcache handle."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import pathlib
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+from epdserve.config import CacheConfig, ModelConfig, ServerConfig, add_config_args, config_from_args
+from epdserve.env import read_env
+
+T = TypeVar("T")
+
+
+def setup_logging(level: str | None = None) -> None:
+    logging.basicConfig(
+        level=level or read_env().log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def service_arg_parser(stage: str, stage_config: type | None, *, with_cache: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"epdserve serve {stage}", description=f"Run the {stage} service.")
+    add_config_args(parser, ServerConfig)
+    add_config_args(parser, ModelConfig)
+    if with_cache:
+        add_config_args(parser, CacheConfig)
+    if stage_config is not None:
+        add_config_args(parser, stage_config)
+    parser.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING | ERROR")
+    return parser
+
+
+def parse_configs(parser: argparse.ArgumentParser, argv: list[str] | None, *classes: type) -> tuple:
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return tuple(config_from_args(cls, args) for cls in classes)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+
+
+def resolve_model_dir(config: ModelConfig) -> pathlib.Path:
+    """The checkpoint directory to load: --model, or the tiny demo checkpoint (built once, cached)."""
+    if config.model:
+        return pathlib.Path(config.model)
+    from epdserve.models.tiny import cached_tiny_checkpoint
+
+    return cached_tiny_checkpoint(read_env().cache_dir)
+
+
+def new_owner_id(stage: str) -> str:
+    return f"{stage}-{uuid.uuid4().hex[:12]}"
+
+
+class ModelExecutor:
+    """One thread that runs all model work of a process, so the event loop stays responsive and
+    model calls from concurrent requests interleave step by step instead of racing."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Stopwatch:
+    """Accumulates named durations in milliseconds for a response's timings_ms map."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.timings_ms: dict[str, float] = {}
+
+    def section(self, name: str) -> "_Section":
+        return _Section(self, name)
+
+
+class _Section:
+    def __init__(self, watch: Stopwatch, name: str) -> None:
+        self.watch, self.name = watch, name
+
+    def __enter__(self) -> None:
+        self.start = self.watch._clock()
+
+    def __exit__(self, *exc) -> None:
+        elapsed = (self.watch._clock() - self.start) * 1000.0
+        self.watch.timings_ms[self.name] = self.watch.timings_ms.get(self.name, 0.0) + elapsed

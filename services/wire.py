@@ -1,0 +1,30 @@
+"""Proto <-> typed values at the service boundary (validated: nothing is trusted because it came
+from another epdserve stage)."""
+
+from __future__ import annotations
+
+import torch
+
+from epdserve.engine.sampler import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, SamplingParams, validate_sampling
+from epdserve.errors import InvalidArgumentError
+from epdserve.v1 import common_pb2
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams, *, field: str = "sampling") -> SamplingParams:
+    temperature = msg.temperature if msg.HasField("temperature") else DEFAULT_TEMPERATURE
+    top_k = msg.top_k if msg.HasField("top_k") else DEFAULT_TOP_K
+    top_p = msg.top_p if msg.HasField("top_p") else DEFAULT_TOP_P
+    seed = msg.seed if msg.HasField("seed") else 0
+    validate_sampling(temperature, top_k, top_p, seed, field_prefix=f"{field}.")
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+
+def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed
+    )
+
+
+def check_finite(tensor: torch.Tensor, field: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise InvalidArgumentError(f"{field}: contains NaN or Inf")
