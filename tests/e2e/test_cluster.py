@@ -1,0 +1,215 @@
+"""End to end: real service processes (encode, prefill, decode, router) over gRPC on loopback,
+a real redis-server, the tiny checkpoint on disk, driven through the SDK."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from epdserve.errors import InvalidArgumentError, ResourceExhaustedError
+from epdserve.launcher import ClusterConfig, LocalCluster
+from epdserve.sdk import Client
+
+pytestmark = pytest.mark.e2e
+
+
+def _png(seed: int, size=(48, 40)) -> bytes:
+    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoint):
+    cluster = LocalCluster(ClusterConfig(model_dir=tiny_checkpoint, device="cpu", log_level="INFO"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster.router_address, timeout_s=120) as client:
+        yield client
+
+
+def _hf_greedy(model_dir, prompt: str, images: list[bytes], new_tokens: int) -> list[int]:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images] or None
+    inputs = processor(images=pil, text=text, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_greedy_generation_equals_transformers(client, tiny_checkpoint):
+    images = [_png(1), _png(2, (20, 64))]
+    result = client.generate("What is in these pictures?", images=images, max_tokens=16, temperature=0.0,
+                             ignore_eos=True)
+    assert list(result.token_ids) == _hf_greedy(tiny_checkpoint, "What is in these pictures?", images, 16)
+    assert result.finish_reason == "length"
+    assert result.usage.completion_tokens == 16
+    assert result.usage.image_tokens == 2 * 16
+
+
+def test_stream_text_and_timings(client, tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    stream = client.stream("Tell me about it", images=[_png(3)], max_tokens=12, temperature=0.0, ignore_eos=True)
+    chunks = list(stream)
+    result = stream.result
+    assert "".join(c.text for c in chunks) == result.text
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    assert result.text == tokenizer.decode(list(result.token_ids), skip_special_tokens=True)
+    for key in ("encode.encode_ms", "encode.cache_put_ms", "prefill.cache_get_ms", "prefill.prefill_ms",
+                "prefill.kv_publish_ms", "decode.kv_fetch_ms", "kv_handoff_ms", "ttft_ms", "tpot_ms", "total_ms"):
+        assert result.timings_ms[key] >= 0, key
+    assert result.timings_ms["ttft_ms"] <= result.timings_ms["total_ms"]
+
+
+def test_repeated_image_is_not_encoded_again(client):
+    image = _png(4)
+    first = client.generate("one", images=[image], max_tokens=2, temperature=0.0)
+    second = client.generate("two", images=[image], max_tokens=2, temperature=0.0)
+    assert first.timings_ms["encode_cache_hits"] == 0 and "encode.encode_ms" in first.timings_ms
+    assert second.timings_ms["encode_cache_hits"] == 1 and "encode.encode_ms" not in second.timings_ms
+
+
+def test_text_only_request(client, tiny_checkpoint):
+    result = client.generate("Hello!", max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert list(result.token_ids) == _hf_greedy(tiny_checkpoint, "Hello!", [], 8)
+    assert result.usage.image_tokens == 0
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kwargs = dict(images=[_png(5)], max_tokens=12, temperature=1.0, ignore_eos=True)
+    a = client.generate("sample", seed=7, **kwargs)
+    b = client.generate("sample", seed=7, **kwargs)
+    c = client.generate("sample", seed=8, **kwargs)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_max_tokens_one_and_stop_string(client):
+    one = client.generate("x", images=[_png(6)], max_tokens=1, temperature=0.0)
+    assert one.usage.completion_tokens == 1 and one.finish_reason in ("length", "stop")
+    full = client.generate("y", images=[_png(6)], max_tokens=16, temperature=0.0, ignore_eos=True)
+    stop = next((full.text[i:i + 2] for i in range(3, len(full.text) - 1) if full.text[i:i + 2].strip()), None)
+    if stop is None:
+        pytest.skip("generated text has no usable stop string")
+    cut = client.generate("y", images=[_png(6)], max_tokens=16, temperature=0.0, ignore_eos=True, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(images=[b"not an image"]), InvalidArgumentError, r"images\[0\]: not a decodable image"),
+        (dict(images=[_png(1)[:60]]), InvalidArgumentError, r"images\[0\]: corrupt or truncated"),
+        (dict(images=[b""]), InvalidArgumentError, r"images\[0\]: image is empty"),
+        (dict(images=[_png(1)], raw=True), InvalidArgumentError, "0 image placeholder"),
+        (dict(max_tokens=5000), InvalidArgumentError, r"exceeds the model's context length \(2048\)"),
+        (dict(max_tokens=0), InvalidArgumentError, "max_tokens: must be >= 1"),
+        (dict(temperature=-1.0), InvalidArgumentError, "temperature must be a finite number >= 0"),
+        (dict(top_p=0.0), InvalidArgumentError, r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), InvalidArgumentError, r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-5), InvalidArgumentError, "top_k"),
+        (dict(stop=[""]), InvalidArgumentError, r"params.stop\[0\]"),
+        (dict(images=[_png(1)] * 17), InvalidArgumentError, r"max_images_per_request \(16\)"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_service_keeps_serving(client, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        client.generate("Describe the image", **{"max_tokens": 4, **kwargs})
+    assert client.generate("still fine?", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_oversized_prompt_is_resource_exhausted(client):
+    with pytest.raises(ResourceExhaustedError, match="max_prompt_bytes"):
+        client.generate("x" * ((1 << 20) + 1), max_tokens=1)
+
+
+def test_abort_stops_a_running_request(client):
+    stream = client.stream("long one", images=[_png(8)], max_tokens=1500, temperature=0.0, ignore_eos=True,
+                           request_id="abort-me")
+    received = 0
+    for chunk in stream:
+        received += len(chunk.token_ids)
+        if received == 3:
+            assert client.abort("abort-me") is True
+    assert stream.result.finish_reason == "abort"
+    assert stream.result.usage.completion_tokens < 1500
+    assert client.abort("abort-me") is False
+
+
+def test_client_cancel_mid_stream_frees_everything(client, cluster):
+    stream = client.stream("cancel me", images=[_png(9)], max_tokens=1500, temperature=0.0, ignore_eos=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            stream.cancel()
+            break
+    assert client.generate("after cancel", max_tokens=2).usage.completion_tokens >= 1
+    _assert_no_kv_left(cluster)
+
+
+def _assert_no_kv_left(cluster, timeout_s: float = 10.0):
+    """Every KV entry prefill published has been released: no index keys, no bytes in prefill's shm dir."""
+    import redis
+
+    r = redis.Redis.from_url(cluster.redis_url)
+    kv_dir = cluster.shm_root / "prefill"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        keys = [k for k in r.scan_iter(match="*kv:*")]
+        files = [p for p in kv_dir.rglob("*") if p.is_file()] if kv_dir.exists() else []
+        if not keys and not files:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV left behind: {len(keys)} index keys, {len(files)} files")
+        time.sleep(0.2)
+
+
+def test_no_kv_is_left_after_requests(client, cluster):
+    for i in range(3):
+        client.generate("leak check", images=[_png(20 + i)], max_tokens=3, temperature=0.0)
+    _assert_no_kv_left(cluster)
+
+
+def test_stop_leaves_no_process_behind(tiny_checkpoint):
+    cluster = LocalCluster(ClusterConfig(model_dir=tiny_checkpoint, device="cpu"))
+    cluster.start()
+    with Client(cluster.router_address, timeout_s=60) as client:
+        assert client.generate("hi", max_tokens=2).usage.completion_tokens >= 1
+    pids = cluster.pids()
+    shm_root = cluster.shm_root
+    codes = cluster.stop()
+    assert codes == {"router": 0, "encode": 0, "prefill": 0, "decode": 0}
+    for name, pid in pids.items():
+        assert not _alive(pid), f"{name} (pid {pid}) still running"
+    assert not shm_root.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
