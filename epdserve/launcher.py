@@ -20,7 +20,7 @@ import time
 import uuid
 
 from epdserve.errors import FailedPreconditionError
-from epdserve.procutil import die_with_parent, stop_process
+from epdserve.procutil import die_with_parent, stop_process, stop_processes
 from epdserve.redis_server import PrivateRedis
 
 STAGES = ("encode", "prefill", "decode")
@@ -137,11 +137,8 @@ class LocalCluster:
         if "router" in self.children:
             codes["router"] = stop_process(self.children["router"].process, timeout_s=self.config.stop_timeout_s)
         stages = [self.children[s] for s in STAGES if s in self.children]
-        for child in stages:
-            if child.process.poll() is None:
-                child.process.terminate()
-        for child in stages:
-            codes[child.name] = stop_process(child.process, timeout_s=self.config.stop_timeout_s)
+        exits = stop_processes([c.process for c in stages], timeout_s=self.config.stop_timeout_s)
+        codes.update({child.name: code for child, code in zip(stages, exits)})
         self.children.clear()
         if self.redis is not None:
             self.redis.stop()

@@ -46,6 +46,16 @@ def parse_configs(parser: argparse.ArgumentParser, argv: list[str] | None, *clas
         parser.error(str(exc))
 
 
+def run_service(serve, configs: tuple) -> int:
+    """Run a service's `serve(*configs)` coroutine; after it returns (drained on SIGTERM), further
+    SIGTERMs are ignored so interpreter teardown finishes and the exit code stays 0."""
+    import signal
+
+    asyncio.run(serve(*configs))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return 0
+
+
 def resolve_model_dir(config: ModelConfig) -> pathlib.Path:
     """The checkpoint directory to load: --model, or the tiny demo checkpoint (built once, cached)."""
     if config.model:

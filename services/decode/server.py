@@ -20,7 +20,7 @@ from epdserve.transport.server import ServiceServer, run_until_signalled
 from epdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from mmcache.client import MMCache, OwnerInfo, local_host_id
 from services.decode.decoder import TokenDecoder
-from services.runtime import ModelExecutor, Stopwatch, new_owner_id, parse_configs, resolve_model_dir, service_arg_parser
+from services.runtime import run_service, ModelExecutor, Stopwatch, new_owner_id, parse_configs, resolve_model_dir, service_arg_parser
 from services.wire import sampling_from_proto
 
 log = logging.getLogger(__name__)
@@ -118,5 +118,4 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
 def main(argv: list[str] | None = None) -> int:
     parser = service_arg_parser("decode", DecodeConfig)
     configs = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, DecodeConfig)
-    asyncio.run(serve(*configs))
-    return 0
+    return run_service(serve, configs)

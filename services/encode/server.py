@@ -16,7 +16,7 @@ from epdserve.v1 import cache_pb2_grpc, encode_pb2, encode_pb2_grpc
 from mmcache.client import MMCache, OwnerInfo, local_host_id
 from services.encode.encoder import ImageEncoder
 from services.encode.images import decode_image
-from services.runtime import ModelExecutor, Stopwatch, new_owner_id, parse_configs, resolve_model_dir, service_arg_parser
+from services.runtime import run_service, ModelExecutor, Stopwatch, new_owner_id, parse_configs, resolve_model_dir, service_arg_parser
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = encode_pb2.DESCRIPTOR.services_by_name["EncodeService"].full_name
@@ -99,5 +99,4 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
 def main(argv: list[str] | None = None) -> int:
     parser = service_arg_parser("encode", EncodeConfig)
     configs = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, EncodeConfig)
-    asyncio.run(serve(*configs))
-    return 0
+    return run_service(serve, configs)

@@ -16,7 +16,7 @@ from epdserve.v1 import cache_pb2_grpc, common_pb2, prefill_pb2, prefill_pb2_grp
 from mmcache.client import MMCache, OwnerInfo, local_host_id
 from mmcache.keys import kv_layer_key, new_kv_prefix
 from services.prefill.prefill import PromptPrefiller
-from services.runtime import ModelExecutor, Stopwatch, new_owner_id, parse_configs, resolve_model_dir, service_arg_parser
+from services.runtime import run_service, ModelExecutor, Stopwatch, new_owner_id, parse_configs, resolve_model_dir, service_arg_parser
 from services.wire import sampling_from_proto
 
 log = logging.getLogger(__name__)
@@ -89,5 +89,4 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
 def main(argv: list[str] | None = None) -> int:
     parser = service_arg_parser("prefill", PrefillConfig)
     configs = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, PrefillConfig)
-    asyncio.run(serve(*configs))
-    return 0
+    return run_service(serve, configs)
