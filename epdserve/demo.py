@@ -86,3 +86,4 @@ def _report(result, codes: dict, startup_s: float, as_json: bool, out: TextIO) -
         if key in result.timings_ms:
             print(f"  {label:<34} {result.timings_ms[key]:9.2f}", file=out)
     print("services stopped: " + ", ".join(f"{name} exit {code}" for name, code in codes.items()), file=out)
+    print("(the tiny demo model has random weights: its answer is noise, the pipeline is real)", file=out)

@@ -188,6 +188,7 @@ class MMCache:
         if name_of_proto_dtype(header.dtype) != entry.dtype or tuple(header.shape) != entry.shape:
             raise CorruptEntryError("owner's header differs from the index")
         self.stats.bytes_read_remote += len(data)
+        log.debug("streamed %s (%d bytes) from its owner", entry.key, len(data))
         return data
 
     def _stub(self, address: str) -> cache_pb2_grpc.CacheTransferStub:

@@ -51,7 +51,13 @@ def run_service(serve, configs: tuple) -> int:
     SIGTERMs are ignored so interpreter teardown finishes and the exit code stays 0."""
     import signal
 
-    asyncio.run(serve(*configs))
+    from epdserve.errors import EpdserveError
+
+    try:
+        asyncio.run(serve(*configs))
+    except EpdserveError as exc:
+        logging.getLogger("epdserve").error("cannot start: %s", exc.message)
+        return 1
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 

@@ -59,7 +59,9 @@ def build_tiny_checkpoint(out_dir: str | pathlib.Path, spec: TinySpec = TinySpec
     """Write a tiny random checkpoint to `out_dir` (created; must not exist or be empty)."""
     import torch
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer()

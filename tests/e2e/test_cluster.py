@@ -213,3 +213,61 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_every_service_reports_serving_health(cluster):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for name, child in cluster.children.items():
+        with grpc.insecure_channel(child.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == 1, name
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_async_client(cluster):
+    import asyncio
+
+    from epdserve.sdk import AsyncClient
+
+    async def run():
+        async with AsyncClient(cluster.router_address, timeout_s=60) as client:
+            info = await client.model_info()
+            stream = client.stream("async", images=[_png(30)], max_tokens=5, temperature=0.0, ignore_eos=True)
+            texts = [chunk.text async for chunk in stream]
+            whole = await client.generate("async", images=[_png(30)], max_tokens=5, temperature=0.0, ignore_eos=True)
+            return info, texts, stream.result, whole
+
+    info, texts, streamed, whole = asyncio.run(run())
+    assert info.max_context == 2048 and info.image_tokens_per_image == 16 and info.image_placeholder == "<image>"
+    assert "".join(texts) == streamed.text
+    assert streamed.token_ids == whole.token_ids
+
+
+def test_invalid_unicode_prompt_is_rejected_client_side(client):
+    with pytest.raises(InvalidArgumentError, match="not valid UTF-8"):
+        client.generate("bad \ud800 surrogate", max_tokens=1)
+
+
+def test_unicode_prompt_round_trips(client):
+    result = client.generate("emoji 🙂, RTL עברית, e\u0301, zwj 👩‍👩‍👧, nul \x00", max_tokens=3, temperature=0.0)
+    assert result.usage.prompt_tokens > 20
+
+
+def test_remote_transfer_path_gives_identical_tokens(tiny_checkpoint, client):
+    """Prefill and decode pull their inputs over the gRPC chunked stream instead of shared memory:
+    same tokens as the shared-memory path."""
+    images = [_png(40), _png(41)]
+    args = dict(max_tokens=10, temperature=0.0, ignore_eos=True)
+    expected = client.generate("remote?", images=images, **args).token_ids
+    remote = ("--no-prefer-shared-memory", "--fetch-chunk-bytes", "1000", "--log-level", "DEBUG")
+    config = ClusterConfig(model_dir=tiny_checkpoint, device="cpu",
+                           stage_args={"prefill": remote, "decode": remote})
+    with LocalCluster(config) as other, Client(other.router_address, timeout_s=60) as other_client:
+        assert other_client.generate("remote?", images=images, **args).token_ids == expected
+        _assert_no_kv_left(other)
+        assert "streamed img:" in other.log_tail("prefill", 400)  # the embeddings came over gRPC
+        assert "streamed kv:" in other.log_tail("decode", 400)    # and so did the KV

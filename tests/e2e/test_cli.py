@@ -1,0 +1,69 @@
+"""The command line, as a user runs it: `epdserve demo`, `generate`, `model tiny`, `serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from epdserve.launcher import ClusterConfig, LocalCluster
+
+pytestmark = pytest.mark.e2e
+
+
+def _epdserve(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "epdserve.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_demo_json_exits_zero(tmp_path):
+    done = _epdserve("demo", "--json", "--max-tokens", "6", env={"EPDSERVE_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report["token_ids"]) == 6
+    assert report["exit_codes"] == {"router": 0, "encode": 0, "prefill": 0, "decode": 0}
+    assert report["usage"]["image_tokens"] > 0
+    for key in ("encode.encode_ms", "prefill.prefill_ms", "kv_handoff_ms", "ttft_ms", "tpot_ms"):
+        assert key in report["timings_ms"]
+    assert (tmp_path / "models").is_dir(), "the demo checkpoint is cached under EPDSERVE_CACHE_DIR"
+
+
+def test_demo_human_output_streams_and_reports(tmp_path):
+    done = _epdserve("demo", "--max-tokens", "4", env={"EPDSERVE_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    for text in ("answer:", "TTFT", "KV hand-off", "decode: per token", "router exit 0"):
+        assert text in done.stdout
+
+
+def test_generate_json_and_model_tiny(tmp_path):
+    model = tmp_path / "tiny"
+    built = _epdserve("model", "tiny", "--out", str(model), "--backbone", "qwen2", "--vision", "siglip")
+    assert built.returncode == 0, built.stderr
+    image = tmp_path / "pic.png"
+    from PIL import Image
+
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(image)
+    with LocalCluster(ClusterConfig(model_dir=model, device="cpu")) as cluster:
+        done = _epdserve("generate", "--router", cluster.router_address, "--image", str(image), "--json",
+                         "--temperature", "0", "--max-tokens", "5", "--ignore-eos", "What colour?")
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        assert len(out["token_ids"]) == 5 and isinstance(out["text"], str)
+        bad = _epdserve("generate", "--router", cluster.router_address, "--top-p", "2", "hi")
+        assert bad.returncode == 1 and "top_p must be in (0, 1]" in bad.stderr
+
+
+def test_model_tiny_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "x").write_text("keep me")
+    done = _epdserve("model", "tiny", "--out", str(tmp_path))
+    assert done.returncode == 1 and "not empty" in done.stderr
+
+
+def test_serve_with_an_unknown_model_directory_fails_clearly(tmp_path):
+    done = _epdserve("serve", "prefill", "--model", str(tmp_path / "missing"), "--redis-url", "redis://127.0.0.1:1/0",
+                     timeout=120)
+    assert done.returncode != 0
+    assert "does not exist" in done.stderr
