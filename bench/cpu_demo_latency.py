@@ -45,6 +45,36 @@ def _run(client, image: bytes, max_tokens: int) -> dict[str, float]:
     return result.timings_ms
 
 
+def _transformers_baseline(model_dir: pathlib.Path, image: bytes, max_tokens: int, repeats: int) -> dict[str, float]:
+    """The same request in one process through transformers (no disaggregation): TTFT = generate
+    with 1 new token, TPOT = (generate with max_tokens - TTFT) / (max_tokens - 1); medians."""
+    import time
+
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    content = [{"type": "image"}, {"type": "text", "text": "What is in this picture?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+    def timed(new_tokens: int) -> float:
+        start = time.perf_counter()
+        pil = Image.open(io.BytesIO(image)).convert("RGB")
+        inputs = processor(images=[pil], text=text, return_tensors="pt")
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return (time.perf_counter() - start) * 1000.0
+
+    for _ in range(3):
+        timed(max_tokens)
+    ttft = statistics.median(timed(1) for _ in range(repeats))
+    total = statistics.median(timed(max_tokens) for _ in range(repeats))
+    return {"ttft_ms": ttft, "tpot_ms": (total - ttft) / (max_tokens - 1), "total_ms": total}
+
+
 def _medians(samples: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(s[k] for s in samples) for k in KEYS if all(k in s for s in samples)}
 
@@ -70,6 +100,7 @@ def main() -> int:
                 _run(client, _image(10_000 + i), args.max_tokens)
             miss = [_run(client, _image(i), args.max_tokens) for i in range(args.repeats)]
             hit = [_run(client, _image(0), args.max_tokens) for _ in range(args.repeats)]
+    baseline = _transformers_baseline(model, _image(0), args.max_tokens, args.repeats)
     report = {
         "benchmark": "demo request latency breakdown (median ms)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -79,6 +110,7 @@ def main() -> int:
         "repeats": args.repeats,
         "embedding_cache_miss": _medians(miss),
         "embedding_cache_hit": _medians(hit),
+        "baseline_transformers_in_process": baseline,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu_demo_latency.json").write_text(json.dumps(report, indent=2))
@@ -97,12 +129,14 @@ def _cpu_count() -> int:
 def _markdown(report: dict) -> str:
     lines = [f"Demo request latency, median of {report['repeats']} ({report['machine']}; {report['model']}; "
              f"{report['max_tokens']} generated tokens; {report['date']})", "",
-             "| stage | cache miss (ms) | cache hit (ms) |", "|---|---:|---:|"]
+             "| stage | E/P/D, cache miss (ms) | E/P/D, cache hit (ms) | transformers in one process (ms) |",
+             "|---|---:|---:|---:|"]
     miss, hit = report["embedding_cache_miss"], report["embedding_cache_hit"]
+    base = report["baseline_transformers_in_process"]
     for key in KEYS:
         if key in miss or key in hit:
             fmt = lambda d: f"{d[key]:.2f}" if key in d else "–"  # noqa: E731
-            lines.append(f"| {key} | {fmt(miss)} | {fmt(hit)} |")
+            lines.append(f"| {key} | {fmt(miss)} | {fmt(hit)} | {fmt(base)} |")
     return "\n".join(lines) + "\n"
 
 
