@@ -135,8 +135,8 @@ def _markdown(report: dict) -> str:
     base = report["baseline_transformers_in_process"]
     for key in KEYS:
         if key in miss or key in hit:
-            fmt = lambda d: f"{d[key]:.2f}" if key in d else "–"  # noqa: E731
-            lines.append(f"| {key} | {fmt(miss)} | {fmt(hit)} | {fmt(base)} |")
+            cells = [f"{d[key]:.2f}" if key in d else "–" for d in (miss, hit, base)]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,8 +30,16 @@ from epdserve.config import CacheConfig
 from epdserve.errors import UnavailableError
 from epdserve.transport.channels import aio_channel
 from epdserve.v1 import cache_pb2, cache_pb2_grpc, common_pb2
-from mmcache.codec import (CorruptEntryError, checksum, dtype_name, name_of_proto_dtype, proto_dtype, tensor_bytes,
-                           tensor_from_buffer, verify)
+from mmcache.codec import (
+    CorruptEntryError,
+    checksum,
+    dtype_name,
+    name_of_proto_dtype,
+    proto_dtype,
+    tensor_bytes,
+    tensor_from_buffer,
+    verify,
+)
 from mmcache.index import IndexEntry, RedisIndex
 from mmcache.store import SharedMemoryStore, default_shm_dir, map_file
 from mmcache.transfer import CacheTransferServicer, fetch_remote

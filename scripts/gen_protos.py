@@ -15,8 +15,8 @@ PROTO_ROOT = ROOT / "protos"
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
-    from grpc_tools import protoc  # test-only dependency (grpcio-tools)
     import grpc_tools
+    from grpc_tools import protoc  # test-only dependency (grpcio-tools)
 
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(PROTO_ROOT.glob("epdserve/v1/*.proto"))

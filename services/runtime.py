@@ -6,14 +6,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import pathlib
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from epdserve.config import CacheConfig, ModelConfig, ServerConfig, add_config_args, config_from_args
 from epdserve.env import read_env
+
+if TYPE_CHECKING:
+    from epdserve.transport.server import ServiceServer
+    from mmcache.client import MMCache
 
 T = TypeVar("T")
 
@@ -44,6 +49,42 @@ def parse_configs(parser: argparse.ArgumentParser, argv: list[str] | None, *clas
         return tuple(config_from_args(cls, args) for cls in classes)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
+
+
+def stage_main(stage: str, stage_config: type, serve, argv: list[str] | None) -> int:
+    """`main` of an encode / prefill / decode process: parse flags, run `serve(server, model, cache, stage)`."""
+    parser = service_arg_parser(stage, stage_config)
+    configs = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, stage_config)
+    return run_service(serve, configs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+    server: "ServiceServer"
+    cache: "MMCache"
+    executor: ModelExecutor
+
+
+async def run_stage(stage: str, service_name: str, server_config: ServerConfig, cache_config: CacheConfig,
+                    register: Callable[[StageContext], None], *, serve_cache: bool = True) -> None:
+    """Wire a stage process: bind its server, open its mmcache (owner = this process), let `register`
+    add the stage's servicer, serve the cache's transfer service, run until SIGTERM, clean up."""
+    from epdserve.transport.server import ServiceServer, run_until_signalled
+    from epdserve.v1 import cache_pb2_grpc
+    from mmcache.client import MMCache, OwnerInfo, local_host_id
+
+    server = ServiceServer(server_config, [service_name])
+    cache = await MMCache.open(cache_config, OwnerInfo(new_owner_id(stage), local_host_id(), server.bind()))
+    executor = ModelExecutor(f"{stage}-model")
+    register(StageContext(server, cache, executor))
+    if serve_cache:
+        cache_pb2_grpc.add_CacheTransferServicer_to_server(cache.servicer(), server.server)
+
+    async def cleanup() -> None:
+        await cache.close()
+        executor.shutdown()
+
+    await run_until_signalled(server, cleanup)
 
 
 def run_service(serve, configs: tuple) -> int:

@@ -34,8 +34,9 @@ def _cuda_available() -> bool:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """URL of a real redis-server started for this test session (skips when none is installed)."""
-    from epdserve.redis_server import PrivateRedis
     import shutil
+
+    from epdserve.redis_server import PrivateRedis
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install -y redis-server)")

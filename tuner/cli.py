@@ -12,7 +12,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tuner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(title="commands")
     trace = sub.add_parser("trace", help="workload traces").add_subparsers(title="trace commands")
     stats = trace.add_parser("stats", help="request count, rate and token-length quantiles of a trace")

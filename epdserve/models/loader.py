@@ -39,10 +39,7 @@ def resolve_dtype(dtype: str, stored: torch.dtype, device: torch.device) -> torc
 def load_decoder(
     spec_or_dir: LlavaSpec | str | pathlib.Path, *, dtype: str = "auto", device: str = "auto"
 ) -> Decoder:
-    spec = _spec(spec_or_dir)
-    ckpt = _checkpoint(spec.model_dir)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, ckpt.stored_dtype(), dev)
+    spec, ckpt, dev, torch_dtype = _prepare(spec_or_dir, dtype, device)
     rope = RotaryEmbedding.from_hf_config(spec.hf_config.text_config, spec.decoder.head_dim, spec.decoder.rope_type)
     with torch.device("meta"):
         decoder = Decoder(spec.decoder, rope.to(dev))
@@ -58,10 +55,7 @@ def load_decoder(
 def load_vision_encoder(
     spec_or_dir: LlavaSpec | str | pathlib.Path, *, dtype: str = "auto", device: str = "auto"
 ) -> VisionEncoder:
-    spec = _spec(spec_or_dir)
-    ckpt = _checkpoint(spec.model_dir)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, ckpt.stored_dtype(), dev)
+    spec, ckpt, dev, torch_dtype = _prepare(spec_or_dir, dtype, device)
     encoder = VisionEncoder(spec)
     tower = encoder.vision_tower
     tensors = align_prefix(_read(ckpt, "vision"), tower.state_dict().keys(), "vision_model.")
@@ -70,8 +64,12 @@ def load_vision_encoder(
     return encoder.to(dev).eval()
 
 
-def _spec(spec_or_dir: LlavaSpec | str | pathlib.Path) -> LlavaSpec:
-    return spec_or_dir if isinstance(spec_or_dir, LlavaSpec) else load_spec(spec_or_dir)
+def _prepare(spec_or_dir: LlavaSpec | str | pathlib.Path, dtype: str, device: str):
+    """(spec, checkpoint index, device, dtype) for loading one component."""
+    spec = spec_or_dir if isinstance(spec_or_dir, LlavaSpec) else load_spec(spec_or_dir)
+    ckpt = _checkpoint(spec.model_dir)
+    dev = resolve_device(device)
+    return spec, ckpt, dev, resolve_dtype(dtype, ckpt.stored_dtype(), dev)
 
 
 def _checkpoint(model_dir: pathlib.Path) -> Checkpoint:

@@ -29,7 +29,9 @@ def image_bytes(image: ImageLike, index: int) -> bytes:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return buf.getvalue()
-    raise InvalidArgumentError(f"images[{index}]: expected bytes, a file path or a PIL image, got {type(image).__name__}")
+    raise InvalidArgumentError(
+        f"images[{index}]: expected bytes, a file path or a PIL image, got {type(image).__name__}"
+    )
 
 
 def build_request(prompt: str, images, *, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, raw,

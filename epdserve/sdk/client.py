@@ -34,13 +34,25 @@ def _request(prompt, images, kwargs) -> router_pb2.GenerateRequest:
     return _wire.build_request(prompt, images, request_id=request_id, **fields)
 
 
-class GenerationStream:
-    """Iterate for GenerationChunk; afterwards `.result` holds the GenerationResult."""
-
+class _StreamBase:
     def __init__(self, call, request_id: str) -> None:
         self._call = call
         self._acc = _wire.Accumulator(request_id)
         self.request_id = request_id
+
+    @property
+    def result(self) -> GenerationResult:
+        """The whole generation (text, token ids, finish reason, usage, timings), once iterated."""
+        if self._acc.result is None:
+            raise RuntimeError("the stream has not finished")
+        return self._acc.result
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class GenerationStream(_StreamBase):
+    """Iterate for GenerationChunk; afterwards `.result` holds the GenerationResult."""
 
     def __iter__(self) -> Iterator[GenerationChunk]:
         try:
@@ -50,15 +62,6 @@ class GenerationStream:
                     yield chunk
         except grpc.RpcError as exc:
             raise _wire.typed_error(exc) from None
-
-    @property
-    def result(self) -> GenerationResult:
-        if self._acc.result is None:
-            raise RuntimeError("the stream has not finished")
-        return self._acc.result
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
 
 class Client:
@@ -105,11 +108,8 @@ class Client:
         self.close()
 
 
-class AsyncGenerationStream:
-    def __init__(self, call, request_id: str) -> None:
-        self._call = call
-        self._acc = _wire.Accumulator(request_id)
-        self.request_id = request_id
+class AsyncGenerationStream(_StreamBase):
+    """`async for` GenerationChunk; afterwards `.result` holds the GenerationResult."""
 
     async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
         try:
@@ -119,15 +119,6 @@ class AsyncGenerationStream:
                     yield chunk
         except grpc.RpcError as exc:
             raise _wire.typed_error(exc) from None
-
-    @property
-    def result(self) -> GenerationResult:
-        if self._acc.result is None:
-            raise RuntimeError("the stream has not finished")
-        return self._acc.result
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
 
 class AsyncClient:

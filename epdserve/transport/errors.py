@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from epdserve.errors import EpdserveError, RequestCancelledError, UnavailableError, error_for_code
+from epdserve.errors import EpdserveError, UnavailableError, error_for_code
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,22 +30,29 @@ def from_rpc_error(exc: grpc.RpcError, *, peer: str = "") -> EpdserveError:
     return error_for_code(code.name, details or code.name)
 
 
+async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, where: str) -> None:
+    """End the RPC with the status that fits `exc`: typed errors carry their own; an unexpected
+    error is logged and answered INTERNAL without details."""
+    if isinstance(exc, grpc.aio.AbortError):  # the handler already chose its status
+        raise exc
+    if isinstance(exc, EpdserveError):
+        await context.abort(status_code(exc), exc.message)
+    if isinstance(exc, grpc.RpcError):
+        err = from_rpc_error(exc)
+        await context.abort(status_code(err), err.message)
+    log.error("unhandled error in %s", where, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
 def unary_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Decorate a grpc.aio unary handler: typed errors abort with their status; anything else
-    aborts INTERNAL without leaking details (they go to the log)."""
+    """Decorate a grpc.aio unary handler so every failure ends with a fitting status (`abort_for`)."""
 
     @functools.wraps(handler)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
             return await handler(self, request, context)
-        except EpdserveError as exc:
-            await context.abort(status_code(exc), exc.message)
-        except grpc.RpcError as exc:
-            err = from_rpc_error(exc)
-            await context.abort(status_code(err), err.message)
-        except Exception:
-            log.exception("unhandled error in %s", handler.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        except Exception as exc:
+            await abort_for(exc, context, handler.__qualname__)
 
     return wrapper
 
@@ -58,17 +65,7 @@ def stream_errors(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
         try:
             async for item in handler(self, request, context):
                 yield item
-        except EpdserveError as exc:
-            await context.abort(status_code(exc), exc.message)
-        except grpc.RpcError as exc:
-            err = from_rpc_error(exc)
-            await context.abort(status_code(err), err.message)
-        except Exception:
-            log.exception("unhandled error in %s", handler.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        except Exception as exc:
+            await abort_for(exc, context, handler.__qualname__)
 
     return wrapper
-
-
-def is_cancelled(error: EpdserveError) -> bool:
-    return isinstance(error, RequestCancelledError)

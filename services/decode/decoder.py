@@ -37,11 +37,12 @@ class TokenDecoder:
             raise InvalidArgumentError(f"kv.layers: {len(layers)} layers, the model has {spec.num_layers}")
         for i, layer in enumerate(layers):
             if tuple(layer.shape) != expected or not layer.is_floating_point():
-                raise InvalidArgumentError(
-                    f"kv.layers[{i}]: expected a float tensor of shape {expected}, got {layer.dtype} {tuple(layer.shape)}"
-                )
+                got = f"{layer.dtype} {tuple(layer.shape)}"
+                raise InvalidArgumentError(f"kv.layers[{i}]: expected a float tensor of shape {expected}, got {got}")
 
-    def load(self, layers: list[torch.Tensor], first_token: int, max_new_tokens: int, sampling: SamplingParams) -> Sequence:
+    def load(
+        self, layers: list[torch.Tensor], first_token: int, max_new_tokens: int, sampling: SamplingParams
+    ) -> Sequence:
         capacity = layers[0].shape[2] + max_new_tokens
         kv = SequenceKV.from_layers([layer.to(self.decoder.dtype) for layer in layers], capacity, self.decoder.device)
         return Sequence(kv=kv, sampling=sampling, last_token=first_token)

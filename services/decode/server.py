@@ -7,7 +7,6 @@ stops within one step and drops its sequence.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -16,11 +15,10 @@ from epdserve.errors import FailedPreconditionError, InvalidArgumentError
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
 from epdserve.transport.errors import stream_errors, unary_errors
-from epdserve.transport.server import ServiceServer, run_until_signalled
 from epdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from mmcache.client import MMCache, OwnerInfo, local_host_id
+from mmcache.client import MMCache
 from services.decode.decoder import TokenDecoder
-from services.runtime import run_service, ModelExecutor, Stopwatch, new_owner_id, parse_configs, resolve_model_dir, service_arg_parser
+from services.runtime import ModelExecutor, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 from services.wire import sampling_from_proto
 
 log = logging.getLogger(__name__)
@@ -44,7 +42,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             yield decode_pb2.DecodeResponse(finish_reason="length", timings_ms=watch.timings_ms)
             return
         self.decoder.check_layers(layers, request.kv.length)
-        seq = await self.executor.run(self.decoder.load, layers, request.first_token_id, request.max_new_tokens, sampling)
+        seq = await self.executor.run(
+            self.decoder.load, layers, request.first_token_id, request.max_new_tokens, sampling
+        )
         del layers
         self.active.add(request.request_id)
         try:
@@ -102,20 +102,13 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
                 decode_config: DecodeConfig) -> None:
     spec = load_spec(resolve_model_dir(model_config))
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
-    server = ServiceServer(server_config, [SERVICE_NAME])
-    cache = await MMCache.open(cache_config, OwnerInfo(new_owner_id("decode"), local_host_id(), server.bind()))
-    executor = ModelExecutor("decode-model")
-    servicer = DecodeServicer(TokenDecoder(decoder), cache, executor, decode_config)
-    decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server.server)
 
-    async def cleanup() -> None:
-        await cache.close()
-        executor.shutdown()
+    def register(ctx: StageContext) -> None:
+        servicer = DecodeServicer(TokenDecoder(decoder), ctx.cache, ctx.executor, decode_config)
+        decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, ctx.server.server)
 
-    await run_until_signalled(server, cleanup)
+    await run_stage("decode", SERVICE_NAME, server_config, cache_config, register, serve_cache=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = service_arg_parser("decode", DecodeConfig)
-    configs = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, DecodeConfig)
-    return run_service(serve, configs)
+    return stage_main("decode", DecodeConfig, serve, argv)

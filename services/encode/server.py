@@ -11,12 +11,11 @@ from epdserve.errors import InvalidArgumentError, ResourceExhaustedError
 from epdserve.models.checkpoint import model_revision
 from epdserve.models.spec import load_spec
 from epdserve.transport.errors import unary_errors
-from epdserve.transport.server import ServiceServer, run_until_signalled
-from epdserve.v1 import cache_pb2_grpc, encode_pb2, encode_pb2_grpc
-from mmcache.client import MMCache, OwnerInfo, local_host_id
+from epdserve.v1 import encode_pb2, encode_pb2_grpc
+from mmcache.client import MMCache
 from services.encode.encoder import ImageEncoder
 from services.encode.images import decode_image
-from services.runtime import run_service, ModelExecutor, Stopwatch, new_owner_id, parse_configs, resolve_model_dir, service_arg_parser
+from services.runtime import ModelExecutor, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = encode_pb2.DESCRIPTOR.services_by_name["EncodeService"].full_name
@@ -83,20 +82,13 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
     spec = load_spec(model_dir)
     revision = model_config.revision or model_revision(model_dir)
     encoder = ImageEncoder(spec, model_dir, revision, dtype=model_config.dtype, device=model_config.device)
-    server = ServiceServer(server_config, [SERVICE_NAME])
-    cache = await MMCache.open(cache_config, OwnerInfo(new_owner_id("encode"), local_host_id(), server.bind()))
-    executor = ModelExecutor("encode-model")
-    encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(encoder, cache, executor, encode_config), server.server)
-    cache_pb2_grpc.add_CacheTransferServicer_to_server(cache.servicer(), server.server)
 
-    async def cleanup() -> None:
-        await cache.close()
-        executor.shutdown()
+    def register(ctx: StageContext) -> None:
+        servicer = EncodeServicer(encoder, ctx.cache, ctx.executor, encode_config)
+        encode_pb2_grpc.add_EncodeServiceServicer_to_server(servicer, ctx.server.server)
 
-    await run_until_signalled(server, cleanup)
+    await run_stage("encode", SERVICE_NAME, server_config, cache_config, register)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = service_arg_parser("encode", EncodeConfig)
-    configs = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, EncodeConfig)
-    return run_service(serve, configs)
+    return stage_main("encode", EncodeConfig, serve, argv)

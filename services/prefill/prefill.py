@@ -37,7 +37,9 @@ class PromptPrefiller:
         if not token_ids:
             raise InvalidArgumentError("token_ids: prompt must not be empty")
         if len(token_ids) >= d.max_context:
-            raise InvalidArgumentError(f"token_ids: {len(token_ids)} tokens leaves no room in the context ({d.max_context})")
+            raise InvalidArgumentError(
+                f"token_ids: {len(token_ids)} tokens leaves no room in the context ({d.max_context})"
+            )
         bad = next((t for t in token_ids if not 0 <= t < d.vocab_size), None)
         if bad is not None:
             raise InvalidArgumentError(f"token_ids: token id {bad} is outside the vocabulary [0, {d.vocab_size})")

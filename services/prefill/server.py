@@ -11,12 +11,11 @@ from epdserve.errors import FailedPreconditionError
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
 from epdserve.transport.errors import unary_errors
-from epdserve.transport.server import ServiceServer, run_until_signalled
-from epdserve.v1 import cache_pb2_grpc, common_pb2, prefill_pb2, prefill_pb2_grpc
-from mmcache.client import MMCache, OwnerInfo, local_host_id
+from epdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from mmcache.client import MMCache
 from mmcache.keys import kv_layer_key, new_kv_prefix
 from services.prefill.prefill import PromptPrefiller
-from services.runtime import run_service, ModelExecutor, Stopwatch, new_owner_id, parse_configs, resolve_model_dir, service_arg_parser
+from services.runtime import ModelExecutor, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 from services.wire import sampling_from_proto
 
 log = logging.getLogger(__name__)
@@ -72,21 +71,13 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
                 prefill_config: PrefillConfig) -> None:
     spec = load_spec(resolve_model_dir(model_config))
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
-    server = ServiceServer(server_config, [SERVICE_NAME])
-    cache = await MMCache.open(cache_config, OwnerInfo(new_owner_id("prefill"), local_host_id(), server.bind()))
-    executor = ModelExecutor("prefill-model")
-    servicer = PrefillServicer(PromptPrefiller(spec, decoder), cache, executor, prefill_config)
-    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
-    cache_pb2_grpc.add_CacheTransferServicer_to_server(cache.servicer(), server.server)
 
-    async def cleanup() -> None:
-        await cache.close()
-        executor.shutdown()
+    def register(ctx: StageContext) -> None:
+        servicer = PrefillServicer(PromptPrefiller(spec, decoder), ctx.cache, ctx.executor, prefill_config)
+        prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, ctx.server.server)
 
-    await run_until_signalled(server, cleanup)
+    await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = service_arg_parser("prefill", PrefillConfig)
-    configs = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, PrefillConfig)
-    return run_service(serve, configs)
+    return stage_main("prefill", PrefillConfig, serve, argv)

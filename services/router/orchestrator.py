@@ -21,8 +21,15 @@ from epdserve.config import RouterConfig
 from epdserve.errors import DeadlineExceededError, EpdserveError, FailedPreconditionError
 from epdserve.transport.channels import aio_channel
 from epdserve.transport.errors import from_rpc_error
-from epdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, encode_pb2, encode_pb2_grpc
-from epdserve.v1 import prefill_pb2, prefill_pb2_grpc
+from epdserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    encode_pb2,
+    encode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
 from services.router.prompt import PromptBuilder, PromptTokens
 from services.router.requests import GenerationRequest, check_context
 from services.router.text import IncrementalDetokenizer, StopStringMatcher

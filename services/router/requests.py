@@ -90,7 +90,9 @@ def _max_tokens(params: router_pb2.GenerationParams, config: RouterConfig) -> in
 
 def _stop_strings(stop, config: RouterConfig) -> tuple[str, ...]:
     if len(stop) > config.max_stop_strings:
-        raise InvalidArgumentError(f"params.stop: {len(stop)} stop strings exceeds the limit ({config.max_stop_strings})")
+        raise InvalidArgumentError(
+            f"params.stop: {len(stop)} stop strings exceeds the limit ({config.max_stop_strings})"
+        )
     for i, s in enumerate(stop):
         if not s:
             raise InvalidArgumentError(f"params.stop[{i}]: stop strings must not be empty")

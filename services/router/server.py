@@ -24,7 +24,7 @@ from epdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.router.orchestrator import Finished, Orchestrator, TextChunk
 from services.router.prompt import PromptBuilder
 from services.router.requests import parse_request
-from services.runtime import run_service, parse_configs, resolve_model_dir, service_arg_parser
+from services.runtime import parse_configs, resolve_model_dir, run_service, service_arg_parser
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name

@@ -52,6 +52,8 @@ def test_placeholder_mismatch_is_invalid_argument(tiny_checkpoint, prompt, image
 
 
 def test_context_limit_names_both_numbers():
-    with pytest.raises(InvalidArgumentError, match=r"prompt \(100 tokens, of which 16 image tokens\) \+ params.max_tokens \(50\) = 150 exceeds the model's context length \(128\)"):
+    expected = (r"prompt \(100 tokens, of which 16 image tokens\) \+ params.max_tokens \(50\) = 150 "
+                r"exceeds the model's context length \(128\)")
+    with pytest.raises(InvalidArgumentError, match=expected):
         check_context(100, 16, 50, 128)
     check_context(100, 16, 28, 128)
