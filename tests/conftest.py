@@ -60,11 +60,12 @@ def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
     (built once per session per argument set)."""
     from epdserve.models.tiny import TinySpec, build_tiny_checkpoint
 
-    def build(backbone: str = "llama", vision: str = "clip", seed: int = 0) -> pathlib.Path:
-        key = (backbone, vision, seed)
+    def build(backbone: str = "llama", vision: str = "clip", seed: int = 0, **options) -> pathlib.Path:
+        key = (backbone, vision, seed, tuple(sorted(options.items())))
         if key not in _CHECKPOINTS:
             out = tmp_path_factory.mktemp(f"tiny-{backbone}-{vision}-{seed}")
-            _CHECKPOINTS[key] = build_tiny_checkpoint(out, TinySpec(backbone=backbone, vision=vision, seed=seed))
+            spec = TinySpec(backbone=backbone, vision=vision, seed=seed, **options)
+            _CHECKPOINTS[key] = build_tiny_checkpoint(out, spec)
         return _CHECKPOINTS[key]
 
     return build

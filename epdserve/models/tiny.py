@@ -47,6 +47,8 @@ class TinySpec:
     image_size: int = 32
     patch_size: int = 8
     init_std: float = 0.05           # a little above HF's 0.02 so greedy choices are not near-ties
+    feature_layers: tuple[int, ...] = (-2,)   # vision hidden states fed to the projector (concatenated)
+    rope_parameters: tuple[tuple[str, float | str], ...] = ()  # e.g. (("rope_type", "linear"), ("factor", 2.0))
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -70,7 +72,7 @@ def build_tiny_checkpoint(out_dir: str | pathlib.Path, spec: TinySpec = TinySpec
         text_config=_text_config(spec, tokenizer),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
         vision_feature_select_strategy="default" if spec.vision == "clip" else "full",
-        vision_feature_layer=-2,
+        vision_feature_layer=spec.feature_layers[0] if len(spec.feature_layers) == 1 else list(spec.feature_layers),
         projector_hidden_act="gelu",
     )
     torch.manual_seed(spec.seed)
@@ -87,6 +89,8 @@ def build_tiny_checkpoint(out_dir: str | pathlib.Path, spec: TinySpec = TinySpec
 
 def cached_tiny_checkpoint(cache_dir: pathlib.Path, spec: TinySpec = TinySpec()) -> pathlib.Path:
     """The checkpoint for `spec` under `cache_dir`, built once (atomically) and reused after."""
+    if spec != TinySpec(backbone=spec.backbone, vision=spec.vision, seed=spec.seed):
+        raise ValueError("only backbone, vision and seed vary between cached tiny checkpoints")
     name = f"tiny-llava-{spec.backbone}-{spec.vision}-s{spec.seed}-{FORMAT_VERSION}"
     target = cache_dir / "models" / name
     if (target / "model.safetensors").is_file():
@@ -121,6 +125,8 @@ def _text_config(spec: TinySpec, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+    if spec.rope_parameters:
+        common["rope_parameters"] = {"rope_theta": 10000.0, **dict(spec.rope_parameters)}
     extra = {
         "llama": {},
         "mistral": {"sliding_window": 64},     # small enough that long tests cross it

@@ -67,3 +67,51 @@ def test_serve_with_an_unknown_model_directory_fails_clearly(tmp_path):
                      timeout=120)
     assert done.returncode != 0
     assert "does not exist" in done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in __import__("glob").glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.split("/")[2]))
+    return kids
+
+
+def test_up_serves_until_interrupted_and_leaves_nothing(tmp_path):
+    """`epdserve up` prints the router address, serves SDK requests (PIL images too), and on Ctrl-C
+    stops every child (redis included) and exits 0."""
+    import re
+    import signal
+    import time
+
+    from PIL import Image
+
+    from epdserve.sdk import Client
+
+    up = subprocess.Popen([sys.executable, "-m", "epdserve.cli", "up", "--port", "0"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "EPDSERVE_CACHE_DIR": str(tmp_path)})
+    try:
+        deadline, address = time.monotonic() + 240, None
+        while address is None and time.monotonic() < deadline:
+            line = up.stdout.readline()
+            assert line or up.poll() is None, "epdserve up exited early"
+            match = re.search(r"router (\S+:\d+)", line)
+            address = match.group(1) if match else None
+        assert address, "no router address printed"
+        children = _children(up.pid)
+        assert len(children) == 5  # redis + four services
+        with Client(address, timeout_s=60) as client:
+            result = client.generate("PIL?", images=[Image.new("RGB", (12, 12), (9, 9, 9))], max_tokens=3)
+        assert result.usage.image_tokens == 16
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+        assert "router exit 0" in up.stdout.read()
+        time.sleep(0.2)
+        assert [pid for pid in children if os.path.exists(f"/proc/{pid}")] == []
+    finally:
+        if up.poll() is None:
+            up.kill()

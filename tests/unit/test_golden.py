@@ -75,6 +75,31 @@ def test_greedy_tokens_and_logits_match_transformers(tiny_checkpoint_factory, ba
     torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"rope_parameters": (("rope_type", "linear"), ("factor", 4.0))},
+        {"rope_parameters": (("rope_type", "llama3"), ("factor", 8.0), ("low_freq_factor", 1.0),
+                             ("high_freq_factor", 4.0), ("original_max_position_embeddings", 64))},
+        {"rope_parameters": (("rope_type", "yarn"), ("factor", 4.0), ("original_max_position_embeddings", 64))},
+        {"feature_layers": (-3, -1)},
+    ],
+    ids=["rope-linear", "rope-llama3", "rope-yarn", "feature-layers-list"],
+)
+def test_checkpoint_variants_match_transformers(tiny_checkpoint_factory, options):
+    model_dir = tiny_checkpoint_factory("llama", "clip", 6, **options)
+    spec = load_spec(model_dir)
+    if "rope_parameters" in options:
+        assert spec.decoder.rope_type == dict(options["rope_parameters"])["rope_type"]
+    else:
+        assert spec.vision.feature_layers == (-3, -1)
+    inputs = _hf_inputs(model_dir, "Which shapes are there? " * 4, [_image(9)])
+    hf_logits, hf_tokens = _hf(model_dir, inputs)
+    our_logits, our_tokens = _ours(model_dir, inputs)
+    assert our_tokens == hf_tokens
+    torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
+
+
 def test_mistral_sliding_window_is_crossed_and_still_matches(tiny_checkpoint_factory):
     """The tiny Mistral has a 64-token window; a 100+ token prompt exercises the window mask."""
     model_dir = tiny_checkpoint_factory("mistral", "clip", 2)
