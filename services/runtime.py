@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import pathlib
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 from epdserve.config import CacheConfig, ModelConfig, ServerConfig, add_config_args, config_from_args
@@ -131,25 +133,17 @@ class ModelExecutor:
 
 
 class Stopwatch:
-    """Accumulates named durations in milliseconds for a response's timings_ms map."""
+    """Accumulates named durations in milliseconds for a response's timings_ms map:
+    `with watch.section("prefill_ms"): ...`."""
 
     def __init__(self) -> None:
-        import time
-
-        self._clock = time.perf_counter
         self.timings_ms: dict[str, float] = {}
 
-    def section(self, name: str) -> "_Section":
-        return _Section(self, name)
-
-
-class _Section:
-    def __init__(self, watch: Stopwatch, name: str) -> None:
-        self.watch, self.name = watch, name
-
-    def __enter__(self) -> None:
-        self.start = self.watch._clock()
-
-    def __exit__(self, *exc) -> None:
-        elapsed = (self.watch._clock() - self.start) * 1000.0
-        self.watch.timings_ms[self.name] = self.watch.timings_ms.get(self.name, 0.0) + elapsed
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = (time.perf_counter() - start) * 1000.0
+            self.timings_ms[name] = self.timings_ms.get(name, 0.0) + elapsed

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from epdserve.config import RouterConfig
-from epdserve.errors import DeadlineExceededError, EpdserveError, FailedPreconditionError
+from epdserve.errors import DeadlineExceededError, FailedPreconditionError
 from epdserve.transport.channels import aio_channel
 from epdserve.transport.errors import from_rpc_error
 from epdserve.v1 import (
@@ -256,5 +256,3 @@ def _derived_timings(timings: dict[str, float], completion_tokens: int) -> None:
     if completion_tokens > 1:
         timings["tpot_ms"] = (timings["total_ms"] - timings["ttft_ms"]) / (completion_tokens - 1)
 
-
-__all__ = ["EpdserveError", "Finished", "Orchestrator", "TextChunk"]

@@ -271,3 +271,19 @@ def test_remote_transfer_path_gives_identical_tokens(tiny_checkpoint, client):
         _assert_no_kv_left(other)
         assert "streamed img:" in other.log_tail("prefill", 400)  # the embeddings came over gRPC
         assert "streamed kv:" in other.log_tail("decode", 400)    # and so did the KV
+
+
+def test_corrupt_cached_embedding_is_recomputed_not_served(client, cluster):
+    """A cached embedding whose bytes were damaged after encoding: prefill refuses it (checksum),
+    the router re-runs encode without the cache lookup, and the answer is unchanged."""
+    image = _png(50)
+    first = client.generate("same?", images=[image], max_tokens=6, temperature=0.0, ignore_eos=True)
+    for path in (cluster.shm_root / "encode").rglob("*"):
+        if path.is_file():
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+    again = client.generate("same?", images=[image], max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert again.token_ids == first.token_ids
+    assert again.timings_ms["encode_cache_hits"] == 0  # the retry re-encoded
+    assert "encode.encode_ms" in again.timings_ms
