@@ -45,14 +45,23 @@ class CacheConfig:
     shm_dir: str = setting("", "directory for this process's cache bytes (default: a fresh dir in /dev/shm)")
     capacity_bytes: int = setting(2 * GiB, "bytes of entries this process holds before evicting (LRU)")
     prefer_shared_memory: bool = setting(True, "read same-host entries in place from shared memory")
-    fetch_chunk_bytes: int = setting(4 * MiB, "chunk size when streaming entries between hosts")
-    redis_timeout_s: float = setting(5.0, "timeout of one Redis round trip")
+    fetch_chunk_bytes: int = setting(2 * MiB, "frame size when streaming entries between hosts")
+    redis_timeout_s: float = setting(2.0, "timeout of one Redis round trip (then the index counts as unavailable)")
+    heartbeat_interval_s: float = setting(1.0, "owner heartbeat period; an owner silent for 3 periods is dead")
+    device_tier: str = setting("", "keep entries on this device (e.g. cuda:0) first; '' = no device tier")
+    device_capacity_bytes: int = setting(0, "bytes of the device tier")
+    disk_dir: str = setting("", "directory of the disk spill tier (default: under the store directory)")
+    disk_capacity_bytes: int = setting(0, "bytes of the disk spill tier; 0 = no disk tier (evictions are dropped)")
 
     def __post_init__(self) -> None:
         if self.capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be > 0 (got {self.capacity_bytes})")
         if self.fetch_chunk_bytes <= 0 or self.fetch_chunk_bytes > 32 * MiB:
             raise ValueError(f"fetch_chunk_bytes must be in (0, 32 MiB] (got {self.fetch_chunk_bytes})")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat_interval_s must be > 0 (got {self.heartbeat_interval_s})")
+        if bool(self.device_tier) != (self.device_capacity_bytes > 0):
+            raise ValueError("device_tier and device_capacity_bytes go together: set both or neither")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +78,12 @@ class EncodeConfig:
     max_image_pixels: int = setting(40_000_000, "largest decoded image (width x height) accepted")
     max_images_per_request: int = setting(16, "most images in one request")
     embedding_ttl_s: float = setting(3600.0, "seconds an image embedding stays in the cache after its last use")
+    handoff_lease_s: float = setting(120.0, "seconds an embedding stays pinned for prefill unless released sooner")
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
-    kv_ttl_s: float = setting(120.0, "seconds published KV waits for its decode before it is freed")
+    kv_ttl_s: float = setting(120.0, "seconds published KV stays leased for its decode before it is freed")
 
 
 @dataclasses.dataclass(frozen=True)

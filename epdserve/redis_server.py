@@ -35,18 +35,35 @@ class PrivateRedis:
                 f"{self.binary!r} not found on PATH: install Redis (Debian: apt-get install -y redis-server) "
                 "or pass --redis-url"
             )
+        self._path = path
         self._dir = tempfile.mkdtemp(prefix="epdserve-redis-")
         for _ in range(attempts):  # a free port can be taken between probe and bind: retry
             self.port = _free_port()
-            self.process = subprocess.Popen(
-                [path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--protected-mode", "yes", "--dir", self._dir, "--loglevel", "warning"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent,
-            )
-            if self._wait_ready():
+            if self._launch():
                 return self
-            stop_process(self.process, timeout_s=2)
         raise FailedPreconditionError(f"redis-server did not start: {self._stderr_tail()}")
+
+    def _launch(self) -> bool:
+        self.process = subprocess.Popen(
+            [self._path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--protected-mode", "yes", "--dir", self._dir, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent,
+        )
+        if self._wait_ready():
+            return True
+        stop_process(self.process, timeout_s=2)
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL the server (fault injection); `restart()` brings it back on the same port, empty."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+    def restart(self) -> None:
+        self.kill()
+        if not self._launch():
+            raise FailedPreconditionError(f"redis-server did not restart on port {self.port}")
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.start_timeout_s

@@ -1,16 +1,17 @@
-"""MMCache: the facade services use to publish, find, read and release tensors.
+"""MMCache: the facade a stage uses to publish, find, read, lease and release tensors.
 
-Ownership and release protocol (what always holds):
-* an entry's bytes live only in its owner's SharedMemoryStore; the Redis index holds its header
-  under a TTL no longer than the owner's own expiry, so an index hit names bytes that existed
-  when it was written;
-* a consumer trusts nothing: the header must match the reference it was handed (dtype, shape,
-  nbytes, checksum) and the bytes must match the checksum, or the read is a miss;
-* `release` is the consumer saying "done": the index key goes first (no one else can find it),
-  then the owner frees the bytes (directly when the owner is this process, else by its Release
-  RPC); an owner that never hears frees the bytes at TTL; an owner that stops deletes the index
-  keys of everything it still holds. A restarted owner has a new owner id, so nothing points into
-  a dead process for longer than the TTL.
+Ownership and lease protocol (what always holds):
+* an entry's bytes live only in its owner's TieredStore; refs carry where (host, tier, path,
+  offset, data address), so a hand-off needs no index round trip and survives an index outage;
+  the Redis index is for discovery by content key, and only returns entries of live owners;
+* every hand-off holds a lease taken by the producer on the consumer's behalf (put with lease_s,
+  or lookup with lease_s); leased bytes are never moved or freed, so the consumer's zero-copy
+  view stays valid until it calls `release`; a lease that is never released expires, and an
+  ephemeral entry (KV for one decode) is freed with its last lease;
+* a consumer trusts nothing it reads: the bytes must match the ref's size and checksum, or the
+  read is a miss (counted), never a crash;
+* an owner heartbeats; when it stops (cleanly or not) its entries leave the index, by its own
+  `close` or by any other owner's janitor, and its files on this host are removed.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import asyncio
 import dataclasses
 import logging
 import pathlib
-import socket
-import threading
 import time
 from collections.abc import Sequence
 
@@ -40,274 +39,439 @@ from mmcache.codec import (
     tensor_from_buffer,
     verify,
 )
+from mmcache.guard import CacheUnavailableError, RedisGuard
 from mmcache.index import IndexEntry, RedisIndex
-from mmcache.store import SharedMemoryStore, default_shm_dir, map_file
-from mmcache.transfer import CacheTransferServicer, fetch_remote
+from mmcache.metrics import CacheMetrics
+from mmcache.owners import OwnerInfo, OwnerRegistry, disk_dir, local_host_id, pool_file, remove_owner_files
+from mmcache.pool import PoolMappings, SharedMemoryPool
+from mmcache.readiness import ReadinessStream
+from mmcache.store import TieredStore, default_store_dir
+from mmcache.tiers import DeviceTier, DiskTier, HostTier
+from mmcache.transfer import CacheControlServicer, DataClient, DataServer
 
 log = logging.getLogger(__name__)
-SWEEP_INTERVAL_S = 1.0
-RELEASE_TIMEOUT_S = 2.0
+CONTROL_TIMEOUT_S = 2.0
+JANITOR_EVERY = 5  # heartbeats
 
 
 @dataclasses.dataclass(frozen=True)
-class OwnerInfo:
-    owner_id: str   # unique per process start (the epoch)
-    host_id: str
-    address: str    # this process's gRPC address serving CacheTransfer ("" if none)
-
-
-def local_host_id() -> str:
-    try:
-        boot_id = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot_id = ""
-    return f"{socket.gethostname()}/{boot_id}"
-
-
-@dataclasses.dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    corrupt: int = 0
-    bytes_put: int = 0
-    bytes_read_local: int = 0
-    bytes_read_remote: int = 0
+class CacheIdentity:
+    owner_id: str               # unique per process start
+    control_address: str        # this process's gRPC address (CacheControl); "" if it serves none
+    bind_host: str = "127.0.0.1"  # where the data channel listens
+    advertise_host: str = ""    # host name others use to reach the data channel ("" = bind_host)
 
 
 class MMCache:
-    def __init__(self, config: CacheConfig, owner: OwnerInfo, redis, store: SharedMemoryStore) -> None:
+    def __init__(self, config: CacheConfig, owner: OwnerInfo, redis, store: TieredStore) -> None:
         self.config, self.owner, self.redis, self.store = config, owner, redis, store
-        self.index = RedisIndex(redis, config.namespace)
-        self.stats = CacheStats()
+        self.metrics = CacheMetrics()
+        self.guard = RedisGuard(redis, timeout_s=config.redis_timeout_s, on_change=self.metrics.set_available)
+        self.index = RedisIndex(redis, config.namespace, self.guard)
+        self.registry = OwnerRegistry(self.index, self.guard, owner, interval_s=config.heartbeat_interval_s)
+        self.ready = ReadinessStream(self.index, self.guard)
+        self.data_client = DataClient(timeout_s=max(config.redis_timeout_s, 30.0))
+        self.mappings = PoolMappings()
+        self.data_server: DataServer | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._sweeper: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._closed = False
 
     @classmethod
-    async def open(cls, config: CacheConfig, owner: OwnerInfo) -> "MMCache":
-        """Connect to Redis (UnavailableError if unreachable), create the store, start the sweeper."""
+    async def open(cls, config: CacheConfig, identity: CacheIdentity) -> "MMCache":
+        """Create the store, start the data channel, register, and start the background loop.
+        Redis being down is not fatal: the cache starts degraded and reconnects later."""
         import redis.asyncio as aioredis
 
+        store_dir = pathlib.Path(config.shm_dir) if config.shm_dir else default_store_dir(identity.owner_id)
+        store = _build_store(config, store_dir, identity.owner_id)
         client = aioredis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s,
                                    socket_connect_timeout=config.redis_timeout_s)
-        try:
-            await client.ping()
-        except (OSError, aioredis.RedisError) as exc:
-            await client.aclose()
-            raise UnavailableError(f"cannot reach Redis at {_redact(config.redis_url)}: {exc}") from None
-        directory = pathlib.Path(config.shm_dir) if config.shm_dir else default_shm_dir(owner.owner_id)
-        cache = cls(config, owner, client, SharedMemoryStore(directory, config.capacity_bytes))
-        cache._sweeper = asyncio.create_task(cache._sweep())
+        cache = cls(config, OwnerInfo(identity.owner_id, local_host_id(), identity.control_address,
+                                      store_dir=str(store_dir)), client, store)
+        await cache._start(identity)
         return cache
 
-    def servicer(self) -> CacheTransferServicer:
-        return CacheTransferServicer(self, self.config.fetch_chunk_bytes)
+    async def _start(self, identity: CacheIdentity) -> None:
+        self.data_server = DataServer(self._acquire_for_send, self.config.fetch_chunk_bytes)
+        port = await self.data_server.start(identity.bind_host)
+        host = identity.advertise_host or identity.bind_host
+        self.owner = dataclasses.replace(self.owner, data_address=f"{host}:{port}")
+        self.registry.owner = self.owner
+        await self._beat(first=True)
+        self._tasks.append(asyncio.create_task(self._maintain()))
 
-    # ---- producer side -------------------------------------------------------------------------
+    def servicer(self) -> CacheControlServicer:
+        return CacheControlServicer(self)
 
-    async def put_many(self, items: Sequence[tuple[str, "object"]], *, ttl_s: float) -> list[common_pb2.TensorRef]:
-        """Publish tensors under keys: bytes into this process's store, headers into the index in one
-        pipeline. Keys evicted to make room leave the index too. Returns the references."""
-        entries, refs, evicted = [], [], []
+    @property
+    def available(self) -> bool:
+        """Whether the Redis index answered last time it was asked."""
+        return self.guard.available
+
+    # ---- producer side ---------------------------------------------------------------------------
+
+    async def put_many(self, items: Sequence[tuple[str, object]], *, ttl_s: float, lease_s: float | None = None,
+                       ephemeral: bool = False) -> list[common_pb2.TensorRef]:
+        """Hold tensors under keys and index them (one pipeline). With lease_s, each ref carries a
+        lease for its consumer; an ephemeral entry is freed when that lease ends. The store takes
+        ownership of the tensors. Index trouble is logged, never raised: the refs still work."""
+        refs = []
         for key, tensor in items:
-            data = tensor_bytes(tensor)
-            meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "checksum": checksum(data)}
-            written = self.store.write(key, data, ttl_s, meta)
-            evicted.extend(written.evicted)
-            entries.append(self._entry(key, written.entry.path, meta, len(data)))
-            refs.append(common_pb2.TensorRef(key=key, dtype=proto_dtype(meta["dtype"]), shape=meta["shape"],
-                                             nbytes=len(data), checksum=meta["checksum"]))
-            self.stats.bytes_put += len(data)
-        await self.index.delete_many([k for k in evicted if k not in {key for key, _ in items}])
-        await self.index.put_many(entries, ttl_s)
+            host = tensor_bytes(tensor)
+            meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "checksum": checksum(host)}
+            value = tensor if _on_device(tensor, self.store) else host
+            put = self.store.put(key, value, meta, ttl_s=ttl_s, ephemeral=ephemeral, lease_s=lease_s)
+            refs.append(self._ref(key, put.lease_id))
+            self.metrics.bytes_put.inc(put.entry.nbytes)
+        await self._sync_index(new=[r.key for r in refs], ttl_s=ttl_s)
         return refs
 
-    async def put(self, key: str, tensor, *, ttl_s: float) -> common_pb2.TensorRef:
-        return (await self.put_many([(key, tensor)], ttl_s=ttl_s))[0]
+    async def put(self, key: str, tensor, *, ttl_s: float, lease_s: float | None = None,
+                  ephemeral: bool = False) -> common_pb2.TensorRef:
+        return (await self.put_many([(key, tensor)], ttl_s=ttl_s, lease_s=lease_s, ephemeral=ephemeral))[0]
 
-    def _entry(self, key: str, path: pathlib.Path, meta: dict, nbytes: int) -> IndexEntry:
-        return IndexEntry(key=key, owner=self.owner.owner_id, host=self.owner.host_id, address=self.owner.address,
-                          location=str(path), dtype=meta["dtype"], shape=tuple(meta["shape"]), nbytes=nbytes,
-                          checksum=meta["checksum"], created_at=time.time())
+    def _ref(self, key: str, lease_id: str = "") -> common_pb2.TensorRef:
+        entry, where = self.store.get(key), self.store.location(key)
+        return common_pb2.TensorRef(
+            key=key, dtype=proto_dtype(entry.meta["dtype"]), shape=entry.meta["shape"], nbytes=entry.nbytes,
+            checksum=entry.meta["checksum"], owner=self.owner.owner_id, host=self.owner.host_id,
+            control_address=self.owner.control_address, data_address=self.owner.data_address,
+            tier=where.tier, path=where.path, offset=where.offset, lease_id=lease_id)
 
-    async def lookup_many(self, keys: Sequence[str], *, ttl_s: float | None = None
-                          ) -> list[common_pb2.TensorRef | None]:
-        """References for keys the index holds (refreshing their TTL when ttl_s is given). An entry this
-        process owns but no longer holds is stale: it is dropped and reported as a miss."""
-        found, stale = [], []
-        for key, entry in zip(keys, await self.index.get_many(keys)):
-            if entry is not None and entry.owner == self.owner.owner_id and not self.store.contains(key):
-                stale.append(key)
-                entry = None
-            found.append(None if entry is None else _ref(entry))
-        await self.index.delete_many(stale)
-        if ttl_s is not None:
-            live = [k for k, ref in zip(keys, found) if ref is not None]
-            await self.index.touch_many(live, ttl_s)
-            for key in live:
-                self.store.touch(key, ttl_s)
-        return found
+    def _index_entry(self, key: str) -> IndexEntry:
+        ref = self._ref(key)
+        return IndexEntry(key=key, owner=ref.owner, host=ref.host, control_address=ref.control_address,
+                          data_address=ref.data_address, tier=ref.tier, path=ref.path, offset=ref.offset,
+                          dtype=name_of_proto_dtype(ref.dtype), shape=tuple(ref.shape), nbytes=ref.nbytes,
+                          checksum=ref.checksum, created_at=time.time())
 
-    # ---- consumer side -------------------------------------------------------------------------
+    async def _sync_index(self, *, new: Sequence[str] = (), ttl_s: float = 0.0) -> None:
+        """Tell the index what changed in the store: new entries, moved ones, dropped ones."""
+        changes = self.store.drain_changes()
+        fresh = [k for k in new if self.store.get(k) is not None]
+        moved = [k for k in changes.moved if k not in fresh]
+        try:
+            await self.index.put_many([self._index_entry(k) for k in fresh], ttl_s, drop=changes.dropped)
+            await self.index.update_many([self._index_entry(k) for k in moved])
+            if changes.dropped:
+                await self.index.delete_many(changes.dropped, owner=self.owner.owner_id)
+        except CacheUnavailableError:
+            log.debug("index unavailable: %d new, %d moved, %d dropped entries not indexed",
+                      len(fresh), len(moved), len(changes.dropped))
+
+    # ---- discovery ---------------------------------------------------------------------------------
+
+    async def lookup_many(self, keys: Sequence[str], *, ttl_s: float | None = None,
+                          lease_s: float | None = None) -> list[common_pb2.TensorRef | None]:
+        """Refs for the keys the index knows (live owners only), refreshing TTLs when ttl_s is given.
+        With lease_s each hit is leased for the caller's consumer (a hit whose owner no longer has
+        the bytes becomes a miss). Index unavailable: every key misses."""
+        try:
+            entries = await self.index.get_many(keys, ttl_s=ttl_s)
+        except CacheUnavailableError:
+            self.metrics.misses.inc(len(keys))
+            return [None] * len(keys)
+        refs = [_ref_from_index(e) if e is not None else None for e in entries]
+        await self._claim(refs, ttl_s, lease_s)
+        hits = sum(r is not None for r in refs)
+        self.metrics.hits.inc(hits)
+        self.metrics.misses.inc(len(keys) - hits)
+        return refs
+
+    async def longest_prefix(self, keys: Sequence[str], *, lease_s: float) -> list[common_pb2.TensorRef]:
+        """Leased refs of the longest run of keys, from the first, that are all cached."""
+        refs = await self.lookup_many(keys, lease_s=lease_s)
+        run = next((i for i, r in enumerate(refs) if r is None), len(refs))
+        await self.release([r for r in refs[run:] if r is not None])
+        return refs[:run]
+
+    async def _claim(self, refs: list, ttl_s: float | None, lease_s: float | None) -> None:
+        """Make hits current: own entries are checked (stale ones dropped) and leased locally;
+        others are leased through their owner's control service."""
+        remote: dict[str, list[int]] = {}
+        for i, ref in enumerate(refs):
+            if ref is None:
+                continue
+            if ref.owner == self.owner.owner_id:
+                refs[i] = self._claim_local(ref.key, ttl_s, lease_s)
+            elif lease_s:
+                remote.setdefault(ref.control_address, []).append(i)
+        for address, positions in remote.items():
+            ids = await self._remote_lease(address, [refs[i].key for i in positions], lease_s)
+            for i, lease_id in zip(positions, ids):
+                refs[i] = _with_lease(refs[i], lease_id) if lease_id else None
+        await self._sync_index()
+
+    def _claim_local(self, key: str, ttl_s: float | None, lease_s: float | None):
+        if self.store.get(key) is None:
+            return None
+        self.store.touch(key, ttl_s)
+        lease_id = self.store.lease(key, lease_s) if lease_s else ""
+        return self._ref(key, lease_id or "")
+
+    async def _remote_lease(self, address: str, keys: list[str], lease_s: float) -> list[str]:
+        try:
+            stub = cache_pb2_grpc.CacheControlStub(self._channel(address))
+            reply = await stub.Lease(cache_pb2.LeaseRequest(keys=keys, lease_s=lease_s), timeout=CONTROL_TIMEOUT_S)
+            return list(reply.lease_ids)
+        except grpc.RpcError as exc:
+            log.warning("lease at %s failed (%s): treated as misses", address, exc.code())
+            return [""] * len(keys)
+
+    # ---- consumer side -----------------------------------------------------------------------------
 
     async def get_many(self, refs: Sequence[common_pb2.TensorRef]) -> list:
-        """Tensors for the references, in order; a missing, mismatched or corrupt entry is None.
-        Same-host entries are mapped in place (the returned CPU tensor keeps the mapping alive);
-        others are streamed from their owner."""
-        entries = await self.index.get_many([ref.key for ref in refs])
-        reads = [self._read(ref, entry) for ref, entry in zip(refs, entries)]
-        return list(await asyncio.gather(*reads))
+        """Tensors for refs, in order; None for an entry that is gone or fails verification.
+        Leased same-host entries are zero-copy views valid until `release`; anything else is a copy."""
+        return list(await asyncio.gather(*(self._read(ref) for ref in refs)))
 
-    async def _read(self, ref: common_pb2.TensorRef, entry: IndexEntry | None):
-        if entry is None:
-            self.stats.misses += 1
-            return None
+    async def _read(self, ref: common_pb2.TensorRef):
+        own = self.store.get(ref.key) if ref.owner == self.owner.owner_id else None
+        if own is not None and own.tier == "device" and own.meta["checksum"] == ref.checksum:
+            return own.handle  # owner-local GPU entry: the tensor itself, valid until release
         try:
-            _check_header(ref, entry)
-            data = await self._bytes(entry)
+            dtype, shape = name_of_proto_dtype(ref.dtype), tuple(ref.shape)
+            data = self._read_in_place(ref)
+            if data is not None and not _verified(data, ref.checksum):
+                self.metrics.corrupt.inc()
+                data = None  # damaged or stale in place: ask the owner for the current bytes
             if data is None:
-                self.stats.misses += 1
+                data = await self._read_remote(ref)
+            if data is None:
+                self.metrics.misses.inc()
                 return None
-            verify(data, entry.checksum)
-            tensor = tensor_from_buffer(data, entry.dtype, entry.shape)
-        except (CorruptEntryError, grpc.RpcError, OSError) as exc:
-            self.stats.corrupt += isinstance(exc, CorruptEntryError)
-            self.stats.misses += 1
+            return tensor_from_buffer(data, dtype, shape)
+        except (CorruptEntryError, OSError, asyncio.TimeoutError) as exc:
+            self.metrics.corrupt.inc(isinstance(exc, CorruptEntryError))
+            self.metrics.misses.inc()
             log.warning("cache entry %s unusable, treated as a miss: %s", ref.key, exc)
             return None
-        self.stats.hits += 1
-        return tensor
 
-    async def _bytes(self, entry: IndexEntry):
-        if self.config.prefer_shared_memory and entry.host == self.owner.host_id:
-            data = map_file(pathlib.Path(entry.location))
-            if data is not None:
-                self.stats.bytes_read_local += len(data)
-                return data
-        if not entry.address:
+    def _read_in_place(self, ref: common_pb2.TensorRef):
+        if ref.owner == self.owner.owner_id:
+            data = self.store.host_bytes(ref.key)
+            return data if data is None or ref.lease_id else bytearray(data)
+        if not (self.config.prefer_shared_memory and ref.host == self.owner.host_id):
             return None
-        try:
-            header, data = await fetch_remote(self._stub(entry.address), entry.key,
-                                              timeout_s=max(self.config.redis_timeout_s, 30.0))
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
+        if ref.tier == "host":
+            region = self.mappings.region(ref.path, ref.offset, ref.nbytes)
+            if region is None:
                 return None
-            raise
-        if name_of_proto_dtype(header.dtype) != entry.dtype or tuple(header.shape) != entry.shape:
-            raise CorruptEntryError("owner's header differs from the index")
-        self.stats.bytes_read_remote += len(data)
-        log.debug("streamed %s (%d bytes) from its owner", entry.key, len(data))
+            self.metrics.bytes_read_local.inc(ref.nbytes)
+            return region if ref.lease_id else bytearray(region)
+        if ref.tier == "disk":
+            return _read_file(ref.path, ref.nbytes)
+        return None
+
+    async def _read_remote(self, ref: common_pb2.TensorRef):
+        if not ref.data_address or ref.owner == self.owner.owner_id:
+            return None
+        fetched = await self.data_client.fetch(ref.data_address, ref.key, ref.lease_id)
+        if fetched is None:
+            return None
+        header, data = fetched
+        if header.get("checksum") != ref.checksum or int(header.get("nbytes", -1)) != ref.nbytes:
+            raise CorruptEntryError("owner's header differs from the ref")
+        verify(data, ref.checksum)
+        self.metrics.bytes_read_remote.inc(len(data))
+        log.debug("streamed %s (%d bytes) from its owner", ref.key, len(data))
         return data
 
-    def _stub(self, address: str) -> cache_pb2_grpc.CacheTransferStub:
+    def _acquire_for_send(self, key: str, lease_id: str):
+        """Data-server hook: pin the entry while its bytes go out."""
+        entry = self.store.get(key)
+        if entry is None:
+            return None
+        send_lease = self.store.lease(key, 300.0)
+        data = self.store.host_bytes(key)
+        header = {"dtype": entry.meta["dtype"], "shape": entry.meta["shape"], "nbytes": entry.nbytes,
+                  "checksum": entry.meta["checksum"]}
+        return header, data, lambda: self.store.release(key, send_lease)
+
+    async def release(self, refs: Sequence[common_pb2.TensorRef]) -> None:
+        """The consumer is done with these refs: their leases end (ephemeral entries are freed).
+        Best effort for other owners (short timeout); the lease deadline is the backstop."""
+        by_owner: dict[str, list[tuple[str, str]]] = {}
+        for ref in refs:
+            if ref.lease_id:
+                by_owner.setdefault(ref.control_address if ref.owner != self.owner.owner_id else "",
+                                    []).append((ref.key, ref.lease_id))
+        for address, pairs in by_owner.items():
+            if not address:
+                await self.release_local(pairs)
+            else:
+                await self._remote_release(address, pairs)
+
+    async def release_local(self, pairs: Sequence[tuple[str, str]]) -> int:
+        """End leases on this owner's entries; returns how many were live."""
+        released = sum(self.store.release(key, lease_id) for key, lease_id in pairs)
+        await self._sync_index()
+        return released
+
+    async def _remote_release(self, address: str, pairs: list[tuple[str, str]]) -> None:
+        request = cache_pb2.ReleaseRequest(leases=[cache_pb2.LeaseRelease(key=k, lease_id=i) for k, i in pairs])
+        try:
+            await cache_pb2_grpc.CacheControlStub(self._channel(address)).Release(request, timeout=CONTROL_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            log.warning("release of %d leases at %s failed (%s); they expire on their own", len(pairs), address,
+                        exc.code())
+
+    def lease_local(self, key: str, lease_s: float) -> str:
+        """Control-service hook: lease one of this owner's entries for a remote reader."""
+        return self.store.lease(key, lease_s) or ""
+
+    def stats(self) -> cache_pb2.StatsResponse:
+        """What this owner holds now (entries by key kind, bytes per tier, leases, counters)."""
+        kinds: dict[str, int] = {}
+        for key in self.store.keys():
+            kinds[key.split(":", 1)[0]] = kinds.get(key.split(":", 1)[0], 0) + 1
+        now = time.monotonic()
+        leases = sum(len([d for d in e.leases.values() if d > now]) for e in self.store.entries.values())
+        counters = {name: self.metrics.value(name) for name in
+                    ("hits", "misses", "corrupt", "bytes_put", "bytes_read_local", "bytes_read_remote")}
+        return cache_pb2.StatsResponse(
+            owner=self.owner.owner_id, entries_by_kind=kinds, used_bytes=self.store.used_bytes(),
+            capacity_bytes={n: t.capacity_bytes for n, t in self.store.tiers.items()}, leases=leases,
+            index_available=self.available, counters=counters)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
             self._channels[address] = aio_channel(address)
-        return cache_pb2_grpc.CacheTransferStub(self._channels[address])
+        return self._channels[address]
 
-    async def release(self, refs_or_keys: Sequence) -> None:
-        """The consumer is done with these entries: drop them from the index, then have their owners
-        free the bytes (best effort; the TTL is the backstop)."""
-        keys = [r if isinstance(r, str) else r.key for r in refs_or_keys]
-        if not keys:
-            return
-        entries = await self.index.get_many(keys)
-        await self.index.delete_many(keys)
-        by_owner: dict[str, list[str]] = {}
-        for key, entry in zip(keys, entries):
-            if self.store.get(key) is not None:
-                self.store.delete(key)
-            elif entry is not None and entry.address:
-                by_owner.setdefault(entry.address, []).append(key)
-        await asyncio.gather(*(self._release_remote(address, owned) for address, owned in by_owner.items()))
+    # ---- readiness (layer-wise publishing) -----------------------------------------------------------
 
-    async def _release_remote(self, address: str, keys: list[str]) -> None:
+    async def publish_ready(self, prefix: str, event: dict[str, str], *, ttl_s: float) -> None:
+        await self.ready.publish(prefix, event, ttl_s=ttl_s)
+
+    def follow_ready(self, prefix: str, *, timeout_s: float):
+        return self.ready.follow(prefix, timeout_s=timeout_s)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    async def _beat(self, *, first: bool = False) -> None:
         try:
-            await self._stub(address).Release(cache_pb2.ReleaseRequest(keys=keys), timeout=RELEASE_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            log.warning("release of %d entries at their owner failed (%s); they expire by TTL", len(keys), exc.code())
+            if first or self.available:
+                await self.registry.heartbeat()
+            elif await self.guard.probe():
+                await self.registry.heartbeat()
+        except CacheUnavailableError:
+            pass
 
-    async def free_owned(self, keys: Sequence[str]) -> int:
-        """Owner side of Release: free the bytes of keys this process holds, drop their index keys."""
-        owned = [k for k in keys if self.store.get(k) is not None]
-        for key in owned:
-            self.store.delete(key)
-        await self.index.delete_many(owned)
-        return len(owned)
-
-    # ---- lifecycle -----------------------------------------------------------------------------
-
-    async def _sweep(self) -> None:
+    async def _maintain(self) -> None:
+        beats = 0
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            self.store.expired()
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            await self._beat()
+            self.store.sweep()
+            await self._sync_index()
+            beats += 1
+            if beats % JANITOR_EVERY == 0 and self.available:
+                try:
+                    await self.registry.collect_dead()
+                except CacheUnavailableError:
+                    pass
 
     async def close(self) -> None:
-        """Delete the index keys of everything still held, remove the store, close connections."""
+        """Drop this owner's index entries and registration, free its memory and files, close
+        connections. Idempotent; Redis being down does not stop it."""
         if self._closed:
             return
         self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.data_server is not None:
+            await self.data_server.close()
         try:
-            await self.index.delete_many(self.store.keys())
-        except Exception as exc:  # Redis may already be gone at shutdown; the TTL cleans up
-            log.warning("could not drop index keys at close: %s", exc)
+            await self.registry.unregister(self.store.keys())
+        except (CacheUnavailableError, UnavailableError):
+            log.warning("Redis unavailable at close: this owner's entries expire from the index by TTL")
         self.store.close()
-        await asyncio.gather(*(c.close() for c in self._channels.values()))
+        remove_owner_files(pathlib.Path(self.owner.store_dir), self.owner.owner_id)
+        self.data_client.close()
+        self.mappings.clear()
+        await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
         await self.redis.aclose()
 
 
-def _ref(entry: IndexEntry) -> common_pb2.TensorRef:
-    return common_pb2.TensorRef(key=entry.key, dtype=proto_dtype(entry.dtype), shape=entry.shape,
-                                nbytes=entry.nbytes, checksum=entry.checksum)
+def _build_store(config: CacheConfig, store_dir: pathlib.Path, owner_id: str) -> TieredStore:
+    host = HostTier(SharedMemoryPool(pool_file(store_dir, owner_id), config.capacity_bytes))
+    device = DeviceTier(config.device_tier, config.device_capacity_bytes) if config.device_tier else None
+    disk = None
+    if config.disk_capacity_bytes > 0:
+        base = pathlib.Path(config.disk_dir) if config.disk_dir else store_dir
+        disk = DiskTier(disk_dir(base, owner_id), config.disk_capacity_bytes)
+    return TieredStore(host, device, disk)
 
 
-def _check_header(ref: common_pb2.TensorRef, entry: IndexEntry) -> None:
-    if (name_of_proto_dtype(ref.dtype) != entry.dtype or tuple(ref.shape) != entry.shape
-            or ref.nbytes != entry.nbytes or ref.checksum != entry.checksum):
-        raise CorruptEntryError("index header does not match the reference")
+def _on_device(tensor, store: TieredStore) -> bool:
+    device = store.tiers.get("device")
+    return device is not None and tensor.device == device.device
 
 
-def _redact(url: str) -> str:
-    """redis://user:secret@host -> redis://user:***@host"""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+def _verified(data, expected: str) -> bool:
+    try:
+        verify(data, expected)
+        return True
+    except CorruptEntryError:
+        return False
+
+
+def _read_file(path: str, nbytes: int):
+    try:
+        data = bytearray(nbytes)
+        with open(path, "rb") as f:
+            if f.readinto(data) != nbytes:
+                return None
+        return data
+    except OSError:
+        return None
+
+
+def _ref_from_index(entry: IndexEntry) -> common_pb2.TensorRef:
+    return common_pb2.TensorRef(
+        key=entry.key, dtype=proto_dtype(entry.dtype), shape=entry.shape, nbytes=entry.nbytes,
+        checksum=entry.checksum, owner=entry.owner, host=entry.host, control_address=entry.control_address,
+        data_address=entry.data_address, tier=entry.tier, path=entry.path, offset=entry.offset)
+
+
+def _with_lease(ref: common_pb2.TensorRef, lease_id: str) -> common_pb2.TensorRef:
+    copy = common_pb2.TensorRef()
+    copy.CopyFrom(ref)
+    copy.lease_id = lease_id
+    return copy
 
 
 class SyncMMCache:
     """Blocking facade over MMCache (tests, CLI): runs it on a private loop in a daemon thread."""
 
-    def __init__(self, config: CacheConfig, owner: OwnerInfo) -> None:
+    def __init__(self, config: CacheConfig, identity: CacheIdentity) -> None:
+        import threading
+
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="mmcache-sync")
         self._thread.start()
-        self.cache: MMCache = self._call(MMCache.open(config, owner))
+        self.cache: MMCache = self._call(MMCache.open(config, identity))
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def put_many(self, items, *, ttl_s: float):
-        return self._call(self.cache.put_many(items, ttl_s=ttl_s))
+    def put_many(self, items, **kwargs):
+        return self._call(self.cache.put_many(items, **kwargs))
 
-    def put(self, key, tensor, *, ttl_s: float):
-        return self._call(self.cache.put(key, tensor, ttl_s=ttl_s))
+    def put(self, key, tensor, **kwargs):
+        return self._call(self.cache.put(key, tensor, **kwargs))
 
-    def lookup_many(self, keys, *, ttl_s: float | None = None):
-        return self._call(self.cache.lookup_many(keys, ttl_s=ttl_s))
+    def lookup_many(self, keys, **kwargs):
+        return self._call(self.cache.lookup_many(keys, **kwargs))
 
     def get_many(self, refs):
         return self._call(self.cache.get_many(refs))
 
-    def release(self, refs_or_keys) -> None:
-        self._call(self.cache.release(refs_or_keys))
-
-    @property
-    def stats(self) -> CacheStats:
-        return self.cache.stats
+    def release(self, refs) -> None:
+        self._call(self.cache.release(refs))
 
     def close(self) -> None:
         if self._loop.is_running():

@@ -7,7 +7,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from epdserve.errors import InvalidArgumentError
@@ -53,3 +53,32 @@ def validate_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY.match(key):
         raise InvalidArgumentError("key: must be 1-200 characters of [A-Za-z0-9:_-]")
     return key
+
+
+def prefix_block_keys(token_ids: Sequence[int], block_tokens: int, *, model_revision: str, kv_settings: str,
+                      image_spans: Sequence[tuple[int, int, str]] = (), tenant_salt: bytes = b"") -> list[str]:
+    """Chained keys of the full blocks of a prompt (Mooncake): key k = H(key k-1, tokens of block k,
+    the content keys of images whose tokens fall in block k and where). Equal keys mean an equal
+    block and an equal prefix before it; a trailing partial block has no key.
+
+    image_spans: (start, end, image_key) token ranges of each image's placeholder tokens.
+    kv_settings: everything besides the tokens that changes the KV (dtype, ...)."""
+    import struct
+
+    parent = hashlib.sha256()
+    for part in (b"epdserve-kv-block-v1", model_revision.encode(), kv_settings.encode(), tenant_salt,
+                 str(block_tokens).encode()):
+        _field(parent, part)
+    digest = parent.digest()
+    keys = []
+    for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
+        end = start + block_tokens
+        h = hashlib.sha256()
+        _field(h, digest)
+        _field(h, struct.pack(f"<{block_tokens}i", *token_ids[start:end]))
+        for img_start, img_end, image in image_spans:
+            if img_start < end and img_end > start:
+                _field(h, f"{image}@{img_start - start}:{img_end - start}".encode())
+        digest = h.digest()
+        keys.append("kvb:" + digest.hex())
+    return keys

@@ -1,140 +1,265 @@
-"""The owner's side of the bytes: one file per entry in a directory in /dev/shm.
+"""TieredStore: what one owner holds, in which tier, for how long, and who may still read it.
 
-Invariants: a file is only ever created complete (written to a temporary name, then renamed),
-never modified or truncated afterwards, so a consumer that mapped it reads consistent bytes even
-if the owner unlinks it meanwhile (Linux keeps unlinked mappings valid). Entries are evicted
-least-recently-used first when the byte budget is exceeded, and after their TTL. Used from one
-asyncio loop (not thread-safe).
+Invariants:
+* an entry lives in exactly one tier; its bytes never change while it lives there;
+* an entry with an unexpired lease is never evicted, demoted or freed (a lease covers an
+  in-flight hand-off or read: the reader's zero-copy view stays valid until it releases);
+* each tier evicts least-recently-used unleased entries first; eviction demotes one tier down
+  (device -> host -> disk) and drops from the last tier; a read through `lease` promotes a disk
+  entry back to host;
+* an ephemeral entry (a hand-off, e.g. KV for one decode) is freed when its last lease ends;
+  any entry is freed when its TTL passes and it holds no lease.
+Used from the owner's event loop only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import mmap
-import os
 import pathlib
+import secrets
 import shutil
 import tempfile
 import time
 from collections import OrderedDict
 
 from epdserve.errors import ResourceExhaustedError
+from mmcache.tiers import DeviceTier, DiskTier, HostTier, Location
 
 
 class CapacityError(ResourceExhaustedError):
-    """An entry larger than the whole store."""
+    """No tier can take the entry (too large, or everything else is leased)."""
 
 
 @dataclasses.dataclass
-class StoredEntry:
-    path: pathlib.Path
+class Entry:
+    key: str
     nbytes: int
+    meta: dict                       # dtype, shape, checksum
+    tier: str
+    handle: object                   # device tensor | pool offset | disk path
     expires_at: float
-    meta: dict          # what the owner keeps about the entry (dtype, shape, checksum)
+    ephemeral: bool
+    leases: dict[str, float] = dataclasses.field(default_factory=dict)  # lease id -> deadline
+
+    def leased(self, now: float) -> bool:
+        return any(deadline > now for deadline in self.leases.values())
 
 
 @dataclasses.dataclass(frozen=True)
-class WriteResult:
-    entry: StoredEntry
-    evicted: list[str]  # keys dropped to make room: the caller removes them from the index
+class PutResult:
+    entry: Entry
+    lease_id: str                    # "" when no lease was asked for
 
 
-def default_shm_dir(owner_id: str) -> pathlib.Path:
+@dataclasses.dataclass
+class Changes:
+    """What the index must learn: keys that left the store, keys whose location changed."""
+
+    dropped: list[str] = dataclasses.field(default_factory=list)
+    moved: list[str] = dataclasses.field(default_factory=list)
+
+
+def default_store_dir(owner_id: str) -> pathlib.Path:
     shm = pathlib.Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else pathlib.Path(tempfile.gettempdir())
+    base = shm if shm.is_dir() and _writable(shm) else pathlib.Path(tempfile.gettempdir())
     return base / f"epdserve-{owner_id}"
 
 
-class SharedMemoryStore:
-    def __init__(self, directory: pathlib.Path, capacity_bytes: int) -> None:
-        self.directory = pathlib.Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.capacity_bytes = capacity_bytes
-        self.used_bytes = 0
-        self._entries: OrderedDict[str, StoredEntry] = OrderedDict()  # LRU order: oldest first
+def _writable(path: pathlib.Path) -> bool:
+    import os
 
-    def _path(self, key: str) -> pathlib.Path:
-        return self.directory / hashlib.sha256(key.encode()).hexdigest()[:40]
+    return os.access(path, os.W_OK)
 
-    def write(self, key: str, data, ttl_s: float, meta: dict | None = None) -> WriteResult:
-        nbytes = len(data)
-        if nbytes > self.capacity_bytes:
-            raise CapacityError(f"entry of {nbytes} bytes exceeds the cache capacity ({self.capacity_bytes} bytes)")
+
+class TieredStore:
+    def __init__(self, host: HostTier, device: DeviceTier | None = None, disk: DiskTier | None = None,
+                 directory: pathlib.Path | None = None) -> None:
+        self.tiers = {t.name: t for t in (device, host, disk) if t is not None}
+        self.order = [name for name in ("device", "host", "disk") if name in self.tiers]
+        self.lru: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in self.order}
+        self.entries: dict[str, Entry] = {}
+        self.directory = directory
+        self._changes = Changes()
+
+    def drain_changes(self) -> Changes:
+        """Keys dropped or moved (by eviction, promotion or sweeping) since the last call."""
+        changes, self._changes = self._changes, Changes()
+        changes.moved = [k for k in dict.fromkeys(changes.moved) if k in self.entries]
+        changes.dropped = [k for k in dict.fromkeys(changes.dropped) if k not in self.entries]
+        return changes
+
+    # ---- writing ---------------------------------------------------------------------------------
+
+    def put(self, key: str, value, meta: dict, *, ttl_s: float, ephemeral: bool = False,
+            lease_s: float | None = None) -> PutResult:
+        """Store `value` (a tensor or host bytes) under key, replacing any previous entry, in the
+        highest tier that can take it (device only for tensors already on that device)."""
         self.delete(key)
-        evicted = self._make_room(nbytes)
-        path = self._path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            pathlib.Path(tmp).unlink(missing_ok=True)
-            raise
-        entry = StoredEntry(path, nbytes, time.monotonic() + ttl_s, dict(meta or {}))
-        self._entries[key] = entry
-        self.used_bytes += nbytes
-        return WriteResult(entry, evicted)
+        nbytes = _nbytes(value)
+        first = self._first_tier(value)
+        for name in self.order[self.order.index(first):]:
+            handle = self._store_in(name, key, value)
+            if handle is not None:
+                entry = Entry(key, nbytes, dict(meta), name, handle, time.monotonic() + ttl_s, ephemeral)
+                self._link(entry)
+                lease_id = self._new_lease(entry, lease_s) if lease_s else ""
+                return PutResult(entry, lease_id)
+        raise CapacityError(f"no cache tier can hold an entry of {nbytes} bytes")
 
-    def _make_room(self, nbytes: int) -> list[str]:
-        evicted = []
-        while self._entries and self.used_bytes + nbytes > self.capacity_bytes:
-            key = next(iter(self._entries))
-            self.delete(key)
-            evicted.append(key)
-        return evicted
+    def _first_tier(self, value) -> str:
+        device = self.tiers.get("device")
+        if device is not None and hasattr(value, "device") and value.device == device.device:
+            return "device"
+        return "host" if "host" in self.tiers else self.order[0]
 
-    def get(self, key: str) -> StoredEntry | None:
-        return self._entries.get(key)
+    def _store_in(self, name: str, key: str, value):
+        tier = self.tiers[name]
+        data = value if name == "device" else _host_view(value)
+        handle = tier.store(key, data)
+        while handle is None and self._evict_one(name):
+            handle = tier.store(key, data)
+        return handle
 
-    def contains(self, key: str) -> bool:
-        entry = self._entries.get(key)
-        return entry is not None and entry.path.exists()
-
-    def touch(self, key: str, ttl_s: float) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry.expires_at = time.monotonic() + ttl_s
-            self._entries.move_to_end(key)
-
-    def open_read(self, key: str) -> memoryview | None:
-        """A private (copy-on-write) mapping of the entry's bytes, or None if it is gone."""
-        entry = self._entries.get(key)
-        return map_file(entry.path) if entry is not None else None
-
-    def delete(self, key: str) -> bool:
-        entry = self._entries.pop(key, None)
-        if entry is None:
+    def _evict_one(self, name: str) -> bool:
+        """Move the least-recently-used unleased entry of a tier one tier down (or drop it)."""
+        now = time.monotonic()
+        victim = next((k for k in self.lru[name] if not self.entries[k].leased(now)), None)
+        if victim is None:
             return False
-        self.used_bytes -= entry.nbytes
-        entry.path.unlink(missing_ok=True)
+        entry = self.entries[victim]
+        lower = self.order[self.order.index(name) + 1:]
+        data = self.tiers[name].host_bytes(entry.handle, entry.nbytes)
+        for target in lower:  # the lower tier makes room the same way (cascading demotion)
+            handle = self._store_in(target, victim, data)
+            if handle is not None:
+                self._unlink(entry)
+                self.tiers[name].free(entry.handle, entry.nbytes)
+                entry.tier, entry.handle = target, handle
+                self._link(entry)
+                self._changes.moved.append(victim)
+                return True
+        self._drop(entry)
         return True
 
-    def expired(self, now: float | None = None) -> list[str]:
-        """Delete and return every entry past its TTL."""
+    # ---- leases ----------------------------------------------------------------------------------
+
+    def lease(self, key: str, lease_s: float) -> str | None:
+        """Pin an entry for a reader (promoting a disk entry to host); None if the key is gone."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        self.touch(key)
+        if entry.tier == "disk" and "host" in self.tiers:
+            self._promote(entry)
+        return self._new_lease(entry, lease_s)
+
+    def _new_lease(self, entry: Entry, lease_s: float) -> str:
+        lease_id = secrets.token_hex(8)
+        entry.leases[lease_id] = time.monotonic() + lease_s
+        return lease_id
+
+    def _promote(self, entry: Entry) -> None:
+        data = self.tiers["disk"].host_bytes(entry.handle, entry.nbytes)
+        self._unlink(entry)  # not its own eviction victim while room is made
+        handle = self._store_in("host", entry.key, data)
+        if handle is None:
+            self._link(entry)
+            return
+        self.tiers["disk"].free(entry.handle, entry.nbytes)
+        entry.tier, entry.handle = "host", handle
+        self._link(entry)
+        self._changes.moved.append(entry.key)
+
+    def release(self, key: str, lease_id: str) -> bool:
+        """End one lease (freeing an ephemeral entry whose last lease it was). Returns whether
+        the lease was live."""
+        entry = self.entries.get(key)
+        if entry is None or entry.leases.pop(lease_id, None) is None:
+            return False
+        if entry.ephemeral and not entry.leased(time.monotonic()):
+            self._drop(entry)
+        return True
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        return self.entries.get(key)
+
+    def touch(self, key: str, ttl_s: float | None = None) -> None:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.lru[entry.tier].move_to_end(key)
+            if ttl_s is not None:
+                entry.expires_at = max(entry.expires_at, time.monotonic() + ttl_s)
+
+    def host_bytes(self, key: str) -> memoryview | None:
+        """The entry's bytes in host memory (a view for host entries, a copy otherwise)."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        return self.tiers[entry.tier].host_bytes(entry.handle, entry.nbytes)
+
+    def location(self, key: str) -> Location | None:
+        entry = self.entries.get(key)
+        return None if entry is None else self.tiers[entry.tier].location(entry.handle)
+
+    # ---- freeing ---------------------------------------------------------------------------------
+
+    def delete(self, key: str) -> bool:
+        entry = self.entries.get(key)
+        if entry is None:
+            return False
+        self._drop(entry)
+        return True
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Drop expired leases, then every entry past its TTL (or ephemeral) with no lease left."""
         now = time.monotonic() if now is None else now
-        keys = [k for k, e in self._entries.items() if e.expires_at <= now]
-        for key in keys:
-            self.delete(key)
-        return keys
+        dropped = []
+        for entry in list(self.entries.values()):
+            live = {k: d for k, d in entry.leases.items() if d > now}
+            lapsed, entry.leases = len(live) < len(entry.leases), live
+            if not live and (entry.expires_at <= now or (entry.ephemeral and lapsed)):
+                self._drop(entry)
+                dropped.append(entry.key)
+        return dropped
+
+    def _link(self, entry: Entry) -> None:
+        self.entries[entry.key] = entry
+        self.lru[entry.tier][entry.key] = None
+
+    def _unlink(self, entry: Entry) -> None:
+        self.lru[entry.tier].pop(entry.key, None)
+
+    def _drop(self, entry: Entry) -> None:
+        self._unlink(entry)
+        self.entries.pop(entry.key, None)
+        self.tiers[entry.tier].free(entry.handle, entry.nbytes)
+        self._changes.dropped.append(entry.key)
 
     def keys(self) -> list[str]:
-        return list(self._entries)
+        return list(self.entries)
+
+    def used_bytes(self) -> dict[str, int]:
+        return {name: tier.used_bytes for name, tier in self.tiers.items()}
 
     def close(self) -> None:
-        self._entries.clear()
-        self.used_bytes = 0
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self.entries.clear()
+        for tier in self.tiers.values():
+            tier.close()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def map_file(path: pathlib.Path) -> memoryview | None:
-    """Map a whole file copy-on-write (writable for torch.frombuffer, never written back)."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return memoryview(bytearray())
-            return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
-    except FileNotFoundError:
-        return None
+def _nbytes(value) -> int:
+    if hasattr(value, "element_size"):
+        return value.numel() * value.element_size()
+    return len(value)
+
+
+def _host_view(value) -> memoryview:
+    if hasattr(value, "element_size"):
+        from mmcache.codec import tensor_bytes
+
+        return tensor_bytes(value)
+    return memoryview(value)

@@ -68,19 +68,20 @@ class StageContext:
 
 
 async def run_stage(stage: str, service_name: str, server_config: ServerConfig, cache_config: CacheConfig,
-                    register: Callable[[StageContext], None], *, serve_cache: bool = True) -> None:
-    """Wire a stage process: bind its server, open its mmcache (owner = this process), let `register`
-    add the stage's servicer, serve the cache's transfer service, run until SIGTERM, clean up."""
+                    register: Callable[[StageContext], None]) -> None:
+    """Wire a stage process: bind its server, open its mmcache (owner = this process start), let
+    `register` add the stage's servicer, serve the cache's control service, run until SIGTERM,
+    clean up."""
     from epdserve.transport.server import ServiceServer, run_until_signalled
     from epdserve.v1 import cache_pb2_grpc
-    from mmcache.client import MMCache, OwnerInfo, local_host_id
+    from mmcache.client import CacheIdentity, MMCache
 
     server = ServiceServer(server_config, [service_name])
-    cache = await MMCache.open(cache_config, OwnerInfo(new_owner_id(stage), local_host_id(), server.bind()))
+    identity = CacheIdentity(new_owner_id(stage), server.bind(), server_config.host, server_config.advertise_host)
+    cache = await MMCache.open(cache_config, identity)
     executor = ModelExecutor(f"{stage}-model")
     register(StageContext(server, cache, executor))
-    if serve_cache:
-        cache_pb2_grpc.add_CacheTransferServicer_to_server(cache.servicer(), server.server)
+    cache_pb2_grpc.add_CacheControlServicer_to_server(cache.servicer(), server.server)
 
     async def cleanup() -> None:
         await cache.close()

@@ -22,24 +22,45 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from epdserve.v1 import common_pb2 as epdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65pdserve/v1/cache.proto\x12\x0b\x65pdserve.v1\x1a\x18\x65pdserve/v1/common.proto\"\x1b\n\x0c\x46\x65tchRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"R\n\nFetchChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.epdserve.v1.TensorRef\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1e\n\x0eReleaseRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\x32\x94\x01\n\rCacheTransfer\x12=\n\x05\x46\x65tch\x12\x19.epdserve.v1.FetchRequest\x1a\x17.epdserve.v1.FetchChunk0\x01\x12\x44\n\x07Release\x12\x1b.epdserve.v1.ReleaseRequest\x1a\x1c.epdserve.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65pdserve/v1/cache.proto\x12\x0b\x65pdserve.v1\"-\n\x0cLeaseRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"\"\n\rLeaseResponse\x12\x11\n\tlease_ids\x18\x01 \x03(\t\"-\n\x0cLeaseRelease\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\";\n\x0eReleaseRequest\x12)\n\x06leases\x18\x01 \x03(\x0b\x32\x19.epdserve.v1.LeaseRelease\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xa0\x04\n\rStatsResponse\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x46\n\x0f\x65ntries_by_kind\x18\x02 \x03(\x0b\x32-.epdserve.v1.StatsResponse.EntriesByKindEntry\x12=\n\nused_bytes\x18\x03 \x03(\x0b\x32).epdserve.v1.StatsResponse.UsedBytesEntry\x12\x45\n\x0e\x63\x61pacity_bytes\x18\x04 \x03(\x0b\x32-.epdserve.v1.StatsResponse.CapacityBytesEntry\x12\x0e\n\x06leases\x18\x05 \x01(\x03\x12\x17\n\x0findex_available\x18\x06 \x01(\x08\x12:\n\x08\x63ounters\x18\x07 \x03(\x0b\x32(.epdserve.v1.StatsResponse.CountersEntry\x1a\x34\n\x12\x45ntriesByKindEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x30\n\x0eUsedBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x34\n\x12\x43\x61pacityBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xd4\x01\n\x0c\x43\x61\x63heControl\x12>\n\x05Lease\x12\x19.epdserve.v1.LeaseRequest\x1a\x1a.epdserve.v1.LeaseResponse\x12\x44\n\x07Release\x12\x1b.epdserve.v1.ReleaseRequest\x1a\x1c.epdserve.v1.ReleaseResponse\x12>\n\x05Stats\x12\x19.epdserve.v1.StatsRequest\x1a\x1a.epdserve.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epdserve.v1.cache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FETCHREQUEST']._serialized_start=66
-  _globals['_FETCHREQUEST']._serialized_end=93
-  _globals['_FETCHCHUNK']._serialized_start=95
-  _globals['_FETCHCHUNK']._serialized_end=177
-  _globals['_RELEASEREQUEST']._serialized_start=179
-  _globals['_RELEASEREQUEST']._serialized_end=209
-  _globals['_RELEASERESPONSE']._serialized_start=211
-  _globals['_RELEASERESPONSE']._serialized_end=246
-  _globals['_CACHETRANSFER']._serialized_start=249
-  _globals['_CACHETRANSFER']._serialized_end=397
+  _globals['_STATSRESPONSE_ENTRIESBYKINDENTRY']._loaded_options = None
+  _globals['_STATSRESPONSE_ENTRIESBYKINDENTRY']._serialized_options = b'8\001'
+  _globals['_STATSRESPONSE_USEDBYTESENTRY']._loaded_options = None
+  _globals['_STATSRESPONSE_USEDBYTESENTRY']._serialized_options = b'8\001'
+  _globals['_STATSRESPONSE_CAPACITYBYTESENTRY']._loaded_options = None
+  _globals['_STATSRESPONSE_CAPACITYBYTESENTRY']._serialized_options = b'8\001'
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._loaded_options = None
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_options = b'8\001'
+  _globals['_LEASEREQUEST']._serialized_start=40
+  _globals['_LEASEREQUEST']._serialized_end=85
+  _globals['_LEASERESPONSE']._serialized_start=87
+  _globals['_LEASERESPONSE']._serialized_end=121
+  _globals['_LEASERELEASE']._serialized_start=123
+  _globals['_LEASERELEASE']._serialized_end=168
+  _globals['_RELEASEREQUEST']._serialized_start=170
+  _globals['_RELEASEREQUEST']._serialized_end=229
+  _globals['_RELEASERESPONSE']._serialized_start=231
+  _globals['_RELEASERESPONSE']._serialized_end=266
+  _globals['_STATSREQUEST']._serialized_start=268
+  _globals['_STATSREQUEST']._serialized_end=282
+  _globals['_STATSRESPONSE']._serialized_start=285
+  _globals['_STATSRESPONSE']._serialized_end=829
+  _globals['_STATSRESPONSE_ENTRIESBYKINDENTRY']._serialized_start=624
+  _globals['_STATSRESPONSE_ENTRIESBYKINDENTRY']._serialized_end=676
+  _globals['_STATSRESPONSE_USEDBYTESENTRY']._serialized_start=678
+  _globals['_STATSRESPONSE_USEDBYTESENTRY']._serialized_end=726
+  _globals['_STATSRESPONSE_CAPACITYBYTESENTRY']._serialized_start=728
+  _globals['_STATSRESPONSE_CAPACITYBYTESENTRY']._serialized_end=780
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=782
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=829
+  _globals['_CACHECONTROL']._serialized_start=832
+  _globals['_CACHECONTROL']._serialized_end=1044
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class CacheTransferStub:
+class CacheControlStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -34,62 +34,78 @@ class CacheTransferStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Fetch = channel.unary_stream(
-                '/epdserve.v1.CacheTransfer/Fetch',
-                request_serializer=epdserve_dot_v1_dot_cache__pb2.FetchRequest.SerializeToString,
-                response_deserializer=epdserve_dot_v1_dot_cache__pb2.FetchChunk.FromString,
+        self.Lease = channel.unary_unary(
+                '/epdserve.v1.CacheControl/Lease',
+                request_serializer=epdserve_dot_v1_dot_cache__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=epdserve_dot_v1_dot_cache__pb2.LeaseResponse.FromString,
                 _registered_method=True)
         self.Release = channel.unary_unary(
-                '/epdserve.v1.CacheTransfer/Release',
+                '/epdserve.v1.CacheControl/Release',
                 request_serializer=epdserve_dot_v1_dot_cache__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=epdserve_dot_v1_dot_cache__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/epdserve.v1.CacheControl/Stats',
+                request_serializer=epdserve_dot_v1_dot_cache__pb2.StatsRequest.SerializeToString,
+                response_deserializer=epdserve_dot_v1_dot_cache__pb2.StatsResponse.FromString,
+                _registered_method=True)
 
 
-class CacheTransferServicer:
+class CacheControlServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Fetch(self, request, context):
-        """Streams the entry's bytes in chunks; the first chunk carries the header.
-        NOT_FOUND when the owner no longer holds the key.
+    def Lease(self, request, context):
+        """Pin entries for a reader; lease_ids[i] is "" where the owner no longer holds keys[i].
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """The consumer is done with these keys: the owner may free their bytes.
+        """End leases; an ephemeral entry (a hand-off) is freed when its last lease ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """What this owner holds now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_CacheTransferServicer_to_server(servicer, server):
+def add_CacheControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Fetch': grpc.unary_stream_rpc_method_handler(
-                    servicer.Fetch,
-                    request_deserializer=epdserve_dot_v1_dot_cache__pb2.FetchRequest.FromString,
-                    response_serializer=epdserve_dot_v1_dot_cache__pb2.FetchChunk.SerializeToString,
+            'Lease': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lease,
+                    request_deserializer=epdserve_dot_v1_dot_cache__pb2.LeaseRequest.FromString,
+                    response_serializer=epdserve_dot_v1_dot_cache__pb2.LeaseResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
                     request_deserializer=epdserve_dot_v1_dot_cache__pb2.ReleaseRequest.FromString,
                     response_serializer=epdserve_dot_v1_dot_cache__pb2.ReleaseResponse.SerializeToString,
             ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=epdserve_dot_v1_dot_cache__pb2.StatsRequest.FromString,
+                    response_serializer=epdserve_dot_v1_dot_cache__pb2.StatsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'epdserve.v1.CacheTransfer', rpc_method_handlers)
+            'epdserve.v1.CacheControl', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('epdserve.v1.CacheTransfer', rpc_method_handlers)
+    server.add_registered_method_handlers('epdserve.v1.CacheControl', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class CacheTransfer:
+class CacheControl:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Fetch(request,
+    def Lease(request,
             target,
             options=(),
             channel_credentials=None,
@@ -99,12 +115,12 @@ class CacheTransfer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
-            '/epdserve.v1.CacheTransfer/Fetch',
-            epdserve_dot_v1_dot_cache__pb2.FetchRequest.SerializeToString,
-            epdserve_dot_v1_dot_cache__pb2.FetchChunk.FromString,
+            '/epdserve.v1.CacheControl/Lease',
+            epdserve_dot_v1_dot_cache__pb2.LeaseRequest.SerializeToString,
+            epdserve_dot_v1_dot_cache__pb2.LeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,9 +145,36 @@ class CacheTransfer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/epdserve.v1.CacheTransfer/Release',
+            '/epdserve.v1.CacheControl/Release',
             epdserve_dot_v1_dot_cache__pb2.ReleaseRequest.SerializeToString,
             epdserve_dot_v1_dot_cache__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.CacheControl/Stats',
+            epdserve_dot_v1_dot_cache__pb2.StatsRequest.SerializeToString,
+            epdserve_dot_v1_dot_cache__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pdserve/v1/common.proto\x12\x0b\x65pdserve.v1\"l\n\tTensorRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.epdserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\"_\n\x0bTensorBytes\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.epdserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\"\x1a\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"B\n\x08KVHandle\x12&\n\x06layers\x18\x01 \x03(\x0b\x32\x16.epdserve.v1.TensorRef\x12\x0e\n\x06length\x18\x02 \x01(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x8b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pdserve/v1/common.proto\x12\x0b\x65pdserve.v1\"\xf6\x01\n\tTensorRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.epdserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\t \x01(\t\x12\x0c\n\x04tier\x18\n \x01(\t\x12\x0c\n\x04path\x18\x0b \x01(\t\x12\x0e\n\x06offset\x18\x0c \x01(\x03\x12\x10\n\x08lease_id\x18\r \x01(\t\"_\n\x0bTensorBytes\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.epdserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\"\x1a\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"B\n\x08KVHandle\x12&\n\x06layers\x18\x01 \x03(\x0b\x32\x16.epdserve.v1.TensorRef\x12\x0e\n\x06length\x18\x02 \x01(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x8b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epdserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=562
-  _globals['_DTYPE']._serialized_end=701
-  _globals['_TENSORREF']._serialized_start=41
-  _globals['_TENSORREF']._serialized_end=149
-  _globals['_TENSORBYTES']._serialized_start=151
-  _globals['_TENSORBYTES']._serialized_end=246
-  _globals['_IMAGEINPUT']._serialized_start=248
-  _globals['_IMAGEINPUT']._serialized_end=274
-  _globals['_SAMPLINGPARAMS']._serialized_start=277
-  _globals['_SAMPLINGPARAMS']._serialized_end=423
-  _globals['_KVHANDLE']._serialized_start=425
-  _globals['_KVHANDLE']._serialized_end=491
-  _globals['_ABORTREQUEST']._serialized_start=493
-  _globals['_ABORTREQUEST']._serialized_end=527
-  _globals['_ABORTRESPONSE']._serialized_start=529
-  _globals['_ABORTRESPONSE']._serialized_end=559
+  _globals['_DTYPE']._serialized_start=701
+  _globals['_DTYPE']._serialized_end=840
+  _globals['_TENSORREF']._serialized_start=42
+  _globals['_TENSORREF']._serialized_end=288
+  _globals['_TENSORBYTES']._serialized_start=290
+  _globals['_TENSORBYTES']._serialized_end=385
+  _globals['_IMAGEINPUT']._serialized_start=387
+  _globals['_IMAGEINPUT']._serialized_end=413
+  _globals['_SAMPLINGPARAMS']._serialized_start=416
+  _globals['_SAMPLINGPARAMS']._serialized_end=562
+  _globals['_KVHANDLE']._serialized_start=564
+  _globals['_KVHANDLE']._serialized_end=630
+  _globals['_ABORTREQUEST']._serialized_start=632
+  _globals['_ABORTREQUEST']._serialized_end=666
+  _globals['_ABORTRESPONSE']._serialized_start=668
+  _globals['_ABORTRESPONSE']._serialized_end=698
 # @@protoc_insertion_point(module_scope)

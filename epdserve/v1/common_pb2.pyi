@@ -25,18 +25,34 @@ DTYPE_INT32: DType
 DTYPE_UINT8: DType
 
 class TensorRef(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "nbytes", "checksum")
+    __slots__ = ("key", "dtype", "shape", "nbytes", "checksum", "owner", "host", "control_address", "data_address", "tier", "path", "offset", "lease_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     key: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     nbytes: int
     checksum: str
-    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[str] = ...) -> None: ...
+    owner: str
+    host: str
+    control_address: str
+    data_address: str
+    tier: str
+    path: str
+    offset: int
+    lease_id: str
+    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[str] = ..., owner: _Optional[str] = ..., host: _Optional[str] = ..., control_address: _Optional[str] = ..., data_address: _Optional[str] = ..., tier: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., lease_id: _Optional[str] = ...) -> None: ...
 
 class TensorBytes(_message.Message):
     __slots__ = ("dtype", "shape", "data", "checksum")

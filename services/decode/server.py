@@ -7,6 +7,7 @@ stops within one step and drops its sequence.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -37,15 +38,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         sampling = sampling_from_proto(request.sampling)
         watch = Stopwatch()
         with watch.section("kv_fetch_ms"):
-            layers = await self._pull_kv(request.kv)
-        if request.max_new_tokens == 0:
+            seq = await self._load_kv(request, sampling)
+        if seq is None:  # max_new_tokens == 0: the call only released the KV
             yield decode_pb2.DecodeResponse(finish_reason="length", timings_ms=watch.timings_ms)
             return
-        self.decoder.check_layers(layers, request.kv.length)
-        seq = await self.executor.run(
-            self.decoder.load, layers, request.first_token_id, request.max_new_tokens, sampling
-        )
-        del layers
         self.active.add(request.request_id)
         try:
             async for response in self._generate(request, seq, watch):
@@ -81,14 +77,23 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         if not 0 <= request.first_token_id < vocab:
             raise InvalidArgumentError(f"first_token_id {request.first_token_id} is outside [0, {vocab})")
 
-    async def _pull_kv(self, kv: common_pb2.KVHandle) -> list:
-        refs = list(kv.layers)
-        tensors = await self.cache.get_many(refs)
-        await self.cache.release(refs)
-        missing = [i for i, t in enumerate(tensors) if t is None]
-        if missing:
-            raise FailedPreconditionError(f"kv.layers[{missing[0]}]: entry is no longer in the cache")
-        return tensors
+    async def _load_kv(self, request: decode_pb2.DecodeRequest, sampling):
+        """Copy the published KV into this sequence's own cache, then end the hand-off leases (the
+        producer frees the bytes) whatever happens. None when nothing is to be generated."""
+        refs = list(request.kv.layers)
+        try:
+            if request.max_new_tokens == 0:
+                return None
+            layers = await self.cache.get_many(refs)
+            missing = [i for i, t in enumerate(layers) if t is None]
+            if missing:
+                raise FailedPreconditionError(f"kv.layers[{missing[0]}]: entry is no longer in the cache")
+            self.decoder.check_layers(layers, request.kv.length)
+            return await self.executor.run(
+                self.decoder.load, layers, request.first_token_id, request.max_new_tokens, sampling
+            )
+        finally:
+            await asyncio.shield(self.cache.release(refs))
 
     @unary_errors
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortResponse:
@@ -107,7 +112,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         servicer = DecodeServicer(TokenDecoder(decoder), ctx.cache, ctx.executor, decode_config)
         decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, ctx.server.server)
 
-    await run_stage("decode", SERVICE_NAME, server_config, cache_config, register, serve_cache=False)
+    await run_stage("decode", SERVICE_NAME, server_config, cache_config, register)
 
 
 def main(argv: list[str] | None = None) -> int:

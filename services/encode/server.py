@@ -37,7 +37,8 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
         refs = [None] * len(keys)
         if not request.skip_cache_lookup:
             with watch.section("cache_lookup_ms"):
-                refs = await self.cache.lookup_many(keys, ttl_s=self.config.embedding_ttl_s)
+                refs = await self.cache.lookup_many(keys, ttl_s=self.config.embedding_ttl_s,
+                                                    lease_s=self.config.handoff_lease_s)
         hits = [ref is not None for ref in refs]
         await self._encode_misses(images, keys, refs, watch)
         return encode_pb2.EncodeResponse(
@@ -68,7 +69,8 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
             embeddings = await self.executor.run(self.encoder.encode, list(missing.values()))
         with watch.section("cache_put_ms"):
             published = await self.cache.put_many(
-                list(zip(missing.keys(), embeddings)), ttl_s=self.config.embedding_ttl_s
+                list(zip(missing.keys(), embeddings)), ttl_s=self.config.embedding_ttl_s,
+                lease_s=self.config.handoff_lease_s,
             )
         by_key = dict(zip(missing.keys(), published))
         for i, ref in enumerate(refs):

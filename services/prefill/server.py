@@ -31,11 +31,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         sampling = sampling_from_proto(request.sampling)
         token_ids = list(request.token_ids)
         watch = Stopwatch()
-        with watch.section("cache_get_ms"):
-            embeddings = await self._fetch_embeddings(request.image_embeddings)
-        self.prefiller.validate(token_ids, embeddings)
-        with watch.section("prefill_ms"):
-            result = await self.executor.run(self.prefiller.run, token_ids, embeddings, sampling)
+        try:
+            with watch.section("cache_get_ms"):
+                embeddings = await self._fetch_embeddings(request.image_embeddings)
+            self.prefiller.validate(token_ids, embeddings)
+            with watch.section("prefill_ms"):
+                result = await self.executor.run(self.prefiller.run, token_ids, embeddings, sampling)
+        finally:  # the embeddings were copied into the prompt (or the request failed): end their leases
+            await asyncio.shield(self.cache.release(list(request.image_embeddings)))
         with watch.section("kv_publish_ms"):
             refs = await self._publish(result.kv_layers)
         return prefill_pb2.PrefillResponse(
@@ -58,7 +61,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         completes (shielded) and its entries are released at once instead of waiting for the TTL."""
         prefix = new_kv_prefix()
         items = [(kv_layer_key(prefix, i), layer) for i, layer in enumerate(layers)]
-        put = asyncio.ensure_future(self.cache.put_many(items, ttl_s=self.config.kv_ttl_s))
+        put = asyncio.ensure_future(self.cache.put_many(
+            items, ttl_s=self.config.kv_ttl_s, lease_s=self.config.kv_ttl_s, ephemeral=True))
         try:
             return await asyncio.shield(put)
         except asyncio.CancelledError:

@@ -167,20 +167,26 @@ def test_client_cancel_mid_stream_frees_everything(client, cluster):
 
 
 def _assert_no_kv_left(cluster, timeout_s: float = 10.0):
-    """Every KV entry prefill published has been released: no index keys, no bytes in prefill's shm dir."""
+    """Every KV hand-off prefill published has been released: prefill holds no `kv:` entry, no lease,
+    and the index has no `kv:` key."""
+    import grpc
     import redis
 
+    from epdserve.v1 import cache_pb2, cache_pb2_grpc
+
     r = redis.Redis.from_url(cluster.redis_url)
-    kv_dir = cluster.shm_root / "prefill"
     deadline = time.monotonic() + timeout_s
-    while True:
-        keys = [k for k in r.scan_iter(match="*kv:*")]
-        files = [p for p in kv_dir.rglob("*") if p.is_file()] if kv_dir.exists() else []
-        if not keys and not files:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"KV left behind: {len(keys)} index keys, {len(files)} files")
-        time.sleep(0.2)
+    with grpc.insecure_channel(cluster.children["prefill"].address) as channel:
+        stub = cache_pb2_grpc.CacheControlStub(channel)
+        while True:
+            keys = [k for k in r.scan_iter(match="*:e:kv:*")]
+            stats = stub.Stats(cache_pb2.StatsRequest(), timeout=5)
+            if not keys and stats.entries_by_kind.get("kv", 0) == 0 and stats.leases == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"KV left behind: {len(keys)} index keys, {dict(stats.entries_by_kind)}, "
+                                     f"{stats.leases} leases")
+            time.sleep(0.2)
 
 
 def test_no_kv_is_left_after_requests(client, cluster):
@@ -278,11 +284,11 @@ def test_corrupt_cached_embedding_is_recomputed_not_served(client, cluster):
     the router re-runs encode without the cache lookup, and the answer is unchanged."""
     image = _png(50)
     first = client.generate("same?", images=[image], max_tokens=6, temperature=0.0, ignore_eos=True)
-    for path in (cluster.shm_root / "encode").rglob("*"):
-        if path.is_file():
-            data = bytearray(path.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            path.write_bytes(bytes(data))
+    for path in (cluster.shm_root / "encode").glob("pool-*.shm"):  # damage the pool's used head
+        with open(path, "r+b") as f:
+            head = bytearray(f.read(1 << 20))
+            f.seek(0)
+            f.write(bytes(b ^ 0xFF for b in head))
     again = client.generate("same?", images=[image], max_tokens=6, temperature=0.0, ignore_eos=True)
     assert again.token_ids == first.token_ids
     assert again.timings_ms["encode_cache_hits"] == 0  # the retry re-encoded

@@ -1,10 +1,13 @@
-"""mmcache against a real redis-server and real gRPC servers on loopback: publish, read in place,
-stream across "hosts", corruption is a miss, release and TTL free the bytes, close cleans up."""
+"""mmcache against a real redis-server and real servers on loopback: publish, discover, read in
+place or over the data channel, leases and release, integrity, owner death, Redis failure,
+layer-wise readiness."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import struct
+import time
 
 import grpc
 import pytest
@@ -12,202 +15,378 @@ import redis.asyncio as aioredis
 import torch
 
 from epdserve.config import CacheConfig
-from epdserve.errors import UnavailableError
+from epdserve.redis_server import PrivateRedis
 from epdserve.v1 import cache_pb2, cache_pb2_grpc
-from mmcache.client import MMCache, OwnerInfo, SyncMMCache
-from mmcache.index import IndexEntry, RedisIndex
-from mmcache.keys import index_key
+from mmcache.client import CacheIdentity, MMCache, SyncMMCache
+from mmcache.codec import CorruptEntryError
+from mmcache.keys import prefix_block_keys
+from mmcache.transfer import MAGIC, VERSION, DataClient
 
 pytestmark = pytest.mark.integration
 
 
-async def _owner(config: CacheConfig, name: str, host: str = "host-a"):
-    """An MMCache with a real gRPC server serving its CacheTransfer."""
-    server = grpc.aio.server()
-    port = server.add_insecure_port("127.0.0.1:0")
-    cache = await MMCache.open(config, OwnerInfo(name, host, f"127.0.0.1:{port}"))
-    cache_pb2_grpc.add_CacheTransferServicer_to_server(cache.servicer(), server)
-    await server.start()
-    return cache, server
+class Owner:
+    """An MMCache with a real gRPC server serving its CacheControl service."""
+
+    @classmethod
+    async def start(cls, config: CacheConfig, name: str):
+        self = cls()
+        self.server = grpc.aio.server()
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.cache = await MMCache.open(config, CacheIdentity(name, f"127.0.0.1:{port}"))
+        cache_pb2_grpc.add_CacheControlServicer_to_server(self.cache.servicer(), self.server)
+        await self.server.start()
+        return self
+
+    async def stop(self):
+        await self.cache.close()
+        await self.server.stop(None)
 
 
 @pytest.fixture
 def config(redis_url, namespace, tmp_path):
-    return CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "owner"))
+    return CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "a"),
+                       capacity_bytes=64 << 20, heartbeat_interval_s=0.2)
 
 
-def _consumer_config(config, tmp_path, **overrides):
-    return dataclasses.replace(config, shm_dir=str(tmp_path / "consumer"), **overrides)
+def _other(config, tmp_path, name="b", **overrides):
+    return dataclasses.replace(config, shm_dir=str(tmp_path / name), **overrides)
 
 
-async def test_put_and_read_in_place_on_the_same_host(config, tmp_path):
-    owner, server = await _owner(config, "owner")
-    consumer = await MMCache.open(_consumer_config(config, tmp_path), OwnerInfo("consumer", "host-a", ""))
+async def test_same_host_read_in_place_is_zero_copy_under_a_lease(config, tmp_path):
+    owner = await Owner.start(config, "owner")
+    consumer = await MMCache.open(_other(config, tmp_path), CacheIdentity("consumer", ""))
     tensors = [torch.randn(3, 4), torch.randn(2, 2).to(torch.bfloat16)]
-    refs = await owner.put_many([("img:a", tensors[0]), ("img:b", tensors[1])], ttl_s=60)
+    refs = await owner.cache.put_many([("img:a", tensors[0]), ("img:b", tensors[1])], ttl_s=60, lease_s=60)
+    assert all(r.lease_id and r.tier == "host" for r in refs)
     got = await consumer.get_many(refs)
     assert all(torch.equal(g, t) for g, t in zip(got, tensors))
-    assert consumer.stats.bytes_read_local > 0 and consumer.stats.bytes_read_remote == 0
-    await consumer.close(), await owner.close(), await server.stop(None)
+    assert consumer.metrics.value("bytes_read_local") > 0 and consumer.metrics.value("bytes_read_remote") == 0
+    await consumer.release(refs)
+    assert owner.cache.stats().leases == 0
+    await consumer.close(), await owner.stop()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-async def test_stream_from_another_host(config, tmp_path, dtype):
-    owner, server = await _owner(dataclasses.replace(config, fetch_chunk_bytes=1000), "owner")
-    consumer = await MMCache.open(_consumer_config(config, tmp_path), OwnerInfo("consumer", "host-b", ""))
-    tensor = torch.randn(33, 77).to(dtype)  # several chunks, last one partial
-    ref = await owner.put("kv:x:0", tensor, ttl_s=60)
+async def test_data_channel_between_hosts(config, tmp_path, dtype):
+    owner = await Owner.start(dataclasses.replace(config, fetch_chunk_bytes=1000), "owner")
+    consumer = await MMCache.open(_other(config, tmp_path, prefer_shared_memory=False), CacheIdentity("c", ""))
+    tensor = torch.randn(33, 77).to(dtype)  # many frames, the last one partial
+    ref = await owner.cache.put("kv:x:0", tensor, ttl_s=60)
     (got,) = await consumer.get_many([ref])
     assert torch.equal(got, tensor)
-    assert consumer.stats.bytes_read_remote == tensor.numel() * tensor.element_size()
-    await consumer.close(), await owner.close(), await server.stop(None)
+    assert consumer.metrics.value("bytes_read_remote") == tensor.numel() * tensor.element_size()
+    await consumer.close(), await owner.stop()
 
 
-async def test_corrupt_bytes_are_a_miss(config, tmp_path):
-    owner, server = await _owner(config, "owner")
-    ref = await owner.put("img:c", torch.arange(64, dtype=torch.float32), ttl_s=60)
-    path = owner.store.get("img:c").path
-    data = bytearray(path.read_bytes())
-    data[5] ^= 0xFF
-    path.write_bytes(bytes(data))
-    for host in ("host-a", "host-b"):  # in place and over the stream
-        consumer = await MMCache.open(_consumer_config(config, tmp_path), OwnerInfo("c-" + host, host, ""))
+async def test_damaged_bytes_are_a_miss_never_a_crash(config, tmp_path):
+    owner = await Owner.start(config, "owner")
+    ref = await owner.cache.put("img:c", torch.arange(64, dtype=torch.float32), ttl_s=60, lease_s=60)
+    with open(ref.path, "r+b") as f:
+        f.seek(ref.offset + 5)
+        f.write(b"\xff")
+    for prefer_shm in (True, False):  # in place (then the owner's copy), and over the data channel
+        consumer = await MMCache.open(_other(config, tmp_path, prefer_shared_memory=prefer_shm),
+                                      CacheIdentity(f"c{prefer_shm}", ""))
         assert await consumer.get_many([ref]) == [None]
-        assert consumer.stats.corrupt == 1
+        assert consumer.metrics.value("corrupt") >= 1
         await consumer.close()
-    await owner.close(), await server.stop(None)
+    await owner.stop()
 
 
-async def test_missing_or_mismatched_entries_are_misses(config, tmp_path):
-    owner, server = await _owner(config, "owner")
-    ref = await owner.put("img:d", torch.ones(2, 3), ttl_s=60)
-    wrong_shape = cache_ref_with(ref, shape=[3, 2])
-    wrong_sum = cache_ref_with(ref, checksum="xxh3_128:00")
-    assert await owner.get_many([wrong_shape, wrong_sum]) == [None, None]
-    await owner.index.delete_many(["img:d"])
-    assert await owner.get_many([ref]) == [None]
-    await owner.close(), await server.stop(None)
+async def test_ref_that_does_not_match_is_a_miss(config, tmp_path):
+    owner = await Owner.start(config, "owner")
+    consumer = await MMCache.open(_other(config, tmp_path), CacheIdentity("c", ""))
+    ref = await owner.cache.put("img:d", torch.ones(2, 3), ttl_s=60, lease_s=60)
+    for field, value in (("checksum", "xxh3_128:00"), ("nbytes", 4)):
+        bad = cache_ref(ref, **{field: value})
+        assert await consumer.get_many([bad]) == [None]
+    await consumer.close(), await owner.stop()
 
 
-def cache_ref_with(ref, **fields):
+def cache_ref(ref, **fields):
     copy = type(ref)()
     copy.CopyFrom(ref)
     for name, value in fields.items():
-        if name == "shape":
-            del copy.shape[:]
-            copy.shape.extend(value)
-        else:
-            setattr(copy, name, value)
+        setattr(copy, name, value)
     return copy
 
 
-@pytest.mark.parametrize("consumer_host", ["host-a", "host-b"])
-async def test_release_frees_the_owners_bytes(config, tmp_path, consumer_host):
-    owner, server = await _owner(config, "owner")
-    refs = await owner.put_many([(f"kv:r:{i}", torch.ones(8)) for i in range(3)], ttl_s=60)
-    consumer = await MMCache.open(_consumer_config(config, tmp_path), OwnerInfo("consumer", consumer_host, ""))
+@pytest.mark.parametrize("prefer_shm", [True, False])
+async def test_release_frees_an_ephemeral_hand_off(config, tmp_path, prefer_shm):
+    owner = await Owner.start(config, "owner")
+    consumer = await MMCache.open(_other(config, tmp_path, prefer_shared_memory=prefer_shm), CacheIdentity("c", ""))
+    refs = await owner.cache.put_many([(f"kv:r:{i}", torch.ones(8)) for i in range(3)], ttl_s=60, lease_s=60,
+                                      ephemeral=True)
     assert all(t is not None for t in await consumer.get_many(refs))
-    await consumer.release(refs)
-    assert owner.store.keys() == []
-    assert await owner.index.get_many([r.key for r in refs]) == [None, None, None]
-    await consumer.close(), await owner.close(), await server.stop(None)
+    await consumer.release(refs)  # through the owner's Release RPC
+    assert owner.cache.store.keys() == []
+    assert await owner.cache.lookup_many([r.key for r in refs]) == [None, None, None]
+    await consumer.close(), await owner.stop()
 
 
-async def test_ttl_frees_bytes_and_index(config):
-    owner, server = await _owner(config, "owner")
-    ref = await owner.put("kv:t:0", torch.ones(4), ttl_s=0.3)
-    ttl_ms = await owner.redis.pttl(index_key(config.namespace, ref.key))
-    assert 0 < ttl_ms <= 300
-    await asyncio.sleep(1.6)  # index expiry + one sweeper pass
-    assert owner.store.keys() == []
-    assert await owner.lookup_many([ref.key]) == [None]
-    await owner.close(), await server.stop(None)
+async def test_unreleased_hand_off_is_freed_when_its_lease_expires(config):
+    owner = await Owner.start(config, "owner")
+    await owner.cache.put("kv:t:0", torch.ones(4), ttl_s=60, lease_s=0.3, ephemeral=True)
+    await asyncio.sleep(1.0)  # lease deadline + a maintenance pass
+    assert owner.cache.store.keys() == []
+    assert await owner.cache.lookup_many(["kv:t:0"]) == [None]
+    await owner.stop()
 
 
-async def test_lookup_refreshes_ttl_and_drops_stale_own_entries(config):
-    owner, server = await _owner(config, "owner")
-    await owner.put("img:l", torch.ones(2), ttl_s=5)
-    (ref,) = await owner.lookup_many(["img:l"], ttl_s=100)
-    assert ref is not None and await owner.redis.pttl(index_key(config.namespace, "img:l")) > 5000
-    owner.store.delete("img:l")  # bytes gone behind the index's back
-    assert await owner.lookup_many(["img:l"]) == [None]
-    assert await owner.index.get_many(["img:l"]) == [None]
-    await owner.close(), await server.stop(None)
+async def test_lookup_refreshes_ttl_and_leases_across_owners(config, tmp_path):
+    owner = await Owner.start(config, "owner")
+    other = await Owner.start(_other(config, tmp_path), "other")
+    await owner.cache.put("img:l", torch.ones(2), ttl_s=5)
+    (ref,) = await other.cache.lookup_many(["img:l"], ttl_s=100, lease_s=30)
+    assert ref is not None and ref.lease_id and ref.owner == "owner"
+    assert await owner.cache.redis.pttl(owner.cache.index.entry_key("img:l")) > 5000
+    assert owner.cache.stats().leases == 1
+    assert torch.equal((await other.cache.get_many([ref]))[0], torch.ones(2))
+    await other.cache.release([ref])
+    assert owner.cache.stats().leases == 0
+    owner.cache.store.delete("img:l")  # bytes gone behind the index's back: a stale entry
+    assert await other.cache.lookup_many(["img:l"], lease_s=30) == [None]
+    await other.stop(), await owner.stop()
 
 
-async def test_close_removes_index_keys_and_directory(config, tmp_path):
-    owner, server = await _owner(config, "owner")
-    await owner.put_many([("img:x", torch.ones(2)), ("kv:y:0", torch.ones(2))], ttl_s=60)
-    await owner.close()
-    await server.stop(None)
+async def test_longest_prefix_stops_at_the_first_miss(config):
+    owner = await Owner.start(config, "owner")
+    keys = prefix_block_keys(list(range(40)), 8, model_revision="r", kv_settings="f32")
+    await owner.cache.put_many([(keys[0], torch.ones(1)), (keys[1], torch.ones(1)), (keys[3], torch.ones(1))],
+                               ttl_s=60)
+    run = await owner.cache.longest_prefix(keys, lease_s=30)
+    assert [r.key for r in run] == keys[:2]
+    assert owner.cache.stats().leases == 2          # only the run is leased; keys[3] was let go
+    await owner.cache.release(run)
+    await owner.stop()
+
+
+async def test_a_dead_owner_is_forgotten(config, tmp_path):
+    """An owner that dies without closing: its entries stop being returned once its heartbeat
+    lapses, and another owner's janitor removes its index entries and its pool file."""
+    dead = await Owner.start(config, "dead")
+    await dead.cache.put("img:ghost", torch.ones(2), ttl_s=600)
+    pool_file = next((tmp_path / "a").glob("pool-dead.shm"))
+    for task in dead.cache._tasks:  # simulate SIGKILL: no more heartbeats, no close
+        task.cancel()
+    await dead.server.stop(None)
+    survivor = await Owner.start(_other(config, tmp_path), "survivor")
+    deadline = time.monotonic() + 10
+    while await survivor.cache.lookup_many(["img:ghost"]) != [None]:
+        assert time.monotonic() < deadline, "a dead owner's entry is still served"
+        await asyncio.sleep(0.1)
+    while pool_file.exists() or await survivor.cache.redis.exists(survivor.cache.index.entry_key("img:ghost")):
+        assert time.monotonic() < deadline, "the janitor did not clean up after the dead owner"
+        await asyncio.sleep(0.1)
+    await survivor.stop()
+    await dead.cache.close()
+
+
+async def test_close_removes_everything(config, tmp_path):
+    owner = await Owner.start(config, "owner")
+    await owner.cache.put_many([("img:x", torch.ones(2)), ("kv:y:0", torch.ones(2))], ttl_s=60)
+    await owner.stop()
     redis = aioredis.from_url(config.redis_url)
     assert [k async for k in redis.scan_iter(match=f"{config.namespace}:*")] == []
     await redis.aclose()
-    assert not (tmp_path / "owner").exists()
+    assert not (tmp_path / "a").exists()
 
 
-async def test_fetch_validates_keys_and_never_leaks_paths(config):
-    owner, server = await _owner(config, "owner")
-    async with grpc.aio.insecure_channel(owner.owner.address) as channel:
-        stub = cache_pb2_grpc.CacheTransferStub(channel)
-        with pytest.raises(grpc.RpcError) as bad:
-            async for _ in stub.Fetch(cache_pb2.FetchRequest(key="../../etc/passwd")):
-                pass
-        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        with pytest.raises(grpc.RpcError) as missing:
-            async for _ in stub.Fetch(cache_pb2.FetchRequest(key="img:nothere")):
-                pass
-        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "/dev/shm" not in missing.value.details() and "/tmp" not in missing.value.details()
-    await owner.close(), await server.stop(None)
+async def test_data_channel_validates_and_detects_framing_errors(config):
+    owner = await Owner.start(config, "owner")
+    client = DataClient(timeout_s=5)
+    address = owner.cache.owner.data_address
+    with pytest.raises(CorruptEntryError, match="refused"):
+        await client.fetch(address, "../../etc/passwd")
+    assert await client.fetch(address, "img:nothere") is None
+    client.close()
+    await owner.stop()
+    for frames, error in ((b"\x01\x00\x00\x00\x01\x00\x00\x00x", "frame 1 arrived where frame 0"),
+                          (b"\x00\x00\x00\x00\x09\x00\x00\x00xxxxxxxxx", "overflow"),
+                          (b"\x00\x00\x00\x00\x02\x00\x00\x00xx\x01\x00\x00\x00\x00\x00\x00\x00", "ended after 2")):
+        with pytest.raises(CorruptEntryError, match=error):
+            await _fetch_from_fake_owner(frames)
 
 
-async def test_malformed_index_entry_is_a_miss(config):
-    redis = aioredis.from_url(config.redis_url)
-    index = RedisIndex(redis, config.namespace)
-    await redis.hset(index_key(config.namespace, "img:bad"), mapping={"owner": "x", "shape": "not json"})
-    good = IndexEntry("img:good", "o", "h", "a", "/p", "float32", (2,), 8, "xxh3_128:ab", 0.0)
-    await index.put_many([good], ttl_s=60)
-    assert await index.get_many(["img:bad", "img:good", "img:none"]) == [None, good, None]
-    await redis.aclose()
+async def _fetch_from_fake_owner(frames: bytes):
+    """A data-channel peer that answers with a given (broken) frame sequence for a 4-byte entry."""
+    header = b'{"dtype":"uint8","shape":[4],"nbytes":4,"checksum":"x"}'
+
+    async def handle(reader, writer):
+        await reader.readexactly(5)
+        for _ in range(2):
+            await reader.readexactly(struct.unpack("<H", await reader.readexactly(2))[0])
+        writer.write(b"\x00" + struct.pack("<I", len(header)) + header + frames)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await DataClient(timeout_s=5).fetch(f"127.0.0.1:{port}", "img:x")
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
-async def test_get_many_is_one_round_trip(config):
-    redis = aioredis.from_url(config.redis_url)
-    index = RedisIndex(redis, config.namespace)
-    entries = [IndexEntry(f"img:{i}", "o", "h", "a", "/p", "float32", (1,), 4, "x", 0.0) for i in range(100)]
-    await index.put_many(entries, ttl_s=60)
-    calls = []
-    original = redis.pipeline
+async def test_data_channel_rejects_a_non_protocol_peer(config):
+    owner = await Owner.start(config, "owner")
+    host, port = owner.cache.owner.data_address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET / HTTP/1.1\r\n\r\n")
+    await writer.drain()
+    try:  # the owner hangs up without serving anything (EOF, or a reset: it did not read the rest)
+        assert await asyncio.wait_for(reader.read(16), 5) == b""
+    except ConnectionResetError:
+        pass
+    writer.close()
+    assert MAGIC == b"EPDX" and VERSION == 1
+    await owner.stop()
 
-    def counting_pipeline(*args, **kwargs):
-        pipe = original(*args, **kwargs)
-        execute = pipe.execute
 
-        async def counted():
-            calls.append(1)
-            return await execute()
+async def test_malformed_index_header_is_a_miss(config):
+    owner = await Owner.start(config, "owner")
+    await owner.cache.redis.set(owner.cache.index.entry_key("img:bad"), "{not json")
+    await owner.cache.redis.set(owner.cache.index.entry_key("img:bad2"), '{"o":"owner"}')
+    await owner.cache.put("img:good", torch.ones(1), ttl_s=60)
+    refs = await owner.cache.lookup_many(["img:bad", "img:bad2", "img:good", "img:none"])
+    assert [r is not None for r in refs] == [False, False, True, False]
+    await owner.stop()
 
-        pipe.execute = counted
+
+async def test_lookup_is_one_round_trip(config):
+    owner = await Owner.start(config, "owner")
+    keys = [f"img:{i}" for i in range(200)]
+    await owner.cache.put_many([(k, torch.ones(1)) for k in keys], ttl_s=60)
+    for task in owner.cache._tasks:  # no heartbeats in the middle of the count
+        task.cancel()
+    await owner.cache.lookup_many(keys[:1])  # the first call also loads the script into Redis
+    calls = _count_round_trips(owner.cache.redis)
+    refs = await owner.cache.lookup_many(keys, ttl_s=60)
+    assert all(r is not None for r in refs)
+    assert calls == ["EVALSHA"]  # one script call for 200 keys (header + owner liveness + TTL refresh)
+    await owner.stop()
+
+
+def _count_round_trips(redis) -> list[str]:
+    calls: list[str] = []
+    execute, pipeline = redis.execute_command, redis.pipeline
+
+    async def counted_execute(*args, **kwargs):
+        calls.append(str(args[0]))
+        return await execute(*args, **kwargs)
+
+    def counted_pipeline(*args, **kwargs):
+        pipe = pipeline(*args, **kwargs)
+        run = pipe.execute
+
+        async def counted_run(*a, **k):
+            calls.append("PIPELINE")
+            return await run(*a, **k)
+
+        pipe.execute = counted_run
         return pipe
 
-    redis.pipeline = counting_pipeline
-    assert await index.get_many([e.key for e in entries]) == entries
-    assert calls == [1]
-    await redis.aclose()
+    redis.execute_command, redis.pipeline = counted_execute, counted_pipeline
+    return calls
 
 
-async def test_unreachable_redis_is_unavailable(tmp_path):
-    config = CacheConfig(redis_url="redis://user:secret@127.0.0.1:1/0", shm_dir=str(tmp_path / "s"),
-                         redis_timeout_s=1.0)
-    with pytest.raises(UnavailableError, match=r"cannot reach Redis at redis://user:\*\*\*@127.0.0.1:1/0"):
-        await MMCache.open(config, OwnerInfo("o", "h", ""))
+async def test_redis_dies_and_returns(tmp_path, namespace):
+    """Redis killed mid-traffic: lookups miss fast, hand-offs keep working (refs carry the
+    location), the availability gauge drops to 0; after a restart on the same port it goes back
+    to 1, the owner re-registers, and hits come back."""
+    with PrivateRedis() as server:
+        config = CacheConfig(redis_url=server.url, namespace=namespace, shm_dir=str(tmp_path / "a"),
+                             capacity_bytes=16 << 20, heartbeat_interval_s=0.2, redis_timeout_s=0.5)
+        owner = await Owner.start(config, "owner")
+        consumer = await MMCache.open(_other(config, tmp_path), CacheIdentity("consumer", ""))
+        await owner.cache.put("img:before", torch.ones(3), ttl_s=60)
+        assert (await consumer.lookup_many(["img:before"]))[0] is not None
+        server.kill()
+        started = time.monotonic()
+        assert await consumer.lookup_many(["img:before"]) == [None]
+        ref = await owner.cache.put("kv:during:0", torch.full((4,), 7.0), ttl_s=60, lease_s=60, ephemeral=True)
+        assert torch.equal((await consumer.get_many([ref]))[0], torch.full((4,), 7.0))
+        await consumer.release([ref])
+        assert time.monotonic() - started < 5, "calls did not fail fast while Redis was away"
+        assert consumer.metrics.value("available") == 0 and not consumer.available
+        server.restart()
+        deadline = time.monotonic() + 15
+        while not (owner.cache.available and consumer.available):
+            assert time.monotonic() < deadline, "the cache did not reconnect"
+            await owner.cache.lookup_many(["img:probe"])
+            await asyncio.sleep(0.2)
+        await owner.cache.put("img:after", torch.ones(3), ttl_s=60)
+        while (await consumer.lookup_many(["img:after"]))[0] is None:  # the owner's heartbeat is back
+            assert time.monotonic() < deadline, "hits did not come back"
+            await asyncio.sleep(0.2)
+        assert consumer.metrics.value("available") == 1
+        await consumer.close(), await owner.stop()
+
+
+async def test_open_while_redis_is_down_starts_degraded(tmp_path):
+    config = CacheConfig(redis_url="redis://127.0.0.1:1/0", shm_dir=str(tmp_path / "a"), redis_timeout_s=0.5,
+                         capacity_bytes=1 << 20)
+    cache = await MMCache.open(config, CacheIdentity("lonely", ""))
+    assert not cache.available
+    ref = await cache.put("img:z", torch.ones(2), ttl_s=60)
+    assert torch.equal((await cache.get_many([ref]))[0], torch.ones(2))
+    assert await cache.lookup_many(["img:z"]) == [None]
+    await cache.close()
+
+
+async def test_layer_wise_readiness_overlaps_producer_and_consumer(config, tmp_path):
+    """The consumer loads layer 0 while the producer is still computing later layers."""
+    producer = await Owner.start(config, "producer")
+    consumer = await MMCache.open(_other(config, tmp_path), CacheIdentity("consumer", ""))
+    layers, events = 6, []
+
+    async def produce():
+        for layer in range(layers):
+            await asyncio.sleep(0.1)  # "computing" this layer
+            ref = await producer.cache.put(f"kv:p:{layer}", torch.full((8,), float(layer)), ttl_s=60,
+                                           lease_s=60, ephemeral=True)
+            events.append(("written", layer, time.monotonic()))
+            await producer.cache.publish_ready("kv:p", {"layer": str(layer), "ref": ref.SerializeToString().hex()},
+                                               ttl_s=60)
+
+    async def consume():
+        from epdserve.v1 import common_pb2
+
+        seen = 0
+        async for event in consumer.follow_ready("kv:p", timeout_s=5):
+            ref = common_pb2.TensorRef.FromString(bytes.fromhex(event["ref"]))
+            (tensor,) = await consumer.get_many([ref])
+            assert torch.equal(tensor, torch.full((8,), float(event["layer"])))
+            await consumer.release([ref])
+            events.append(("read", int(event["layer"]), time.monotonic()))
+            seen += 1
+            if seen == layers:
+                return
+
+    await asyncio.gather(produce(), consume())
+    first_read = next(t for kind, layer, t in events if kind == "read" and layer == 0)
+    last_write = next(t for kind, layer, t in events if kind == "written" and layer == layers - 1)
+    assert first_read < last_write
+    assert producer.cache.store.keys() == []
+    await consumer.close(), await producer.stop()
+
+
+async def test_stats_rpc(config):
+    owner = await Owner.start(config, "owner")
+    await owner.cache.put_many([("img:s", torch.ones(4)), ("kv:s:0", torch.ones(4))], ttl_s=60, lease_s=60)
+    async with grpc.aio.insecure_channel(owner.cache.owner.control_address) as channel:
+        stats = await cache_pb2_grpc.CacheControlStub(channel).Stats(cache_pb2.StatsRequest())
+    assert dict(stats.entries_by_kind) == {"img": 1, "kv": 1} and stats.leases == 2
+    assert stats.used_bytes["host"] > 0 and stats.index_available
+    await owner.stop()
 
 
 def test_sync_facade(config, tmp_path):
-    with SyncMMCache(_consumer_config(config, tmp_path), OwnerInfo("sync", "host-a", "")) as cache:
-        ref = cache.put("img:sync", torch.arange(5), ttl_s=60)
+    with SyncMMCache(_other(config, tmp_path), CacheIdentity("sync", "")) as cache:
+        ref = cache.put("img:sync", torch.arange(5), ttl_s=60, lease_s=60)
         (got,) = cache.get_many([ref])
         assert torch.equal(got, torch.arange(5))
         cache.release([ref])
-        assert cache.lookup_many(["img:sync"]) == [None]
+        assert cache.lookup_many(["img:sync"])[0] is not None

@@ -1,0 +1,147 @@
+"""Owner liveness: registration, heartbeats, and the janitor that removes a dead owner's entries.
+
+An owner is one process start (its id carries a random epoch, so a restarted service is a new
+owner). It registers itself and refreshes a heartbeat key every `interval_s`; the key expires
+after `ttl_intervals` missed beats. Any owner's janitor (off the request path) drops the index
+entries of owners whose heartbeat is gone and, on the same host, their leftover shared memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import shutil
+import socket
+
+from mmcache.guard import RedisGuard
+from mmcache.index import RedisIndex
+
+log = logging.getLogger(__name__)
+_BATCH = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnerInfo:
+    owner_id: str           # unique per process start (the epoch)
+    host_id: str
+    control_address: str    # gRPC address serving CacheControl ("" if none)
+    data_address: str = ""  # data channel address ("" until the data server runs)
+    store_dir: str = ""     # where its bytes live on its host (cleaned up if it dies)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+
+def local_host_id() -> str:
+    try:
+        boot_id = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = ""
+    return f"{socket.gethostname()}/{boot_id}"
+
+
+class OwnerRegistry:
+    def __init__(self, index: RedisIndex, guard: RedisGuard, owner: OwnerInfo, *, interval_s: float,
+                 ttl_intervals: int = 3) -> None:
+        self.index, self.guard, self.owner = index, guard, owner
+        self.interval_s = interval_s
+        self.ttl_s = interval_s * ttl_intervals
+
+    async def heartbeat(self) -> None:
+        """(Re-)register and refresh the heartbeat; also how an owner reappears after a Redis restart."""
+        redis, o = self.index.redis, self.owner
+
+        async def run():
+            pipe = redis.pipeline(transaction=False)
+            pipe.hset(self.index.owners_key, o.owner_id, o.to_json())
+            pipe.set(self.index.alive_key(o.owner_id), "1", px=int(self.ttl_s * 1000))
+            await pipe.execute()
+
+        await self.guard.run(run)
+
+    async def unregister(self, held_keys: list[str]) -> None:
+        """On a clean stop: drop this owner's entries and registration."""
+        redis, owner = self.index.redis, self.owner.owner_id
+
+        async def run():
+            pipe = redis.pipeline(transaction=False)
+            for start in range(0, len(held_keys), _BATCH):
+                pipe.delete(*(self.index.entry_key(k) for k in held_keys[start : start + _BATCH]))
+            pipe.delete(self.index.owned_key(owner), self.index.alive_key(owner))
+            pipe.hdel(self.index.owners_key, owner)
+            await pipe.execute()
+
+        await self.guard.run(run)
+
+    async def collect_dead(self) -> list[OwnerInfo]:
+        """The janitor: find owners without a heartbeat, drop their entries and registration, and
+        remove their leftover store directories on this host. Returns the owners removed."""
+        redis = self.index.redis
+        owners = await self.guard.run(lambda: redis.hgetall(self.index.owners_key))
+        if not owners:
+            return []
+        ids = [k.decode() if isinstance(k, bytes) else k for k in owners]
+
+        async def alive():
+            pipe = redis.pipeline(transaction=False)
+            for owner in ids:
+                pipe.exists(self.index.alive_key(owner))
+            return await pipe.execute()
+
+        flags = await self.guard.run(alive)
+        dead = [owner for owner, up in zip(ids, flags) if not up]
+        removed = []
+        for owner in dead:
+            info = _parse_owner(owners.get(owner.encode(), owners.get(owner)))
+            await self._drop_owner(owner)
+            if info is not None:
+                removed.append(info)
+                if info.host_id == self.owner.host_id and info.owner_id != self.owner.owner_id:
+                    remove_owner_files(pathlib.Path(info.store_dir), info.owner_id)
+        return removed
+
+    async def _drop_owner(self, owner: str) -> None:
+        redis = self.index.redis
+        members = await self.guard.run(lambda: redis.smembers(self.index.owned_key(owner)))
+        keys = [m.decode() if isinstance(m, bytes) else m for m in members]
+
+        async def run():
+            pipe = redis.pipeline(transaction=False)
+            for start in range(0, len(keys), _BATCH):
+                pipe.delete(*(self.index.entry_key(k) for k in keys[start : start + _BATCH]))
+            pipe.delete(self.index.owned_key(owner))
+            pipe.hdel(self.index.owners_key, owner)
+            await pipe.execute()
+
+        await self.guard.run(run)
+        log.info("owner %s is gone: dropped %d index entries", owner, len(keys))
+
+
+def pool_file(store_dir: pathlib.Path, owner_id: str) -> pathlib.Path:
+    return store_dir / f"pool-{owner_id}.shm"
+
+
+def disk_dir(store_dir: pathlib.Path, owner_id: str) -> pathlib.Path:
+    return store_dir / f"disk-{owner_id}"
+
+
+def remove_owner_files(store_dir: pathlib.Path, owner_id: str) -> None:
+    """Remove exactly the files an owner created (its pool file and disk-spill directory), then the
+    store directory if that left it empty. Nothing else is touched."""
+    if not str(store_dir):
+        return
+    pool_file(store_dir, owner_id).unlink(missing_ok=True)
+    shutil.rmtree(disk_dir(store_dir, owner_id), ignore_errors=True)
+    try:
+        store_dir.rmdir()
+    except OSError:
+        pass
+
+
+def _parse_owner(raw) -> OwnerInfo | None:
+    try:
+        return OwnerInfo(**json.loads(raw))
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,149 @@
+"""The host shared-memory pool: one preallocated file in /dev/shm carved into regions.
+
+Invariant: regions handed out never overlap; the free list is sorted by offset, covers exactly
+the bytes not handed out, and never holds two adjacent ranges (frees coalesce). Writes into a
+region happen before its entry is published, so a reader that holds a lease on the entry sees
+stable bytes. Consumers on the same host map the file once and read regions in place.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import pathlib
+
+ALIGN = 64  # bytes; regions start on cache-line boundaries
+
+
+def _round_up(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class SharedMemoryPool:
+    """Owner side. Not thread-safe: used from the owner's event loop (and its data-server threads
+    only through `view`, which does not change the free list)."""
+
+    def __init__(self, path: pathlib.Path, capacity_bytes: int) -> None:
+        self.path = pathlib.Path(path)
+        self.capacity_bytes = _round_up(capacity_bytes)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _check_room(self.path.parent, self.capacity_bytes)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, self.capacity_bytes)
+            self._map = mmap.mmap(fd, self.capacity_bytes, access=mmap.ACCESS_WRITE)
+        finally:
+            os.close(fd)
+        self._buffer = memoryview(self._map)
+        self._free_offsets: list[int] = [0]
+        self._free_sizes: dict[int, int] = {0: self.capacity_bytes}
+        self.used_bytes = 0
+
+    def allocate(self, nbytes: int) -> int | None:
+        """Offset of a region of at least nbytes, or None when no free range is large enough."""
+        size = _round_up(max(nbytes, 1))
+        for offset in self._free_offsets:
+            free = self._free_sizes[offset]
+            if free >= size:
+                self._take(offset, free, size)
+                self.used_bytes += size
+                return offset
+        return None
+
+    def _take(self, offset: int, free: int, size: int) -> None:
+        index = bisect.bisect_left(self._free_offsets, offset)
+        del self._free_offsets[index]
+        del self._free_sizes[offset]
+        if free > size:
+            self._insert(offset + size, free - size)
+
+    def free(self, offset: int, nbytes: int) -> None:
+        size = _round_up(max(nbytes, 1))
+        self.used_bytes -= size
+        start, end = offset, offset + size
+        index = bisect.bisect_left(self._free_offsets, offset)
+        if index > 0:  # merge with the range before
+            before = self._free_offsets[index - 1]
+            if before + self._free_sizes[before] == start:
+                start = before
+                del self._free_sizes[before]
+                del self._free_offsets[index - 1]
+                index -= 1
+        if index < len(self._free_offsets) and self._free_offsets[index] == end:  # and the one after
+            end += self._free_sizes.pop(end)
+            del self._free_offsets[index]
+        self._insert(start, end - start)
+
+    def _insert(self, offset: int, size: int) -> None:
+        bisect.insort(self._free_offsets, offset)
+        self._free_sizes[offset] = size
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return self._buffer[offset : offset + nbytes]
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+    def largest_free(self) -> int:
+        return max(self._free_sizes.values(), default=0)
+
+    def close(self) -> None:
+        """Unlink the file; the mapping goes now, or with the last zero-copy view still alive."""
+        try:
+            self._buffer.release()
+            self._map.close()
+        except BufferError:
+            pass
+        self.path.unlink(missing_ok=True)
+
+
+def _check_room(directory: pathlib.Path, capacity: int) -> None:
+    """The pool file is sparse: writing past the mount's free space would crash the process (SIGBUS)
+    instead of failing cleanly, so refuse a capacity the mount cannot hold."""
+    from epdserve.errors import FailedPreconditionError
+
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    if free < capacity:
+        raise FailedPreconditionError(
+            f"capacity_bytes ({capacity}) exceeds the free space of the shared-memory mount ({free} bytes): "
+            "lower --capacity-bytes or give the mount more room"
+        )
+
+
+class PoolMappings:
+    """Consumer side: one read mapping per owner pool file, dropped when the file is gone or
+    replaced (a restarted owner), so a dead owner's memory is not kept alive by its readers."""
+
+    def __init__(self, max_files: int = 64) -> None:
+        self._maps: dict[str, tuple[tuple[int, int], memoryview]] = {}
+        self.max_files = max_files
+
+    def region(self, path: str, offset: int, nbytes: int) -> memoryview | None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            self._maps.pop(path, None)
+            return None
+        identity = (stat.st_dev, stat.st_ino)
+        cached = self._maps.get(path)
+        if cached is None or cached[0] != identity:
+            cached = (identity, self._map(path, stat.st_size))
+            if len(self._maps) >= self.max_files:
+                self._maps.pop(next(iter(self._maps)))
+            self._maps[path] = cached
+        buffer = cached[1]
+        if offset < 0 or offset + nbytes > len(buffer):
+            return None
+        return buffer[offset : offset + nbytes]
+
+    @staticmethod
+    def _map(path: str, size: int) -> memoryview:
+        with open(path, "rb") as f:
+            # ACCESS_COPY: shared pages for reading, writable for torch.frombuffer, never written back
+            return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
+
+    def clear(self) -> None:
+        self._maps.clear()
