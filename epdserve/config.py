@@ -84,6 +84,13 @@ class EncodeConfig:
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
     kv_ttl_s: float = setting(120.0, "seconds published KV stays leased for its decode before it is freed")
+    prefix_cache: bool = setting(True, "reuse cached KV of full prompt blocks (lossless) and publish new ones")
+    prefix_block_tokens: int = setting(32, "tokens per prefix-cache block (only full blocks are cached)")
+    prefix_ttl_s: float = setting(900.0, "seconds a cached prefix block lives after its last use")
+
+    def __post_init__(self) -> None:
+        if self.prefix_block_tokens < 1:
+            raise ValueError(f"prefix_block_tokens must be >= 1 (got {self.prefix_block_tokens})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +111,8 @@ class RouterConfig:
     max_stop_string_chars: int = setting(256, "longest stop string")
     request_timeout_s: float = setting(600.0, "deadline of one request across all stages when the client sets none")
     stage_retries: int = setting(1, "times a request is re-run from encode when a cache entry vanished between stages")
+    tenant_salt_file: str = setting("", "file holding a secret: each tenant (metadata x-epdserve-tenant) then gets "
+                                        "cache keys no other tenant can hit")
 
     def __post_init__(self) -> None:
         for stage in ("encode", "prefill", "decode"):

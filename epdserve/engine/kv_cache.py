@@ -38,6 +38,22 @@ class SequenceKV:
         kv.length = length
         return kv
 
+    def load_prefix(self, blocks: list[torch.Tensor]) -> None:
+        """Fill positions [0, P) from cached prefix blocks, each [L, 2, H_kv, T, D] (in order)."""
+        start = 0
+        for block in blocks:
+            end = start + block.shape[3]
+            for layer in range(self.num_layers):
+                self.keys[layer][0, :, start:end].copy_(block[layer, 0])
+                self.values[layer][0, :, start:end].copy_(block[layer, 1])
+            start = end
+        self.length = start
+
+    def block(self, start: int, end: int) -> torch.Tensor:
+        """Positions [start, end) of every layer as one prefix-cache block [L, 2, H_kv, T, D]."""
+        return torch.stack([torch.stack((self.keys[layer][0, :, start:end], self.values[layer][0, :, start:end]))
+                            for layer in range(self.num_layers)])
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         if end > self.capacity:

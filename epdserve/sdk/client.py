@@ -34,6 +34,11 @@ def _request(prompt, images, kwargs) -> router_pb2.GenerateRequest:
     return _wire.build_request(prompt, images, request_id=request_id, **fields)
 
 
+def _tenant_metadata(tenant: str | None) -> tuple[tuple[str, str], ...]:
+    """The tenant id travels as metadata; the router turns it into a secret cache salt."""
+    return (("x-epdserve-tenant", tenant),) if tenant else ()
+
+
 class _StreamBase:
     def __init__(self, call, request_id: str) -> None:
         self._call = call
@@ -67,17 +72,19 @@ class GenerationStream(_StreamBase):
 class Client:
     """Blocking client. Keyword arguments of generate()/stream(): max_tokens, temperature, top_k,
     top_p, seed, stop (list of strings), ignore_eos, raw (prompt holds its own image placeholders),
-    request_id. Images: bytes, file paths or PIL images, in prompt order."""
+    request_id. Images: bytes, file paths or PIL images, in prompt order. `tenant` names the
+    caller's tenant (cache isolation when the router has a tenant secret)."""
 
-    def __init__(self, address: str, *, timeout_s: float | None = 600.0,
+    def __init__(self, address: str, *, timeout_s: float | None = 600.0, tenant: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.timeout_s = timeout_s
+        self._metadata = _tenant_metadata(tenant)
         self._channel = sync_channel(address, max_message_bytes)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
 
     def stream(self, prompt: str, *, images: Sequence = (), **kwargs) -> GenerationStream:
         request = _request(prompt, images, kwargs)
-        call = self._stub.Generate(request, timeout=self.timeout_s)
+        call = self._stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata)
         return GenerationStream(call, request.request_id)
 
     def generate(self, prompt: str, *, images: Sequence = (), **kwargs) -> GenerationResult:
@@ -124,15 +131,17 @@ class AsyncGenerationStream(_StreamBase):
 class AsyncClient:
     """asyncio twin of Client (same arguments); use inside a running event loop."""
 
-    def __init__(self, address: str, *, timeout_s: float | None = 600.0,
+    def __init__(self, address: str, *, timeout_s: float | None = 600.0, tenant: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.timeout_s = timeout_s
+        self._metadata = _tenant_metadata(tenant)
         self._channel = aio_channel(address, max_message_bytes)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
 
     def stream(self, prompt: str, *, images: Sequence = (), **kwargs) -> AsyncGenerationStream:
         request = _request(prompt, images, kwargs)
-        return AsyncGenerationStream(self._stub.Generate(request, timeout=self.timeout_s), request.request_id)
+        call = self._stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata)
+        return AsyncGenerationStream(call, request.request_id)
 
     async def generate(self, prompt: str, *, images: Sequence = (), **kwargs) -> GenerationResult:
         stream = self.stream(prompt, images=images, **kwargs)

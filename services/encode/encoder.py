@@ -30,8 +30,9 @@ class ImageEncoder:
             }
         )
 
-    def key(self, image: Image.Image) -> str:
-        return image_key(image, model_revision=self.revision, processor_digest=self.settings_digest)
+    def key(self, image: Image.Image, salt: bytes = b"") -> str:
+        return image_key(image, model_revision=self.revision, processor_digest=self.settings_digest,
+                         tenant_salt=salt)
 
     @torch.inference_mode()
     def encode(self, images: list[Image.Image]) -> torch.Tensor:

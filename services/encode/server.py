@@ -33,7 +33,8 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
             images = await asyncio.gather(
                 *(asyncio.to_thread(decode_image, img.data, i, self.config) for i, img in enumerate(request.images))
             )
-            keys = await asyncio.gather(*(asyncio.to_thread(self.encoder.key, image) for image in images))
+            keys = await asyncio.gather(
+                *(asyncio.to_thread(self.encoder.key, image, request.cache_salt) for image in images))
         refs = [None] * len(keys)
         if not request.skip_cache_lookup:
             with watch.section("cache_lookup_ms"):

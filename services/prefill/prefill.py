@@ -25,6 +25,8 @@ class PrefillResult:
     first_token_id: int
     kv_layers: list[torch.Tensor]     # per layer [2, H_kv, S, D]
     length: int
+    new_blocks: list[torch.Tensor]    # prefix-cache blocks computed here, [L, 2, H_kv, T, D] each
+    computed_tokens: int              # positions actually run through the decoder
 
 
 class PromptPrefiller:
@@ -58,14 +60,22 @@ class PromptPrefiller:
             )
 
     @torch.inference_mode()
-    def run(self, token_ids: list[int], embeddings: list[torch.Tensor], sampling: SamplingParams) -> PrefillResult:
+    def run(self, token_ids: list[int], embeddings: list[torch.Tensor], sampling: SamplingParams,
+            prefix_blocks: list[torch.Tensor] = (), publish_blocks_upto: int = 0, block_tokens: int = 1
+            ) -> PrefillResult:
+        """Prefill positions after the cached prefix blocks; cut the blocks [len(prefix_blocks),
+        publish_blocks_upto) out of the result so they can be cached."""
         ids = torch.tensor(token_ids, device=self.decoder.device)
         embeds = self.decoder.embed(ids[None])[0]
         if embeddings:
             image_rows = torch.cat([e.to(self.decoder.device) for e in embeddings])
             embeds = merge_image_embeddings(embeds, ids, self.spec.image_token_id, image_rows)
         kv = new_kv(self.decoder, len(token_ids))
-        logits = prefill(self.decoder, embeds, kv)
+        kv.load_prefix([block.to(self.decoder.device, self.decoder.dtype) for block in prefix_blocks])
+        cached = kv.length
+        logits = prefill(self.decoder, embeds[cached:], kv)
         first = sample_token(logits, sampling, step=0)
         layers = [kv.layer_tensor(layer) for layer in range(kv.num_layers)]
-        return PrefillResult(first_token_id=first, kv_layers=layers, length=kv.length)
+        new_blocks = [kv.block(b * block_tokens, (b + 1) * block_tokens)
+                      for b in range(len(prefix_blocks), publish_blocks_upto)]
+        return PrefillResult(first, layers, kv.length, new_blocks, len(token_ids) - cached)

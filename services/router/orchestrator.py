@@ -127,6 +127,7 @@ class Orchestrator:
             request_id=req.request_id,
             images=[common_pb2.ImageInput(data=data) for data in req.images],
             skip_cache_lookup=skip_lookup,
+            cache_salt=req.cache_salt,
         )
         t0 = time.perf_counter()
         response = await _call("encode", self.encode.pick().Encode(request, timeout=_remaining(deadline)))
@@ -141,6 +142,7 @@ class Orchestrator:
             token_ids=prompt.token_ids,
             image_embeddings=refs,
             sampling=sampling_to_proto(req.sampling),
+            cache_salt=req.cache_salt,
         )
         t0 = time.perf_counter()
         response = await _call("prefill", self.prefill.pick().Prefill(request, timeout=_remaining(deadline)))

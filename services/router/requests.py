@@ -7,6 +7,8 @@ names the field and the limit.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import re
 import secrets
 import uuid
@@ -30,9 +32,18 @@ class GenerationRequest:
     sampling: SamplingParams
     stop: tuple[str, ...]
     ignore_eos: bool
+    cache_salt: bytes = b""    # per-tenant secret for cache keys (derived by the router, never by the client)
 
 
-def parse_request(msg: router_pb2.GenerateRequest, config: RouterConfig) -> GenerationRequest:
+def tenant_salt(secret: bytes, tenant: str) -> bytes:
+    """The cache salt of a tenant: HMAC(server secret, tenant id). Without a secret every tenant
+    shares one cache namespace (a single-tenant deployment)."""
+    if not secret:
+        return b""
+    return hmac.new(secret, tenant.encode(), hashlib.sha256).digest()
+
+
+def parse_request(msg: router_pb2.GenerateRequest, config: RouterConfig, salt: bytes = b"") -> GenerationRequest:
     params = msg.params
     sampling = sampling_from_proto(params.sampling, field="params.sampling")
     if not params.sampling.HasField("seed"):
@@ -46,6 +57,7 @@ def parse_request(msg: router_pb2.GenerateRequest, config: RouterConfig) -> Gene
         sampling=sampling,
         stop=_stop_strings(params.stop, config),
         ignore_eos=params.ignore_eos,
+        cache_salt=salt,
     )
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 import time
 
 import grpc
 
 from epdserve.config import ModelConfig, RouterConfig, ServerConfig
-from epdserve.errors import AlreadyExistsError, EpdserveError, InternalError
+from epdserve.errors import AlreadyExistsError, EpdserveError, FailedPreconditionError, InternalError
 from epdserve.models.checkpoint import model_revision
 from epdserve.models.spec import load_spec
 from epdserve.transport.errors import INTERNAL_MESSAGE, status_code, stream_errors, unary_errors
@@ -23,23 +24,27 @@ from epdserve.transport.server import ServiceServer, run_until_signalled
 from epdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.router.orchestrator import Finished, Orchestrator, TextChunk
 from services.router.prompt import PromptBuilder
-from services.router.requests import parse_request
+from services.router.requests import parse_request, tenant_salt
 from services.runtime import parse_configs, resolve_model_dir, run_service, service_arg_parser
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 _DONE = object()
+TENANT_METADATA = "x-epdserve-tenant"
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, config: RouterConfig, orchestrator: Orchestrator, model_info: router_pb2.ModelInfo) -> None:
+    def __init__(self, config: RouterConfig, orchestrator: Orchestrator, model_info: router_pb2.ModelInfo,
+                 salt_secret: bytes = b"") -> None:
         self.config, self.orchestrator, self.model_info = config, orchestrator, model_info
+        self.salt_secret = salt_secret
         self.active: dict[str, asyncio.Task] = {}
         self.aborted: set[str] = set()
 
     @stream_errors
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        req = parse_request(request, self.config)
+        tenant = dict(context.invocation_metadata() or ()).get(TENANT_METADATA, "")
+        req = parse_request(request, self.config, tenant_salt(self.salt_secret, tenant))
         if req.request_id in self.active:
             raise AlreadyExistsError(f"request_id {req.request_id!r} is already running")
         prompt = self.orchestrator.tokenize(req)
@@ -133,10 +138,23 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, router_c
     prompts = PromptBuilder(spec)
     revision = model_config.revision or model_revision(model_dir)
     orchestrator = Orchestrator(router_config, prompts)
-    servicer = RouterServicer(router_config, orchestrator, build_model_info(model_dir, spec, prompts, revision))
+    secret = read_secret(router_config.tenant_salt_file)
+    servicer = RouterServicer(router_config, orchestrator, build_model_info(model_dir, spec, prompts, revision), secret)
     server = ServiceServer(server_config, [SERVICE_NAME])
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server.server)
     await run_until_signalled(server, orchestrator.close)
+
+
+def read_secret(path: str) -> bytes:
+    if not path:
+        return b""
+    try:
+        secret = pathlib.Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise FailedPreconditionError(f"tenant_salt_file: cannot read it ({exc.strerror})") from None
+    if len(secret) < 16:
+        raise FailedPreconditionError("tenant_salt_file: the secret must be at least 16 bytes")
+    return secret
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -293,3 +293,51 @@ def test_corrupt_cached_embedding_is_recomputed_not_served(client, cluster):
     assert again.token_ids == first.token_ids
     assert again.timings_ms["encode_cache_hits"] == 0  # the retry re-encoded
     assert "encode.encode_ms" in again.timings_ms
+
+
+def _generate_until(client, predicate, timeout_s: float = 10.0, **kwargs):
+    """Prefix blocks are published after the response: repeat a request until `predicate` holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = client.generate(**kwargs)
+        if predicate(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
+
+def test_repeated_prefix_is_loaded_not_recomputed(client, tiny_checkpoint):
+    system = "You are a careful assistant who describes pictures in plain words. " * 2
+    image = _png(60)
+    args = dict(images=[image], max_tokens=8, temperature=0.0, ignore_eos=True)
+    cold = client.generate(prompt=system + "First question?", **args)
+    assert cold.timings_ms["prefill.prefix_hit_tokens"] == 0
+    warm = _generate_until(client, lambda r: r.timings_ms["prefill.prefix_hit_tokens"] > 0,
+                           prompt=system + "First question?", **args)
+    assert warm.timings_ms["prefill.prefix_hit_tokens"] >= 32
+    assert warm.timings_ms["prefill.computed_tokens"] < cold.timings_ms["prefill.computed_tokens"]
+    assert warm.token_ids == cold.token_ids
+    other = client.generate(prompt=system + "A different question, then?", **args)
+    assert other.timings_ms["prefill.prefix_hit_tokens"] >= 32      # the shared prefix (image included)
+    assert list(other.token_ids) == _hf_greedy(tiny_checkpoint, system + "A different question, then?", [image], 8)
+    swapped = client.generate(prompt=system + "First question?", **{**args, "images": [_png(61)]})
+    assert swapped.timings_ms["prefill.prefix_hit_tokens"] == 0   # another image changes every block after it
+
+
+def test_tenants_never_share_cache_entries(tiny_checkpoint, tmp_path):
+    secret = tmp_path / "salt"
+    secret.write_bytes(os.urandom(32))
+    config = ClusterConfig(model_dir=tiny_checkpoint, device="cpu",
+                           stage_args={"router": ("--tenant-salt-file", str(secret))})
+    prompt = "A shared system prompt that is long enough to fill a prefix block or two. " * 2
+    args = dict(images=[_png(70)], max_tokens=4, temperature=0.0, ignore_eos=True)
+    with LocalCluster(config) as cluster:
+        with Client(cluster.router_address, tenant="alice") as alice, \
+                Client(cluster.router_address, tenant="bob") as bob:
+            first = alice.generate(prompt, **args)
+            again = _generate_until(alice, lambda r: r.timings_ms["prefill.prefix_hit_tokens"] > 0, prompt=prompt,
+                                    **args)
+            assert again.timings_ms["encode_cache_hits"] == 1 and again.timings_ms["prefill.prefix_hit_tokens"] > 0
+            other = bob.generate(prompt, **args)
+            assert other.timings_ms["encode_cache_hits"] == 0            # same image, other tenant: a miss
+            assert other.timings_ms["prefill.prefix_hit_tokens"] == 0    # same prompt, other tenant: a miss
+            assert other.token_ids == first.token_ids                    # and the same answer

@@ -1,0 +1,75 @@
+"""Prefix caching for prefill (Mooncake-style, lossless only): the KV of each full block of a
+prompt is cached under a chained key, so a repeated prefix (system prompt, same images) is loaded
+instead of recomputed.
+
+Invariant: a block is reused only under a key that commits to every token and image before and
+inside it, the model revision and the KV settings; at least one prompt position is always
+computed (its logits give the first token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+from epdserve.config import PrefillConfig
+from mmcache.client import MMCache
+from mmcache.keys import prefix_block_keys
+
+log = logging.getLogger(__name__)
+LEASE_S = 60.0
+
+
+@dataclasses.dataclass
+class PrefixHit:
+    keys: list[str]         # keys of every full block of the prompt
+    refs: list              # leased refs of the cached leading blocks
+    blocks: list            # their tensors [L, 2, H_kv, T, D] (valid until the refs are released)
+
+    @property
+    def blocks_cached(self) -> int:
+        return len(self.blocks)
+
+
+def image_spans(token_ids: Sequence[int], image_token_id: int, image_refs) -> list[tuple[int, int, str]]:
+    """(start, end, image key) of each image's placeholder tokens, images taken in order."""
+    spans, position = [], 0
+    for ref in image_refs:
+        while position < len(token_ids) and token_ids[position] != image_token_id:
+            position += 1
+        spans.append((position, position + int(ref.shape[0]), ref.key))
+        position += int(ref.shape[0])
+    return spans
+
+
+class PrefixCache:
+    def __init__(self, cache: MMCache, config: PrefillConfig, model_revision: str, kv_settings: str,
+                 image_token_id: int) -> None:
+        self.cache, self.config = cache, config
+        self.revision, self.kv_settings, self.image_token_id = model_revision, kv_settings, image_token_id
+
+    def keys(self, token_ids: Sequence[int], image_refs, salt: bytes) -> list[str]:
+        if not self.config.prefix_cache:
+            return []
+        return prefix_block_keys(token_ids, self.config.prefix_block_tokens, model_revision=self.revision,
+                                 kv_settings=self.kv_settings, tenant_salt=salt,
+                                 image_spans=image_spans(token_ids, self.image_token_id, image_refs))
+
+    async def lookup(self, token_ids: Sequence[int], image_refs, salt: bytes) -> PrefixHit:
+        keys = self.keys(token_ids, image_refs, salt)
+        usable = (len(token_ids) - 1) // self.config.prefix_block_tokens  # keep >= 1 position to compute
+        refs = await self.cache.longest_prefix(keys[:usable], lease_s=LEASE_S) if usable else []
+        blocks = await self.cache.get_many(refs)
+        run = next((i for i, b in enumerate(blocks) if b is None), len(blocks))
+        await self.cache.release(refs[run:])
+        return PrefixHit(keys, refs[:run], blocks[:run])
+
+    async def publish(self, hit: PrefixHit, new_blocks: list) -> None:
+        """Cache the blocks this request computed (best effort: the request does not wait on it)."""
+        start = hit.blocks_cached
+        items = list(zip(hit.keys[start : start + len(new_blocks)], new_blocks))
+        try:
+            await self.cache.put_many(items, ttl_s=self.config.prefix_ttl_s)
+        except Exception as exc:  # a full cache must not fail the request that already succeeded
+            log.warning("prefix blocks not cached: %s", exc)
