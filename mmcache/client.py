@@ -17,6 +17,7 @@ Ownership and lease protocol (what always holds):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import pathlib
@@ -51,6 +52,7 @@ from mmcache.transfer import CacheControlServicer, DataClient, DataServer
 
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 2.0
+PARALLEL_MIN_BYTES = 256 << 10  # entries at least this large are copied / checksummed in worker threads
 JANITOR_EVERY = 5  # heartbeats
 
 
@@ -74,6 +76,8 @@ class MMCache:
         self.mappings = PoolMappings()
         self.data_server: DataServer | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._worker_count = _worker_count()
+        self._workers = concurrent.futures.ThreadPoolExecutor(self._worker_count, thread_name_prefix="mmcache")
         self._tasks: list[asyncio.Task] = []
         self._closed = False
 
@@ -116,16 +120,47 @@ class MMCache:
         """Hold tensors under keys and index them (one pipeline). With lease_s, each ref carries a
         lease for its consumer; an ephemeral entry is freed when that lease ends. The store takes
         ownership of the tensors. Index trouble is logged, never raised: the refs still work."""
-        refs = []
-        for key, tensor in items:
-            host = tensor_bytes(tensor)
-            meta = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "checksum": checksum(host)}
-            value = tensor if _on_device(tensor, self.store) else host
-            put = self.store.put(key, value, meta, ttl_s=ttl_s, ephemeral=ephemeral, lease_s=lease_s)
-            refs.append(self._ref(key, put.lease_id))
-            self.metrics.bytes_put.inc(put.entry.nbytes)
-        await self._sync_index(new=[r.key for r in refs], ttl_s=ttl_s)
+        options = dict(ttl_s=ttl_s, ephemeral=ephemeral, lease_s=lease_s)
+        puts: list = [None] * len(items)
+        fills = []  # (position, key, meta, reservation, source bytes)
+        for i, (key, tensor) in enumerate(items):
+            meta, host = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}, tensor_bytes(tensor)
+            on_device = _on_device(tensor, self.store)
+            reservation = None if on_device or len(host) < PARALLEL_MIN_BYTES else self.store.reserve_host(len(host))
+            if reservation is None:
+                meta["checksum"] = checksum(host)
+                puts[i] = self.store.put(key, tensor if on_device else host, meta, **options)
+            else:
+                fills.append((i, key, meta, reservation, host))
+        digests = await self._parallel(_copy_and_checksum, [(f[3].view, f[4]) for f in fills],
+                                       on_error=lambda: [self.store.abandon(f[3]) for f in fills])
+        for (i, key, meta, reservation, _), digest in zip(fills, digests):
+            puts[i] = self.store.commit(key, reservation, {**meta, "checksum": digest}, **options)
+        refs = [self._ref(key, put.lease_id) for (key, _), put in zip(items, puts)]
+        self.metrics.bytes_put.inc(sum(put.entry.nbytes for put in puts))
+        await self._sync_index(new=refs, ttl_s=ttl_s)
         return refs
+
+    async def _parallel(self, fn, jobs: list[tuple], *, on_error=None, inline: bool = False) -> list:
+        """fn(*job) for each job, the jobs split into one batch per worker thread (copies and
+        checksums release the GIL, so batches run in parallel); `inline` runs them here instead
+        (small work, where a thread hop costs more than it saves). Results in job order."""
+        if not jobs:
+            return []
+        if inline:
+            return _run_batch(fn, jobs)
+        batches = [jobs[w :: self._worker_count] for w in range(self._worker_count)]
+        loop = asyncio.get_running_loop()
+        try:
+            done = await asyncio.gather(*(loop.run_in_executor(self._workers, _run_batch, fn, b) for b in batches if b))
+        except BaseException:
+            if on_error is not None:
+                on_error()
+            raise
+        results: list = [None] * len(jobs)
+        for w, batch_results in enumerate(done):
+            results[w :: self._worker_count] = batch_results
+        return results
 
     async def put(self, key: str, tensor, *, ttl_s: float, lease_s: float | None = None,
                   ephemeral: bool = False) -> common_pb2.TensorRef:
@@ -139,20 +174,21 @@ class MMCache:
             control_address=self.owner.control_address, data_address=self.owner.data_address,
             tier=where.tier, path=where.path, offset=where.offset, lease_id=lease_id)
 
-    def _index_entry(self, key: str) -> IndexEntry:
-        ref = self._ref(key)
+    def _index_entry(self, key: str, ref: common_pb2.TensorRef | None = None) -> IndexEntry:
+        ref = ref or self._ref(key)
         return IndexEntry(key=key, owner=ref.owner, host=ref.host, control_address=ref.control_address,
                           data_address=ref.data_address, tier=ref.tier, path=ref.path, offset=ref.offset,
                           dtype=name_of_proto_dtype(ref.dtype), shape=tuple(ref.shape), nbytes=ref.nbytes,
                           checksum=ref.checksum, created_at=time.time())
 
-    async def _sync_index(self, *, new: Sequence[str] = (), ttl_s: float = 0.0) -> None:
-        """Tell the index what changed in the store: new entries, moved ones, dropped ones."""
+    async def _sync_index(self, *, new: Sequence[common_pb2.TensorRef] = (), ttl_s: float = 0.0) -> None:
+        """Tell the index what changed in the store: new entries (their refs), moved ones, dropped ones."""
         changes = self.store.drain_changes()
-        fresh = [k for k in new if self.store.get(k) is not None]
-        moved = [k for k in changes.moved if k not in fresh]
+        fresh = [r for r in new if self.store.get(r.key) is not None]
+        keys = {r.key for r in fresh}
+        moved = [k for k in changes.moved if k not in keys]
         try:
-            await self.index.put_many([self._index_entry(k) for k in fresh], ttl_s, drop=changes.dropped)
+            await self.index.put_many([self._index_entry(r.key, r) for r in fresh], ttl_s, drop=changes.dropped)
             await self.index.update_many([self._index_entry(k) for k in moved])
             if changes.dropped:
                 await self.index.delete_many(changes.dropped, owner=self.owner.owner_id)
@@ -211,6 +247,8 @@ class MMCache:
         return self._ref(key, lease_id or "")
 
     async def _remote_lease(self, address: str, keys: list[str], lease_s: float) -> list[str]:
+        if not address:  # the owner serves no control service: its entries cannot be leased
+            return [""] * len(keys)
         try:
             stub = cache_pb2_grpc.CacheControlStub(self._channel(address))
             reply = await stub.Lease(cache_pb2.LeaseRequest(keys=keys, lease_s=lease_s), timeout=CONTROL_TIMEOUT_S)
@@ -223,30 +261,52 @@ class MMCache:
 
     async def get_many(self, refs: Sequence[common_pb2.TensorRef]) -> list:
         """Tensors for refs, in order; None for an entry that is gone or fails verification.
-        Leased same-host entries are zero-copy views valid until `release`; anything else is a copy."""
-        return list(await asyncio.gather(*(self._read(ref) for ref in refs)))
-
-    async def _read(self, ref: common_pb2.TensorRef):
-        own = self.store.get(ref.key) if ref.owner == self.owner.owner_id else None
-        if own is not None and own.tier == "device" and own.meta["checksum"] == ref.checksum:
-            return own.handle  # owner-local GPU entry: the tensor itself, valid until release
-        try:
-            dtype, shape = name_of_proto_dtype(ref.dtype), tuple(ref.shape)
+        Leased same-host entries are zero-copy views valid until `release`; anything else is a copy.
+        In-place bytes are verified in parallel; what fails (or is not on this host) comes from the
+        owner's data channel."""
+        results: list = [None] * len(refs)
+        views: dict[int, object] = {}
+        for i, ref in enumerate(refs):
+            own = self.store.get(ref.key) if ref.owner == self.owner.owner_id else None
+            if own is not None and own.tier == "device" and own.meta["checksum"] == ref.checksum:
+                results[i] = own.handle  # owner-local GPU entry: the tensor itself, valid until release
+                continue
             data = self._read_in_place(ref)
-            if data is not None and not _verified(data, ref.checksum):
+            if data is not None:
+                views[i] = data
+        small = sum(len(v) for v in views.values()) < PARALLEL_MIN_BYTES
+        good = await self._parallel(_verified_sync, [(views[i], refs[i].checksum) for i in views], inline=small)
+        remote = [i for i in range(len(refs)) if results[i] is None and i not in views]
+        for (i, data), ok in zip(views.items(), good):
+            if ok:
+                results[i] = self._tensor(refs[i], data)
+            else:  # damaged or stale in place: ask the owner for the current bytes
                 self.metrics.corrupt.inc()
-                data = None  # damaged or stale in place: ask the owner for the current bytes
-            if data is None:
-                data = await self._read_remote(ref)
-            if data is None:
-                self.metrics.misses.inc()
-                return None
-            return tensor_from_buffer(data, dtype, shape)
+                remote.append(i)
+        fetched = await asyncio.gather(*(self._read_remote_or_miss(refs[i]) for i in remote))
+        for i, tensor in zip(remote, fetched):
+            results[i] = tensor
+        return results
+
+    def _tensor(self, ref: common_pb2.TensorRef, data):
+        try:
+            return tensor_from_buffer(data, name_of_proto_dtype(ref.dtype), tuple(ref.shape))
+        except CorruptEntryError as exc:
+            self.metrics.corrupt.inc()
+            log.warning("cache entry %s unusable: %s", ref.key, exc)
+            return None
+
+    async def _read_remote_or_miss(self, ref: common_pb2.TensorRef):
+        try:
+            data = await self._read_remote(ref)
         except (CorruptEntryError, OSError, asyncio.TimeoutError) as exc:
             self.metrics.corrupt.inc(isinstance(exc, CorruptEntryError))
-            self.metrics.misses.inc()
             log.warning("cache entry %s unusable, treated as a miss: %s", ref.key, exc)
+            data = None
+        if data is None:
+            self.metrics.misses.inc()
             return None
+        return self._tensor(ref, data)
 
     def _read_in_place(self, ref: common_pb2.TensorRef):
         if ref.owner == self.owner.owner_id:
@@ -273,7 +333,9 @@ class MMCache:
         header, data = fetched
         if header.get("checksum") != ref.checksum or int(header.get("nbytes", -1)) != ref.nbytes:
             raise CorruptEntryError("owner's header differs from the ref")
-        verify(data, ref.checksum)
+        checked = await self._parallel(_verified_sync, [(data, ref.checksum)], inline=len(data) < PARALLEL_MIN_BYTES)
+        if not checked[0]:
+            raise CorruptEntryError("streamed bytes fail their checksum")
         self.metrics.bytes_read_remote.inc(len(data))
         log.debug("streamed %s (%d bytes) from its owner", ref.key, len(data))
         return data
@@ -392,6 +454,7 @@ class MMCache:
         remove_owner_files(pathlib.Path(self.owner.store_dir), self.owner.owner_id)
         self.data_client.close()
         self.mappings.clear()
+        self._workers.shutdown(wait=False)
         await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
         await self.redis.aclose()
 
@@ -411,7 +474,24 @@ def _on_device(tensor, store: TieredStore) -> bool:
     return device is not None and tensor.device == device.device
 
 
-def _verified(data, expected: str) -> bool:
+def _worker_count() -> int:
+    import os
+
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def _run_batch(fn, jobs: list[tuple]) -> list:
+    return [fn(*job) for job in jobs]
+
+
+def _copy_and_checksum(destination: memoryview, source: memoryview) -> str:
+    import numpy as np
+
+    np.copyto(np.frombuffer(destination, dtype=np.uint8), np.frombuffer(source, dtype=np.uint8))
+    return checksum(destination)
+
+
+def _verified_sync(data, expected: str) -> bool:
     try:
         verify(data, expected)
         return True

@@ -51,6 +51,13 @@ class PutResult:
     lease_id: str                    # "" when no lease was asked for
 
 
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    offset: int
+    nbytes: int
+    view: memoryview                 # where to write the entry's bytes
+
+
 @dataclasses.dataclass
 class Changes:
     """What the index must learn: keys that left the store, keys whose location changed."""
@@ -105,6 +112,29 @@ class TieredStore:
                 lease_id = self._new_lease(entry, lease_s) if lease_s else ""
                 return PutResult(entry, lease_id)
         raise CapacityError(f"no cache tier can hold an entry of {nbytes} bytes")
+
+    def reserve_host(self, nbytes: int) -> Reservation | None:
+        """A host-pool region for an entry to be filled outside the event loop (copy + checksum in a
+        thread), evicting as needed; None when the pool cannot make room. The region is invisible
+        (not linked, never an eviction victim) until `commit`, and must be committed or abandoned."""
+        if "host" not in self.tiers:
+            return None
+        host = self.tiers["host"]
+        offset = host.pool.allocate(nbytes)
+        while offset is None and self._evict_one("host"):
+            offset = host.pool.allocate(nbytes)
+        return None if offset is None else Reservation(offset, nbytes, host.pool.view(offset, nbytes))
+
+    def commit(self, key: str, reservation: Reservation, meta: dict, *, ttl_s: float, ephemeral: bool = False,
+               lease_s: float | None = None) -> PutResult:
+        self.delete(key)
+        entry = Entry(key, reservation.nbytes, dict(meta), "host", reservation.offset, time.monotonic() + ttl_s,
+                      ephemeral)
+        self._link(entry)
+        return PutResult(entry, self._new_lease(entry, lease_s) if lease_s else "")
+
+    def abandon(self, reservation: Reservation) -> None:
+        self.tiers["host"].pool.free(reservation.offset, reservation.nbytes)
 
     def _first_tier(self, value) -> str:
         device = self.tiers.get("device")
