@@ -115,3 +115,42 @@ def test_up_serves_until_interrupted_and_leaves_nothing(tmp_path):
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_cache_cli_stats_inspect_flush(tiny_checkpoint):
+    import redis
+
+    from epdserve.sdk import Client
+
+    with LocalCluster(ClusterConfig(model_dir=tiny_checkpoint, device="cpu")) as cluster:
+        with Client(cluster.router_address) as client:
+            from PIL import Image
+
+            client.generate("hi", images=[Image.new("RGB", (8, 8), (1, 2, 3))], max_tokens=2)
+        url = ["--redis-url", cluster.redis_url]
+        stats = json.loads(_epdserve("cache", "stats", "--json", *url).stdout)
+        assert stats["index_entries"]["img"] == 1
+        owners = {o["owner"].split("-")[0]: o for o in stats["owners"]}
+        assert set(owners) == {"encode", "prefill", "decode"} and all(o["alive"] for o in owners.values())
+        assert owners["encode"]["entries"] == {"img": 1} and owners["encode"]["used_bytes"]["host"] > 0
+        key = next(redis.Redis.from_url(cluster.redis_url).scan_iter(match="*:e:img:*")).decode().split(":e:", 1)[1]
+        entry = json.loads(_epdserve("cache", "inspect", key, "--json", *url).stdout)
+        assert entry["owner_alive"] and entry["shape"] == [16, 64] and entry["ttl_s"] > 0
+        missing = _epdserve("cache", "inspect", "img:nothere", *url)
+        assert missing.returncode == 1 and "not in the index" in missing.stderr
+        assert _epdserve("cache", "flush", *url).returncode == 2  # needs --yes
+        assert json.loads(_epdserve("cache", "flush", "--yes", "--json", *url).stdout)["removed"] >= 1
+        assert json.loads(_epdserve("cache", "stats", "--json", *url).stdout)["index_entries"] == {}
+
+
+def test_cache_cli_reports_an_unreachable_redis():
+    done = _epdserve("cache", "stats", "--redis-url", "redis://127.0.0.1:1/0")
+    assert done.returncode == 1 and "cannot reach Redis" in done.stderr
+
+
+def test_bench_cache_reports_every_number():
+    done = _epdserve("bench", "cache", "--json", "--repeats", "1", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    for key in ("memcpy_gbps", "shm_gbps", "stream_gbps", "index_ops_per_s"):
+        assert result[key] > 0, key
