@@ -17,6 +17,7 @@ import pathlib
 import signal
 import sys
 
+from epdserve.cliutil import run_subcommand
 from epdserve.env import read_env
 from epdserve.errors import EpdserveError
 
@@ -27,18 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "serve" and argv[1] in STAGES:
         return _serve(argv[1], argv[2:])  # the service parses its own flags
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
-    try:
-        return args.run(args)
-    except EpdserveError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_subcommand(_parser(), argv, (EpdserveError,))
 
 
 def _parser() -> argparse.ArgumentParser:

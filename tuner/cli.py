@@ -10,6 +10,8 @@ import dataclasses
 import json
 import sys
 
+from epdserve.cliutil import run_subcommand
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -21,15 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("file")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_stats)
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
-    try:
-        return args.run(args)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_subcommand(parser, argv, (OSError, ValueError))
 
 
 def _stats(args: argparse.Namespace) -> int:

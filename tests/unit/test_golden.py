@@ -68,11 +68,17 @@ def _hf(model_dir, inputs):
 def test_greedy_tokens_and_logits_match_transformers(tiny_checkpoint_factory, backbone, vision, seed):
     model_dir = tiny_checkpoint_factory(backbone, vision, seed)
     inputs = _hf_inputs(model_dir, "What is in these pictures?", [_image(seed), _image(seed + 100, (30, 30))])
+    hf_logits = _assert_matches_transformers(model_dir, inputs)
+    assert len(set(hf_logits.argmax(-1).tolist())) > 1, "degenerate fixture: logits would not reveal a wrong model"
+
+
+def _assert_matches_transformers(model_dir, inputs) -> torch.Tensor:
+    """Same greedy tokens, and prefill logits within fp32 tolerance; returns transformers' logits."""
     hf_logits, hf_tokens = _hf(model_dir, inputs)
     our_logits, our_tokens = _ours(model_dir, inputs)
     assert our_tokens == hf_tokens
-    assert len(set(hf_logits.argmax(-1).tolist())) > 1, "degenerate fixture: logits would not reveal a wrong model"
     torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
+    return hf_logits
 
 
 @pytest.mark.parametrize(
@@ -93,11 +99,7 @@ def test_checkpoint_variants_match_transformers(tiny_checkpoint_factory, options
         assert spec.decoder.rope_type == dict(options["rope_parameters"])["rope_type"]
     else:
         assert spec.vision.feature_layers == (-3, -1)
-    inputs = _hf_inputs(model_dir, "Which shapes are there? " * 4, [_image(9)])
-    hf_logits, hf_tokens = _hf(model_dir, inputs)
-    our_logits, our_tokens = _ours(model_dir, inputs)
-    assert our_tokens == hf_tokens
-    torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
+    _assert_matches_transformers(model_dir, _hf_inputs(model_dir, "Which shapes are there? " * 4, [_image(9)]))
 
 
 def test_mistral_sliding_window_is_crossed_and_still_matches(tiny_checkpoint_factory):
@@ -106,10 +108,7 @@ def test_mistral_sliding_window_is_crossed_and_still_matches(tiny_checkpoint_fac
     long_text = "Describe every detail of the picture, its colours, its shapes and its mood. " * 2
     inputs = _hf_inputs(model_dir, long_text, [_image(7)])
     assert inputs["input_ids"].shape[1] > 2 * load_spec(model_dir).decoder.sliding_windows[0]
-    hf_logits, hf_tokens = _hf(model_dir, inputs)
-    our_logits, our_tokens = _ours(model_dir, inputs)
-    assert our_tokens == hf_tokens
-    torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
+    _assert_matches_transformers(model_dir, inputs)
 
 
 def test_text_only_prompt_matches(tiny_checkpoint_factory):
