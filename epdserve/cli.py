@@ -6,6 +6,7 @@
   epdserve serve encode|prefill|decode|router ...  one service process (flags: --help)
   epdserve model tiny --out DIR [--backbone B]     write a tiny random checkpoint
   epdserve cache stats|flush|inspect KEY          look at (or flush) the mmcache index
+  epdserve sparsify train --images D --prompts F --out P   train the learned image-token scorer
   epdserve bench cache [--json]                    memcpy vs shared-memory vs stream vs index throughput
 """
 
@@ -66,11 +67,27 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--image-keep-ratio", type=float, default=None,
+                     help="fraction of each image's tokens the encode stage keeps (sparsification)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as written (with its own image placeholders)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text and token_ids")
     gen.add_argument("--timeout", type=float, default=600.0, help="request deadline in seconds")
     gen.add_argument("prompt")
     gen.set_defaults(run=_generate)
+
+    sparsify = sub.add_parser("sparsify", help="vision-token sparsification tools")
+    train = sparsify.add_subparsers(title="sparsify commands").add_parser(
+        "train", help="train the image-token predictor (scorer 'learned') on a checkpoint by distillation")
+    _model_flag(train)
+    train.add_argument("--images", type=pathlib.Path, required=True, help="folder of images")
+    train.add_argument("--prompts", type=pathlib.Path, required=True, help="text file, one prompt per line")
+    train.add_argument("--out", type=pathlib.Path, required=True, help="predictor .safetensors to write")
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--layer", type=int, default=2, help="decoder layer whose attention is distilled")
+    train.add_argument("--width", type=int, default=512)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=_sparsify_train)
 
     cache = sub.add_parser("cache", help="inspect or flush the mmcache index")
     cache_sub = cache.add_subparsers(title="cache commands")
@@ -167,7 +184,8 @@ def _generate(args: argparse.Namespace) -> int:
     from epdserve.sdk import Client
 
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, raw=args.raw)
+                   seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, raw=args.raw,
+                   image_keep_ratio=args.image_keep_ratio)
     with Client(args.router, timeout_s=args.timeout) as client:
         stream = client.stream(args.prompt, images=args.image, **options)
         for chunk in stream:
@@ -216,6 +234,19 @@ def _cache(args: argparse.Namespace) -> int:
         print(f"error: {args.key} is not in the index", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def _sparsify_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from services.encode.predictor_train import TrainConfig, load_samples, save_predictor, train_predictor
+
+    samples = load_samples(args.images, args.prompts)
+    config = TrainConfig(steps=args.steps, layer=args.layer, width=args.width, lr=args.lr, seed=args.seed)
+    predictor, report = train_predictor(_default_model(args.model), samples, config)
+    save_predictor(predictor, args.out, report)
+    print(json.dumps({"out": str(args.out), **dataclasses.asdict(report)}))
     return 0
 
 

@@ -79,6 +79,16 @@ class EncodeConfig:
     max_images_per_request: int = setting(16, "most images in one request")
     embedding_ttl_s: float = setting(3600.0, "seconds an image embedding stays in the cache after its last use")
     handoff_lease_s: float = setting(120.0, "seconds an embedding stays pinned for prefill unless released sooner")
+    max_batch_size: int = setting(32, "most images encoded in one tower call (across requests)")
+    max_batch_wait_ms: float = setting(5.0, "longest the first image of a batch waits for more to arrive")
+    scorer: str = setting("cls-attention", "token scorer for sparsification: cls-attention | feature-norm | learned")
+    predictor_path: str = setting("", "safetensors file of a trained image predictor (scorer 'learned')")
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1 (got {self.max_batch_size})")
+        if self.scorer == "learned" and not self.predictor_path:
+            raise ValueError("scorer 'learned' needs --predictor-path")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +121,8 @@ class RouterConfig:
     max_stop_string_chars: int = setting(256, "longest stop string")
     request_timeout_s: float = setting(600.0, "deadline of one request across all stages when the client sets none")
     stage_retries: int = setting(1, "times a request is re-run from encode when a cache entry vanished between stages")
+    image_keep_ratio: float = setting(1.0, "fraction of each image's tokens the encode stage keeps "
+                                           "(sparsification) when a request does not say; 1.0 = lossless")
     tenant_salt_file: str = setting("", "file holding a secret: each tenant (metadata x-epdserve-tenant) then gets "
                                         "cache keys no other tenant can hit")
 
@@ -118,6 +130,8 @@ class RouterConfig:
         for stage in ("encode", "prefill", "decode"):
             if not getattr(self, stage):
                 raise ValueError(f"router needs at least one --{stage} address")
+        if not 0.0 < self.image_keep_ratio <= 1.0:
+            raise ValueError(f"image_keep_ratio must be in (0, 1] (got {self.image_keep_ratio})")
 
 
 # ---- CLI plumbing: flags from fields -------------------------------------------------------------

@@ -39,6 +39,11 @@ class ClusterConfig:
     stop_timeout_s: float = 15.0
     redis_server_bin: str = "redis-server"
     stage_args: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # extra flags per stage
+    replicas: dict[str, int] = dataclasses.field(default_factory=dict)  # processes per stage (default 1)
+
+    def names(self, stage: str) -> list[str]:
+        """Child names of a stage's replicas: "encode", "encode-1", ..."""
+        return [stage if i == 0 else f"{stage}-{i}" for i in range(self.replicas.get(stage, 1))]
 
 
 @dataclasses.dataclass
@@ -68,10 +73,12 @@ class LocalCluster:
                 self.redis = PrivateRedis(self.config.redis_server_bin).start()
                 self.redis_url = self.redis.url
             for stage in STAGES:
-                self._spawn(stage, self._stage_args(stage))
+                for name in self.config.names(stage):
+                    self._spawn(name, stage, self._stage_args(stage, name))
             for stage in STAGES:
-                self._wait_ready(self.children[stage])
-            self._spawn("router", self._router_args())
+                for name in self.config.names(stage):
+                    self._wait_ready(self.children[name])
+            self._spawn("router", "router", self._router_args())
             self.router_address = self._wait_ready(self.children["router"])
             return self.router_address
         except BaseException:
@@ -83,24 +90,25 @@ class LocalCluster:
         return ["--model", str(c.model_dir), "--log-level", c.log_level, "--port", "0",
                 "--ready-file", str(self.workdir / f"{name}.ready")]
 
-    def _stage_args(self, stage: str) -> list[str]:
+    def _stage_args(self, stage: str, name: str) -> list[str]:
         c = self.config
-        return [*self._common_args(stage), "--dtype", c.dtype, "--device", c.device,
-                "--redis-url", self.redis_url, "--shm-dir", str(self.shm_root / stage),
+        return [*self._common_args(name), "--dtype", c.dtype, "--device", c.device,
+                "--redis-url", self.redis_url, "--shm-dir", str(self.shm_root / name),
                 *self.config.stage_args.get(stage, ())]
 
     def _router_args(self) -> list[str]:
         args = [*self._common_args("router"), "--host", self.config.router_host]
         args[args.index("--port") + 1] = str(self.config.router_port)
         for stage in STAGES:
-            args += [f"--{stage}", self.children[stage].address]
+            for name in self.config.names(stage):
+                args += [f"--{stage}", self.children[name].address]
         return [*args, *self.config.stage_args.get("router", ())]
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, stage: str, args: list[str]) -> None:
         log_file = self.workdir / f"{name}.log"
         with open(log_file, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}", *args],
+                [sys.executable, "-m", f"services.{stage}", *args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 preexec_fn=die_with_parent, env=_child_env(),
             )
@@ -136,7 +144,7 @@ class LocalCluster:
         codes: dict[str, int | None] = {}
         if "router" in self.children:
             codes["router"] = stop_process(self.children["router"].process, timeout_s=self.config.stop_timeout_s)
-        stages = [self.children[s] for s in STAGES if s in self.children]
+        stages = [child for name, child in self.children.items() if name != "router"]
         exits = stop_processes([c.process for c in stages], timeout_s=self.config.stop_timeout_s)
         codes.update({child.name: code for child, code in zip(stages, exits)})
         self.children.clear()

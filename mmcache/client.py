@@ -46,13 +46,14 @@ from mmcache.metrics import CacheMetrics
 from mmcache.owners import OwnerInfo, OwnerRegistry, disk_dir, local_host_id, pool_file, remove_owner_files
 from mmcache.pool import PoolMappings, SharedMemoryPool
 from mmcache.readiness import ReadinessStream
-from mmcache.store import TieredStore, default_store_dir
+from mmcache.store import PutResult, TieredStore, default_store_dir
 from mmcache.tiers import DeviceTier, DiskTier, HostTier
 from mmcache.transfer import CacheControlServicer, DataClient, DataServer
 
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 2.0
 PARALLEL_MIN_BYTES = 256 << 10  # entries at least this large are copied / checksummed in worker threads
+CONTENT_KEY_KINDS = ("img:", "kvb:")  # keys that are content hashes (equal key = equal bytes)
 JANITOR_EVERY = 5  # heartbeats
 
 
@@ -124,6 +125,9 @@ class MMCache:
         puts: list = [None] * len(items)
         fills = []  # (position, key, meta, reservation, source bytes)
         for i, (key, tensor) in enumerate(items):
+            if key.startswith(CONTENT_KEY_KINDS) and self._holds_intact(key):
+                puts[i] = self._keep_held(key, options)  # same content key: the bytes are already here
+                continue
             meta, host = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}, tensor_bytes(tensor)
             on_device = _on_device(tensor, self.store)
             reservation = None if on_device or len(host) < PARALLEL_MIN_BYTES else self.store.reserve_host(len(host))
@@ -140,6 +144,20 @@ class MMCache:
         self.metrics.bytes_put.inc(sum(put.entry.nbytes for put in puts))
         await self._sync_index(new=refs, ttl_s=ttl_s)
         return refs
+
+    def _holds_intact(self, key: str) -> bool:
+        held = self.store.get(key)
+        if held is None:
+            return False
+        data = tensor_bytes(held.handle) if held.tier == "device" else self.store.host_bytes(key)
+        return checksum(data) == held.meta["checksum"]  # damaged bytes are replaced, not kept
+
+    def _keep_held(self, key: str, options: dict):
+        """A content-keyed put of a key already held: keep the held bytes (equal keys mean equal
+        content, and replacing them would pull the bytes from under another reader's lease)."""
+        self.store.touch(key, options["ttl_s"])
+        lease_id = self.store.lease(key, options["lease_s"]) if options["lease_s"] else ""
+        return PutResult(self.store.get(key), lease_id or "")
 
     async def _parallel(self, fn, jobs: list[tuple], *, on_error=None, inline: bool = False) -> list:
         """fn(*job) for each job, the jobs split into one batch per worker thread (copies and

@@ -8,6 +8,7 @@ the stages need is copied into frozen dataclasses. No weights are read here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Any
 
@@ -79,6 +80,14 @@ class LlavaSpec:
     @property
     def tokens_per_image(self) -> int:
         return self.vision.tokens_per_image
+
+
+def kept_tokens(tokens_per_image: int, keep_ratio: float) -> int:
+    """Image tokens kept when the encode stage sparsifies at `keep_ratio`: floor(T * r), at least one.
+    The router (placeholder count) and the encoder (tokens kept) both use this, so they agree."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1] (got {keep_ratio})")
+    return max(1, math.floor(tokens_per_image * keep_ratio + 1e-9))
 
 
 def load_spec(model_dir: str | pathlib.Path) -> LlavaSpec:

@@ -32,8 +32,12 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: [N, C, H, W] -> embeddings [N, tokens_per_image, hidden]."""
+        return self.encode(pixel_values)[0]
+
+    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """(embeddings [N, T, hidden], the tower's hidden states) — the latter for token scorers."""
         out = self.vision_tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True, return_dict=True)
         features = [out.hidden_states[i] for i in self.spec.feature_layers]
         if self.spec.select_strategy == "default":
             features = [f[:, 1:] for f in features]
-        return self.multi_modal_projector(torch.cat(features, dim=-1))
+        return self.multi_modal_projector(torch.cat(features, dim=-1)), out.hidden_states

@@ -35,7 +35,7 @@ def image_bytes(image: ImageLike, index: int) -> bytes:
 
 
 def build_request(prompt: str, images, *, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, raw,
-                  request_id) -> router_pb2.GenerateRequest:
+                  request_id, image_keep_ratio=None) -> router_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams()
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
         if value is not None:
@@ -43,6 +43,8 @@ def build_request(prompt: str, images, *, max_tokens, temperature, top_k, top_p,
     params = router_pb2.GenerationParams(sampling=sampling, stop=list(stop), ignore_eos=ignore_eos)
     if max_tokens is not None:
         params.max_tokens = max_tokens
+    if image_keep_ratio is not None:
+        params.image_keep_ratio = image_keep_ratio
     request = router_pb2.GenerateRequest(
         request_id=request_id,
         images=[common_pb2.ImageInput(data=image_bytes(img, i)) for i, img in enumerate(images)],

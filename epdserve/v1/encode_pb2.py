@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from epdserve.v1 import common_pb2 as epdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pdserve/v1/encode.proto\x12\x0b\x65pdserve.v1\x1a\x18\x65pdserve/v1/common.proto\"{\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06images\x18\x02 \x03(\x0b\x32\x17.epdserve.v1.ImageInput\x12\x19\n\x11skip_cache_lookup\x18\x03 \x01(\x08\x12\x12\n\ncache_salt\x18\x04 \x01(\x0c\"b\n\x0eImageEmbedding\x12)\n\tembedding\x18\x01 \x01(\x0b\x32\x16.epdserve.v1.TensorRef\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\"\xaf\x01\n\x0e\x45ncodeResponse\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.epdserve.v1.ImageEmbedding\x12>\n\ntimings_ms\x18\x02 \x03(\x0b\x32*.epdserve.v1.EncodeResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32R\n\rEncodeService\x12\x41\n\x06\x45ncode\x12\x1a.epdserve.v1.EncodeRequest\x1a\x1b.epdserve.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pdserve/v1/encode.proto\x12\x0b\x65pdserve.v1\x1a\x18\x65pdserve/v1/common.proto\"\x8f\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06images\x18\x02 \x03(\x0b\x32\x17.epdserve.v1.ImageInput\x12\x19\n\x11skip_cache_lookup\x18\x03 \x01(\x08\x12\x12\n\ncache_salt\x18\x04 \x01(\x0c\x12\x12\n\nkeep_ratio\x18\x05 \x01(\x02\"b\n\x0eImageEmbedding\x12)\n\tembedding\x18\x01 \x01(\x0b\x32\x16.epdserve.v1.TensorRef\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\"\xaf\x01\n\x0e\x45ncodeResponse\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.epdserve.v1.ImageEmbedding\x12>\n\ntimings_ms\x18\x02 \x03(\x0b\x32*.epdserve.v1.EncodeResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32R\n\rEncodeService\x12\x41\n\x06\x45ncode\x12\x1a.epdserve.v1.EncodeRequest\x1a\x1b.epdserve.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENCODERESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_ENCODERESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODEREQUEST']._serialized_start=67
-  _globals['_ENCODEREQUEST']._serialized_end=190
-  _globals['_IMAGEEMBEDDING']._serialized_start=192
-  _globals['_IMAGEEMBEDDING']._serialized_end=290
-  _globals['_ENCODERESPONSE']._serialized_start=293
-  _globals['_ENCODERESPONSE']._serialized_end=468
-  _globals['_ENCODERESPONSE_TIMINGSMSENTRY']._serialized_start=420
-  _globals['_ENCODERESPONSE_TIMINGSMSENTRY']._serialized_end=468
-  _globals['_ENCODESERVICE']._serialized_start=470
-  _globals['_ENCODESERVICE']._serialized_end=552
+  _globals['_ENCODEREQUEST']._serialized_start=68
+  _globals['_ENCODEREQUEST']._serialized_end=211
+  _globals['_IMAGEEMBEDDING']._serialized_start=213
+  _globals['_IMAGEEMBEDDING']._serialized_end=311
+  _globals['_ENCODERESPONSE']._serialized_start=314
+  _globals['_ENCODERESPONSE']._serialized_end=489
+  _globals['_ENCODERESPONSE_TIMINGSMSENTRY']._serialized_start=441
+  _globals['_ENCODERESPONSE_TIMINGSMSENTRY']._serialized_end=489
+  _globals['_ENCODESERVICE']._serialized_start=491
+  _globals['_ENCODESERVICE']._serialized_end=573
 # @@protoc_insertion_point(module_scope)

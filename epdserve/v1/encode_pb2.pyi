@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "images", "skip_cache_lookup", "cache_salt")
+    __slots__ = ("request_id", "images", "skip_cache_lookup", "cache_salt", "keep_ratio")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SKIP_CACHE_LOOKUP_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RATIO_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
     skip_cache_lookup: bool
     cache_salt: bytes
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., skip_cache_lookup: _Optional[bool] = ..., cache_salt: _Optional[bytes] = ...) -> None: ...
+    keep_ratio: float
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., skip_cache_lookup: _Optional[bool] = ..., cache_salt: _Optional[bytes] = ..., keep_ratio: _Optional[float] = ...) -> None: ...
 
 class ImageEmbedding(_message.Message):
     __slots__ = ("embedding", "num_tokens", "cache_hit")

@@ -1,5 +1,5 @@
 """The encode stage's model side: preprocessing with the checkpoint's image processor, the vision
-tower + projector, and the content key of each image."""
+tower + projector, optional token sparsification, and the content key of each image."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from PIL import Image
 from epdserve.models.loader import load_vision_encoder
 from epdserve.models.spec import LlavaSpec
 from mmcache.keys import image_key, processor_digest
+from services.encode.sparsify import TokenScorer, VisionFeatures, sparsify
 
 
 class ImageEncoder:
-    def __init__(self, spec: LlavaSpec, model_dir: pathlib.Path, revision: str, *, dtype: str, device: str) -> None:
+    def __init__(self, spec: LlavaSpec, model_dir: pathlib.Path, revision: str, scorer: TokenScorer, *,
+                 scorer_digest: str = "", dtype: str, device: str) -> None:
         from transformers import AutoImageProcessor
 
-        self.spec = spec
+        self.spec, self.scorer = spec, scorer
         self.processor = AutoImageProcessor.from_pretrained(model_dir)
         self.model = load_vision_encoder(spec, dtype=dtype, device=device)
         self.revision = revision
@@ -27,15 +29,36 @@ class ImageEncoder:
                 "feature_layers": list(spec.vision.feature_layers),
                 "select_strategy": spec.vision.select_strategy,
                 "dtype": str(self.model.dtype),
+                "scorer": scorer.name,
+                "scorer_weights": scorer_digest,
             }
         )
 
-    def key(self, image: Image.Image, salt: bytes = b"") -> str:
-        return image_key(image, model_revision=self.revision, processor_digest=self.settings_digest,
-                         tenant_salt=salt)
+    def key(self, image: Image.Image, salt: bytes = b"", keep_ratio: float = 1.0) -> str:
+        """Content key of an image's embeddings: pixels, model, preprocessing, scorer, keep ratio."""
+        settings = self.settings_digest if keep_ratio == 1.0 else f"{self.settings_digest}/keep={keep_ratio!r}"
+        return image_key(image, model_revision=self.revision, processor_digest=settings, tenant_salt=salt)
 
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image]) -> torch.Tensor:
-        """RGB images -> embeddings [N, tokens_per_image, hidden] (on the model's device)."""
+    def encode(self, images: list[Image.Image], keep_ratios: list[float]) -> list[torch.Tensor]:
+        """RGB images -> one embedding per image [kept_tokens, hidden] (on the model's device).
+        The tower runs once for the batch; images are then sparsified per keep ratio."""
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        return self.model(pixel_values)
+        embeddings, hidden_states = self.model.encode(pixel_values)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for ratio in sorted(set(keep_ratios)):
+            rows = [i for i, r in enumerate(keep_ratios) if r == ratio]
+            features = self._features(embeddings, hidden_states, rows)
+            for i, tensor in zip(rows, sparsify(features, self.scorer, ratio)):
+                out[i] = tensor
+        return out
+
+    def _features(self, embeddings, hidden_states, rows: list[int]) -> VisionFeatures:
+        index = torch.tensor(rows, device=embeddings.device)
+        return VisionFeatures(
+            embeddings=embeddings.index_select(0, index),
+            hidden_states=tuple(h.index_select(0, index) for h in hidden_states),
+            tower=self.model.vision_tower,
+            feature_layer=self.spec.vision.feature_layers[-1],
+            dropped_cls=self.spec.vision.select_strategy == "default" and self.spec.vision.has_cls_token,
+        )

@@ -13,35 +13,41 @@ from epdserve.models.spec import load_spec
 from epdserve.transport.errors import unary_errors
 from epdserve.v1 import encode_pb2, encode_pb2_grpc
 from mmcache.client import MMCache
+from services.encode.batcher import EncodeBatcher
 from services.encode.encoder import ImageEncoder
 from services.encode.images import decode_image
-from services.runtime import ModelExecutor, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
+from services.encode.sparsify import build_scorer
+from services.runtime import StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = encode_pb2.DESCRIPTOR.services_by_name["EncodeService"].full_name
 
 
 class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
-    def __init__(self, encoder: ImageEncoder, cache: MMCache, executor: ModelExecutor, config: EncodeConfig) -> None:
-        self.encoder, self.cache, self.executor, self.config = encoder, cache, executor, config
+    def __init__(self, encoder: ImageEncoder, batcher: EncodeBatcher, cache: MMCache, config: EncodeConfig) -> None:
+        self.encoder, self.batcher, self.cache, self.config = encoder, batcher, cache, config
 
     @unary_errors
     async def Encode(self, request: encode_pb2.EncodeRequest, context) -> encode_pb2.EncodeResponse:
         self._check_count(len(request.images))
+        keep = request.keep_ratio or 1.0
+        if not 0.0 < keep <= 1.0:
+            raise InvalidArgumentError(f"keep_ratio must be in (0, 1] (got {keep})")
         watch = Stopwatch()
         with watch.section("decode_ms"):
             images = await asyncio.gather(
                 *(asyncio.to_thread(decode_image, img.data, i, self.config) for i, img in enumerate(request.images))
             )
             keys = await asyncio.gather(
-                *(asyncio.to_thread(self.encoder.key, image, request.cache_salt) for image in images))
+                *(asyncio.to_thread(self.encoder.key, image, request.cache_salt, keep) for image in images))
         refs = [None] * len(keys)
         if not request.skip_cache_lookup:
             with watch.section("cache_lookup_ms"):
                 refs = await self.cache.lookup_many(keys, ttl_s=self.config.embedding_ttl_s,
                                                     lease_s=self.config.handoff_lease_s)
         hits = [ref is not None for ref in refs]
-        await self._encode_misses(images, keys, refs, watch)
+        await self._encode_misses(images, keys, refs, keep, watch)
+        watch.timings_ms["images_cached"] = float(sum(hits))
         return encode_pb2.EncodeResponse(
             images=[
                 encode_pb2.ImageEmbedding(embedding=ref, num_tokens=ref.shape[0], cache_hit=hit)
@@ -58,8 +64,9 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
                 f"images: {count} images exceeds max_images_per_request ({self.config.max_images_per_request})"
             )
 
-    async def _encode_misses(self, images, keys, refs, watch: Stopwatch) -> None:
-        """Encode each distinct missing image once, publish it, and fill its refs in place."""
+    async def _encode_misses(self, images, keys, refs, keep: float, watch: Stopwatch) -> None:
+        """Encode each distinct missing image once (batched with other requests' images, and shared
+        with any request encoding the same image right now), publish it, fill its refs in place."""
         missing = {}
         for i, ref in enumerate(refs):
             if ref is None:
@@ -67,10 +74,13 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
         if not missing:
             return
         with watch.section("encode_ms"):
-            embeddings = await self.executor.run(self.encoder.encode, list(missing.values()))
+            done = await asyncio.gather(*(self.batcher.encode(k, image, keep) for k, image in missing.items()))
+        watch.timings_ms["batch_size"] = float(max(batch for _, batch, _ in done))
+        watch.timings_ms["images_deduplicated"] = float(sum(shared for _, _, shared in done))
+        watch.timings_ms["images_encoded"] = float(sum(not shared for _, _, shared in done))
         with watch.section("cache_put_ms"):
             published = await self.cache.put_many(
-                list(zip(missing.keys(), embeddings)), ttl_s=self.config.embedding_ttl_s,
+                [(key, tensor) for key, (tensor, _, _) in zip(missing, done)], ttl_s=self.config.embedding_ttl_s,
                 lease_s=self.config.handoff_lease_s,
             )
         by_key = dict(zip(missing.keys(), published))
@@ -84,13 +94,27 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
     model_dir = resolve_model_dir(model_config)
     spec = load_spec(model_dir)
     revision = model_config.revision or model_revision(model_dir)
-    encoder = ImageEncoder(spec, model_dir, revision, dtype=model_config.dtype, device=model_config.device)
+    scorer = build_scorer(encode_config.scorer, encode_config.predictor_path)
+    digest = _file_digest(encode_config.predictor_path)
+    encoder = ImageEncoder(spec, model_dir, revision, scorer, scorer_digest=digest, dtype=model_config.dtype,
+                           device=model_config.device)
 
     def register(ctx: StageContext) -> None:
-        servicer = EncodeServicer(encoder, ctx.cache, ctx.executor, encode_config)
+        batcher = EncodeBatcher(encoder, ctx.executor, max_batch=encode_config.max_batch_size,
+                                max_wait_ms=encode_config.max_batch_wait_ms)
+        servicer = EncodeServicer(encoder, batcher, ctx.cache, encode_config)
         encode_pb2_grpc.add_EncodeServiceServicer_to_server(servicer, ctx.server.server)
 
     await run_stage("encode", SERVICE_NAME, server_config, cache_config, register)
+
+
+def _file_digest(path: str) -> str:
+    if not path:
+        return ""
+    import hashlib
+    import pathlib
+
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

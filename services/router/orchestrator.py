@@ -19,6 +19,8 @@ import grpc
 
 from epdserve.config import RouterConfig
 from epdserve.errors import DeadlineExceededError, FailedPreconditionError
+from epdserve.models.prompt import PromptBuilder, PromptTokens
+from epdserve.models.spec import kept_tokens
 from epdserve.transport.channels import aio_channel
 from epdserve.transport.errors import from_rpc_error
 from epdserve.v1 import (
@@ -30,7 +32,6 @@ from epdserve.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
-from services.router.prompt import PromptBuilder, PromptTokens
 from services.router.requests import GenerationRequest, check_context
 from services.router.text import IncrementalDetokenizer, StopStringMatcher
 from services.wire import sampling_to_proto
@@ -63,6 +64,14 @@ class ReplicaPool:
     def pick(self):
         return self.stubs[next(self._next)]
 
+    def shard(self, items: int) -> list[tuple[object, list[int]]]:
+        """Spread `items` over the replicas round-robin: [(stub, item positions)], no empty shard."""
+        first = next(self._next)
+        shards: dict[int, list[int]] = {}
+        for position in range(items):
+            shards.setdefault((first + position) % len(self.stubs), []).append(position)
+        return [(self.stubs[replica], positions) for replica, positions in shards.items()]
+
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels))
 
@@ -77,7 +86,8 @@ class Orchestrator:
         self.decode = ReplicaPool("decode", config.decode, decode_pb2_grpc.DecodeServiceStub)
 
     def tokenize(self, req: GenerationRequest) -> PromptTokens:
-        prompt = self.prompts.build(req.prompt, len(req.images), req.raw)
+        per_image = kept_tokens(self.prompts.tokens_per_image, req.image_keep_ratio)
+        prompt = self.prompts.build(req.prompt, len(req.images), req.raw, per_image)
         check_context(len(prompt.token_ids), prompt.image_tokens, req.max_tokens, self.max_context)
         return prompt
 
@@ -121,20 +131,33 @@ class Orchestrator:
         raise AssertionError("unreachable")
 
     async def _encode(self, req, deadline, timings, skip_lookup: bool) -> list[common_pb2.TensorRef]:
+        """Encode the request's images; with several encode replicas the images are spread over
+        them (intra-request parallelism) and the embeddings come back in the original order."""
         if not req.images:
             return []
+        shards = self.encode.shard(len(req.images))
+        t0 = time.perf_counter()
+        responses = await asyncio.gather(*(self._encode_shard(req, stub, positions, deadline, skip_lookup)
+                                           for stub, positions in shards))
+        timings["encode_rpc_ms"] = (time.perf_counter() - t0) * 1000.0
+        timings["encode_replicas"] = float(len(shards))
+        refs: list = [None] * len(req.images)
+        for (_, positions), response in zip(shards, responses):
+            for position, image in zip(positions, response.images):
+                refs[position] = image
+            _merge(timings, "encode.", response.timings_ms, accumulate=True)
+        timings["encode_cache_hits"] = float(sum(image.cache_hit for image in refs))
+        return [image.embedding for image in refs]
+
+    async def _encode_shard(self, req, stub, positions: list[int], deadline, skip_lookup: bool):
         request = encode_pb2.EncodeRequest(
             request_id=req.request_id,
-            images=[common_pb2.ImageInput(data=data) for data in req.images],
+            images=[common_pb2.ImageInput(data=req.images[i]) for i in positions],
             skip_cache_lookup=skip_lookup,
             cache_salt=req.cache_salt,
+            keep_ratio=req.image_keep_ratio,
         )
-        t0 = time.perf_counter()
-        response = await _call("encode", self.encode.pick().Encode(request, timeout=_remaining(deadline)))
-        timings["encode_rpc_ms"] = (time.perf_counter() - t0) * 1000.0
-        timings["encode_cache_hits"] = float(sum(img.cache_hit for img in response.images))
-        _merge(timings, "encode.", response.timings_ms)
-        return [img.embedding for img in response.images]
+        return await _call("encode", stub.Encode(request, timeout=_remaining(deadline)))
 
     async def _prefill(self, req, prompt, refs, deadline, timings) -> prefill_pb2.PrefillResponse:
         request = prefill_pb2.PrefillRequest(
@@ -247,9 +270,16 @@ async def _stream(stage: str, call):
         raise from_rpc_error(exc, peer=stage) from None
 
 
-def _merge(timings: dict[str, float], prefix: str, stage_timings) -> None:
+def _merge(timings: dict[str, float], prefix: str, stage_timings, *, accumulate: bool = False) -> None:
+    """Copy a stage's timings under `prefix`; `accumulate` sums counts over shards (and keeps the
+    longest duration, since shards run in parallel)."""
     for name, value in stage_timings.items():
-        timings[prefix + name] = float(value)
+        key = prefix + name
+        if accumulate and key in timings:
+            combine = max if name.endswith("_ms") or name == "batch_size" else (lambda a, b: a + b)
+            timings[key] = float(combine(timings[key], value))
+        else:
+            timings[key] = float(value)
 
 
 def _derived_timings(timings: dict[str, float], completion_tokens: int) -> None:

@@ -32,6 +32,7 @@ class GenerationRequest:
     sampling: SamplingParams
     stop: tuple[str, ...]
     ignore_eos: bool
+    image_keep_ratio: float = 1.0
     cache_salt: bytes = b""    # per-tenant secret for cache keys (derived by the router, never by the client)
 
 
@@ -57,8 +58,16 @@ def parse_request(msg: router_pb2.GenerateRequest, config: RouterConfig, salt: b
         sampling=sampling,
         stop=_stop_strings(params.stop, config),
         ignore_eos=params.ignore_eos,
+        image_keep_ratio=_keep_ratio(params, config),
         cache_salt=salt,
     )
+
+
+def _keep_ratio(params: router_pb2.GenerationParams, config: RouterConfig) -> float:
+    ratio = params.image_keep_ratio if params.HasField("image_keep_ratio") else config.image_keep_ratio
+    if not (0.0 < ratio <= 1.0):  # also rejects NaN
+        raise InvalidArgumentError(f"params.image_keep_ratio must be in (0, 1] (got {ratio})")
+    return ratio
 
 
 def _request_id(request_id: str) -> str:

@@ -18,12 +18,12 @@ import grpc
 from epdserve.config import ModelConfig, RouterConfig, ServerConfig
 from epdserve.errors import AlreadyExistsError, EpdserveError, FailedPreconditionError, InternalError
 from epdserve.models.checkpoint import model_revision
+from epdserve.models.prompt import PromptBuilder
 from epdserve.models.spec import load_spec
 from epdserve.transport.errors import INTERNAL_MESSAGE, status_code, stream_errors, unary_errors
 from epdserve.transport.server import ServiceServer, run_until_signalled
 from epdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.router.orchestrator import Finished, Orchestrator, TextChunk
-from services.router.prompt import PromptBuilder
 from services.router.requests import parse_request, tenant_salt
 from services.runtime import parse_configs, resolve_model_dir, run_service, service_arg_parser
 

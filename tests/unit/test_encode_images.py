@@ -92,3 +92,29 @@ def test_animated_gif_uses_the_first_frame():
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     decoded = decode_image(buf.getvalue(), 0, LIMITS)
     assert decoded.getpixel((0, 0))[0] > 200
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A ~100-byte PNG whose header declares width x height (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_hundred_thousand_squared_bomb_is_refused_with_bounded_memory():
+    import tracemalloc
+
+    data = _png_declaring(100_000, 100_000)
+    assert len(data) < 200
+    tracemalloc.start()
+    with pytest.raises(ResourceExhaustedError, match=r"images\[0\]"):
+        decode_image(data, 0, LIMITS)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 << 20, f"decoding attempt used {peak} bytes"

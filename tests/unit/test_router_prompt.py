@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from epdserve.errors import InvalidArgumentError
+from epdserve.models.prompt import PromptBuilder
 from epdserve.models.spec import load_spec
-from services.router.prompt import PromptBuilder
 from services.router.requests import check_context
 
 pytestmark = pytest.mark.unit

@@ -39,7 +39,10 @@ class PromptBuilder:
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
 
-    def build(self, prompt: str, num_images: int, raw: bool) -> PromptTokens:
+    def build(self, prompt: str, num_images: int, raw: bool, tokens_per_image: int | None = None) -> PromptTokens:
+        """Token ids with each placeholder expanded to `tokens_per_image` image tokens (default: all
+        of the image's tokens; fewer when the encode stage sparsifies)."""
+        per_image = tokens_per_image or self.tokens_per_image
         ids = self.tokenizer(self.render(prompt, num_images, raw))["input_ids"]
         found = sum(1 for t in ids if t == self.image_token_id)
         if found != num_images:
@@ -49,8 +52,8 @@ class PromptBuilder:
             )
         expanded: list[int] = []
         for token in ids:
-            expanded.extend([token] * self.tokens_per_image if token == self.image_token_id else [token])
-        return PromptTokens(token_ids=expanded, image_tokens=num_images * self.tokens_per_image)
+            expanded.extend([token] * per_image if token == self.image_token_id else [token])
+        return PromptTokens(token_ids=expanded, image_tokens=num_images * per_image)
 
     def eos_token_ids(self) -> tuple[int, ...]:
         ids = set(self.spec.decoder.eos_token_ids)

@@ -1,0 +1,105 @@
+"""Dynamic batching of images across requests, with in-flight deduplication.
+
+Invariants: each queued job is encoded exactly once and its future resolved (result or error);
+jobs with equal keys that overlap in time share one tower run; a batch holds at most `max_batch`
+images and the first image of a batch waits at most `max_wait_ms` for company.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+from services.encode.encoder import ImageEncoder
+from services.runtime import ModelExecutor
+
+
+@dataclasses.dataclass
+class _Job:
+    key: str
+    image: object
+    keep_ratio: float
+    future: asyncio.Future
+    queued_at: float
+
+
+@dataclasses.dataclass
+class BatchStats:
+    batches: int = 0
+    images: int = 0
+    deduplicated: int = 0
+    largest_batch: int = 0
+
+
+class EncodeBatcher:
+    def __init__(self, encoder: ImageEncoder, executor: ModelExecutor, *, max_batch: int, max_wait_ms: float) -> None:
+        self.encoder, self.executor = encoder, executor
+        self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
+        self.stats = BatchStats()
+        self._queue: list[_Job] = []
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+
+    async def encode(self, key: str, image, keep_ratio: float):
+        """The embedding for one image; (tensor, batch size it ran in, whether it was deduplicated)."""
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._run())
+        shared = self._inflight.get(key)
+        if shared is not None:
+            self.stats.deduplicated += 1
+            tensor, batch = await asyncio.shield(shared)
+            return tensor, batch, True
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        self._queue.append(_Job(key, image, keep_ratio, future, time.monotonic()))
+        self._arrived.set()
+        tensor, batch = await asyncio.shield(future)
+        return tensor, batch, False
+
+    async def _run(self) -> None:
+        while True:
+            await self._arrived.wait()
+            await self._gather()
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+            if not self._queue:
+                self._arrived.clear()
+            if batch:
+                await self._encode(batch)
+
+    async def _gather(self) -> None:
+        """Wait for company: until the batch is full or the oldest job has waited max_wait."""
+        while len(self._queue) < self.max_batch:
+            left = self._queue[0].queued_at + self.max_wait_s - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, 0.002))
+
+    async def _encode(self, batch: list[_Job]) -> None:
+        try:
+            tensors = await self.executor.run(self.encoder.encode, [j.image for j in batch],
+                                              [j.keep_ratio for j in batch])
+        except Exception as exc:  # every waiter learns of the failure
+            for job in batch:
+                self._finish(job, exc=exc)
+            return
+        self.stats.batches += 1
+        self.stats.images += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for job, tensor in zip(batch, tensors):
+            self._finish(job, result=(tensor, len(batch)))
+
+    def _finish(self, job: _Job, *, result=None, exc: BaseException | None = None) -> None:
+        self._inflight.pop(job.key, None)
+        if job.future.done():
+            return
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
