@@ -20,7 +20,7 @@ import time
 import uuid
 
 from epdserve.errors import FailedPreconditionError
-from epdserve.procutil import die_with_parent, stop_process, stop_processes
+from epdserve.procutil import spawn, stop_process, stop_processes
 from epdserve.redis_server import PrivateRedis
 
 STAGES = ("encode", "prefill", "decode")
@@ -107,11 +107,8 @@ class LocalCluster:
     def _spawn(self, name: str, stage: str, args: list[str]) -> None:
         log_file = self.workdir / f"{name}.log"
         with open(log_file, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{stage}", *args],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent, env=_child_env(),
-            )
+            process = spawn([sys.executable, "-m", f"services.{stage}", *args],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env())
         self.children[name] = _Child(name, process, self.workdir / f"{name}.ready", log_file)
 
     def _wait_ready(self, child: _Child) -> str:

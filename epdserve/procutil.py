@@ -1,8 +1,15 @@
-"""Child-process helpers: die with the parent, stop with SIGTERM then SIGKILL."""
+"""Child-process helpers: start children that die with the parent, stop with SIGTERM then SIGKILL.
+
+Children are started without a Python `preexec_fn` when `setpriv` can set the parent-death signal
+instead: a preexec_fn forces a plain fork, and forking a process that runs gRPC can crash the
+child before it execs (gRPC's fork handlers restart a poller whose epoll fd `close_fds` closes;
+grpc/grpc#43055). Without one, Python starts the child with vfork and no fork handlers run.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +24,14 @@ def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(argv: list[str], **popen_kwargs) -> subprocess.Popen:
+    """Popen whose child gets SIGTERM when this process dies (Linux)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv and sys.platform.startswith("linux"):
+        return subprocess.Popen([setpriv, "--pdeathsig", "TERM", "--", *argv], **popen_kwargs)
+    return subprocess.Popen(argv, preexec_fn=die_with_parent, **popen_kwargs)
 
 
 def stop_process(process: subprocess.Popen, *, timeout_s: float) -> int | None:

@@ -13,7 +13,7 @@ import tempfile
 import time
 
 from epdserve.errors import FailedPreconditionError
-from epdserve.procutil import die_with_parent, stop_process
+from epdserve.procutil import spawn, stop_process
 
 
 class PrivateRedis:
@@ -44,10 +44,10 @@ class PrivateRedis:
         raise FailedPreconditionError(f"redis-server did not start: {self._stderr_tail()}")
 
     def _launch(self) -> bool:
-        self.process = subprocess.Popen(
+        self.process = spawn(
             [self._path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--protected-mode", "yes", "--dir", self._dir, "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         if self._wait_ready():
             return True

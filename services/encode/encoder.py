@@ -43,8 +43,7 @@ class ImageEncoder:
     def encode(self, images: list[Image.Image], keep_ratios: list[float]) -> list[torch.Tensor]:
         """RGB images -> one embedding per image [kept_tokens, hidden] (on the model's device).
         The tower runs once for the batch; images are then sparsified per keep ratio."""
-        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        embeddings, hidden_states = self.model.encode(pixel_values)
+        embeddings, hidden_states = self.model.encode(self._pixels(images))
         out: list[torch.Tensor | None] = [None] * len(images)
         for ratio in sorted(set(keep_ratios)):
             rows = [i for i, r in enumerate(keep_ratios) if r == ratio]
@@ -52,6 +51,13 @@ class ImageEncoder:
             for i, tensor in zip(rows, sparsify(features, self.scorer, ratio)):
                 out[i] = tensor
         return out
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """Preprocess with the checkpoint's processor; torchvision-backed processors run on the
+        model's device (resize / normalise on the GPU), the PIL one on the CPU."""
+        if self.model.device.type != "cpu" and not type(self.processor).__name__.endswith("Pil"):
+            return self.processor(images=images, return_tensors="pt", device=self.model.device)["pixel_values"]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     def _features(self, embeddings, hidden_states, rows: list[int]) -> VisionFeatures:
         index = torch.tensor(rows, device=embeddings.device)

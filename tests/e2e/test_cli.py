@@ -154,3 +154,36 @@ def test_bench_cache_reports_every_number():
     result = json.loads(done.stdout)
     for key in ("memcpy_gbps", "shm_gbps", "stream_gbps", "index_ops_per_s"):
         assert result[key] > 0, key
+
+
+def test_a_killed_launcher_leaves_no_orphans(tmp_path):
+    """SIGKILL the `epdserve up` process itself: every child (redis, four services) still goes."""
+    import re
+    import signal
+    import time
+
+    up = subprocess.Popen([sys.executable, "-m", "epdserve.cli", "up", "--port", "0"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "EPDSERVE_CACHE_DIR": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 240
+        while not re.search(r"router (\S+:\d+)", up.stdout.readline()):
+            assert up.poll() is None and time.monotonic() < deadline, "epdserve up did not come up"
+        children = _children(up.pid)
+        assert len(children) == 5
+        up.send_signal(signal.SIGKILL)
+        up.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while [pid for pid in children if _running(pid)]:
+            assert time.monotonic() < deadline, "children outlived their launcher"
+            time.sleep(0.2)
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

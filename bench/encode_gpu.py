@@ -1,0 +1,186 @@
+"""Encode-stage GPU benchmark (issue: encode service), LLaVA-1.5-7B shapes, fp16, random weights.
+
+1. Raw HF baseline: the checkpoint's CLIP-L/14-336 tower + projector (transformers modules),
+   preprocessed pixels already on the GPU, images/s at batch 1/8/32.
+2. The encode service (its own process; PNG bytes in, embeddings in mmcache out), driven by
+   `--clients` concurrent callers each sending Encode requests of b distinct images with the cache
+   lookup skipped: images/s at b = 1/8/32; and the cache-hit latency of one image.
+3. Through the router (E -> P, first token only): TTFT and prefill tokens for 1/4/8 images per
+   request at keep ratio 1.0 / 0.5 / 0.25.
+Writes JSON (--out) and prints a markdown table.
+
+    python bench/encode_gpu.py --out bench/results/encode-h100.json [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import io
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BATCHES = (1, 8, 32)
+IMAGES_PER_REQUEST = (1, 4, 8)
+KEEP_RATIOS = (1.0, 0.5, 0.25)
+
+
+def _png(seed: int, size: int = 336) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def hf_tower_throughput(model_dir: pathlib.Path, repeats: int) -> dict[int, float]:
+    from epdserve.models.loader import load_vision_encoder
+
+    encoder = load_vision_encoder(model_dir, dtype="float16", device="cuda")
+    out = {}
+    for batch in BATCHES:
+        pixels = torch.randn(batch, 3, 336, 336, device="cuda", dtype=torch.float16)
+        with torch.inference_mode():
+            for _ in range(3):
+                encoder(pixels)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                encoder(pixels)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        out[batch] = batch / statistics.median(times)
+    del encoder
+    torch.cuda.empty_cache()
+    return out
+
+
+def service_throughput(address: str, clients: int, seconds: float) -> tuple[dict[int, float], float]:
+    import grpc
+
+    from epdserve.v1 import common_pb2, encode_pb2, encode_pb2_grpc
+
+    pool = [_png(i) for i in range(64)]
+    stub = encode_pb2_grpc.EncodeServiceStub(grpc.insecure_channel(address, options=[
+        ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]))
+
+    def request(batch: int, offset: int, skip: bool = True):
+        images = [common_pb2.ImageInput(data=pool[(offset + i) % len(pool)]) for i in range(batch)]
+        return stub.Encode(encode_pb2.EncodeRequest(images=images, skip_cache_lookup=skip), timeout=120)
+
+    out = {}
+    for batch in BATCHES:
+        for _ in range(2):
+            request(batch, 0)
+
+        def client(worker: int, batch: int = batch) -> int:
+            done, deadline = 0, time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                request(batch, worker * batch)
+                done += batch
+            return done
+
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as executor:
+            total = sum(executor.map(client, range(clients)))
+        out[batch] = total / (time.perf_counter() - start)
+    request(1, 7, skip=False)
+    hits = []
+    for _ in range(20):
+        start = time.perf_counter()
+        response = request(1, 7, skip=False)
+        hits.append((time.perf_counter() - start) * 1000)
+        assert response.images[0].cache_hit
+    return out, statistics.median(hits)
+
+
+def ttft(router: str, repeats: int) -> list[dict]:
+    from epdserve.sdk import Client
+
+    rows = []
+    with Client(router, timeout_s=300) as client:
+        seed = 1000
+        for images in IMAGES_PER_REQUEST:
+            for keep in KEEP_RATIOS:
+                samples, prompt_tokens = [], 0
+                for _ in range(repeats + 1):
+                    seed += images
+                    result = client.generate("Describe the pictures.", images=[_png(seed + i) for i in range(images)],
+                                             max_tokens=1, temperature=0.0, image_keep_ratio=keep)
+                    samples.append(result.timings_ms["ttft_ms"])
+                    prompt_tokens = result.usage.prompt_tokens
+                rows.append({"images": images, "keep_ratio": keep, "prompt_tokens": prompt_tokens,
+                             "ttft_ms": statistics.median(samples[1:])})
+    return rows
+
+
+def main() -> int:
+    from epdserve.launcher import ClusterConfig, LocalCluster
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=pathlib.Path, default=None)
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results" / "encode-gpu.json")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    model = args.model
+    if model is None:
+        from bench.llava_checkpoint import build
+
+        started = time.perf_counter()
+        model = build(pathlib.Path(tempfile.mkdtemp(prefix="llava7b-")))
+        print(f"checkpoint built in {time.perf_counter() - started:.0f} s", flush=True)
+    raw = hf_tower_throughput(model, args.repeats * 4)
+    print("hf tower images/s", raw, flush=True)
+    gib = 1 << 30
+    config = ClusterConfig(model_dir=model, device="cuda", start_timeout_s=600, stage_args={
+        "encode": ("--max-batch-size", "32", "--max-batch-wait-ms", "2", "--capacity-bytes", str(4 * gib)),
+        # every request is new: no prefix blocks to reuse; a 4.6k-token 7B KV is 2.4 GB per request
+        "prefill": ("--no-prefix-cache", "--capacity-bytes", str(12 * gib)),
+        "decode": ("--capacity-bytes", str(gib // 4)),
+    })
+    with LocalCluster(config) as cluster:
+        service, hit_ms = service_throughput(cluster.children["encode"].address, args.clients, args.seconds)
+        print("service images/s", service, "hit ms", hit_ms, flush=True)
+        rows = ttft(cluster.router_address, args.repeats)
+    report = {"benchmark": "encode stage", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "model": "LLaVA-1.5-7B shapes, fp16",
+              "hf_tower_images_per_s": raw, "service_images_per_s": service, "cache_hit_ms": hit_ms,
+              "service_vs_hf_at_32": service[32] / raw[32], "ttft": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(_markdown(report))
+    return 0
+
+
+def _markdown(report: dict) -> str:
+    lines = [f"Encode stage on {report['device']} ({report['model']}), {report['date'][:10]}", "",
+             "| batch | HF tower + projector (img/s) | encode service (img/s) | service / HF |",
+             "|---:|---:|---:|---:|"]
+    for b in BATCHES:
+        hf, svc = report["hf_tower_images_per_s"][b], report["service_images_per_s"][b]
+        lines.append(f"| {b} | {hf:.0f} | {svc:.0f} | {svc / hf:.2f} |")
+    lines += ["", f"cache hit, one image: {report['cache_hit_ms']:.2f} ms", "",
+              "| images | keep | prompt tokens | TTFT (ms) |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['images']} | {r['keep_ratio']} | {r['prompt_tokens']} | {r['ttft_ms']:.1f} |"
+              for r in report["ttft"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
