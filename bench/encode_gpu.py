@@ -77,9 +77,14 @@ def service_throughput(address: str, clients: int, seconds: float) -> tuple[dict
     stub = encode_pb2_grpc.EncodeServiceStub(grpc.insecure_channel(address, options=[
         ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]))
 
+    breakdown: dict[int, dict[str, list[float]]] = {}
+
     def request(batch: int, offset: int, skip: bool = True):
         images = [common_pb2.ImageInput(data=pool[(offset + i) % len(pool)]) for i in range(batch)]
-        return stub.Encode(encode_pb2.EncodeRequest(images=images, skip_cache_lookup=skip), timeout=120)
+        response = stub.Encode(encode_pb2.EncodeRequest(images=images, skip_cache_lookup=skip), timeout=120)
+        for name, ms in response.timings_ms.items():
+            breakdown.setdefault(batch, {}).setdefault(name, []).append(ms)
+        return response
 
     out = {}
     for batch in BATCHES:
@@ -104,7 +109,8 @@ def service_throughput(address: str, clients: int, seconds: float) -> tuple[dict
         response = request(1, 7, skip=False)
         hits.append((time.perf_counter() - start) * 1000)
         assert response.images[0].cache_hit
-    return out, statistics.median(hits)
+    medians = {batch: {name: statistics.median(v) for name, v in parts.items()} for batch, parts in breakdown.items()}
+    return out, statistics.median(hits), medians
 
 
 def ttft(router: str, repeats: int) -> list[dict]:
@@ -148,19 +154,23 @@ def main() -> int:
     print("hf tower images/s", raw, flush=True)
     gib = 1 << 30
     config = ClusterConfig(model_dir=model, device="cuda", start_timeout_s=600, stage_args={
-        "encode": ("--max-batch-size", "32", "--max-batch-wait-ms", "2", "--capacity-bytes", str(4 * gib)),
+        "encode": ("--max-batch-size", "32", "--max-batch-wait-ms", "2", "--max-images-per-request", "32",
+                   "--capacity-bytes", str(4 * gib)),
         # every request is new: no prefix blocks to reuse; a 4.6k-token 7B KV is 2.4 GB per request
         "prefill": ("--no-prefix-cache", "--capacity-bytes", str(12 * gib)),
         "decode": ("--capacity-bytes", str(gib // 4)),
     })
     with LocalCluster(config) as cluster:
-        service, hit_ms = service_throughput(cluster.children["encode"].address, args.clients, args.seconds)
-        print("service images/s", service, "hit ms", hit_ms, flush=True)
+        service, hit_ms, breakdown = service_throughput(cluster.children["encode"].address, args.clients,
+                                                        args.seconds)
+        print("service images/s", service, "hit ms", hit_ms, "\nper-request breakdown (median ms)", breakdown,
+              flush=True)
         rows = ttft(cluster.router_address, args.repeats)
     report = {"benchmark": "encode stage", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "model": "LLaVA-1.5-7B shapes, fp16",
               "hf_tower_images_per_s": raw, "service_images_per_s": service, "cache_hit_ms": hit_ms,
+              "service_breakdown_ms": breakdown,
               "service_vs_hf_at_32": service[32] / raw[32], "ttft": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

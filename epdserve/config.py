@@ -97,10 +97,24 @@ class PrefillConfig:
     prefix_cache: bool = setting(True, "reuse cached KV of full prompt blocks (lossless) and publish new ones")
     prefix_block_tokens: int = setting(32, "tokens per prefix-cache block (only full blocks are cached)")
     prefix_ttl_s: float = setting(900.0, "seconds a cached prefix block lives after its last use")
+    chunk_tokens: int = setting(4096, "MOM mini-sequence length for MLP / LM head (floor min_chunk_tokens)")
+    min_chunk_tokens: int = setting(1024, "smallest mini-sequence length")
+    last_position_only: bool = setting(True, "run the last layer's MLP, final norm and LM head on the last "
+                                             "position only (lossless for the first token)")
+    fastkv: bool = setting(False, "FastKV (lossy) for requests that do not say: token-selective propagation + "
+                                  "GQA-aware KV compression")
+    fastkv_tsp_rate: float = setting(0.2, "FastKV: fraction of the prompt propagated past the TSP layer")
+    fastkv_retain_rate: float = setting(0.1, "FastKV: fraction of the prompt's KV kept per layer and KV head")
+    fastkv_tsp_layer: int = setting(-1, "FastKV TSP layer (0-based; -1: layer 15 of 32 scaled to the model)")
 
     def __post_init__(self) -> None:
         if self.prefix_block_tokens < 1:
             raise ValueError(f"prefix_block_tokens must be >= 1 (got {self.prefix_block_tokens})")
+        if self.chunk_tokens < 1 or self.min_chunk_tokens < 1:
+            raise ValueError("chunk_tokens and min_chunk_tokens must be >= 1")
+        for name in ("fastkv_tsp_rate", "fastkv_retain_rate"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1] (got {getattr(self, name)})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ BREAKDOWN = (
     ("encode: RPC (router view)", "encode_rpc_ms"),
     ("prefill: cache get (embeddings)", "prefill.cache_get_ms"),
     ("prefill: forward", "prefill.prefill_ms"),
-    ("prefill: KV publish", "prefill.kv_publish_ms"),
+    ("prefill: KV publish (after compute)", "prefill.kv_publish_ms"),
     ("prefill: RPC (router view)", "prefill_rpc_ms"),
     ("decode: KV fetch", "decode.kv_fetch_ms"),
     ("KV hand-off (publish + fetch)", "kv_handoff_ms"),

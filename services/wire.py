@@ -3,11 +3,14 @@ from another epdserve stage)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from epdserve.engine.sampler import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, SamplingParams, validate_sampling
 from epdserve.errors import InvalidArgumentError
 from epdserve.v1 import common_pb2
+from services.prefill.fastkv import FastKVConfig
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams, *, field: str = "sampling") -> SamplingParams:
@@ -28,3 +31,27 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
 def check_finite(tensor: torch.Tensor, field: str) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise InvalidArgumentError(f"{field}: contains NaN or Inf")
+
+
+def fastkv_from_proto(parent, default: FastKVConfig | None, *, field: str = "fastkv") -> FastKVConfig | None:
+    """The FastKV settings a request asks for: `parent.fastkv` when set (enabled=false turns it
+    off), else the deployment's default (None = lossless). Zero fields take the default's values."""
+    if not parent.HasField("fastkv"):
+        return default
+    msg = parent.fastkv
+    if not msg.enabled:
+        return None
+    base = default or FastKVConfig()
+    try:
+        return dataclasses.replace(
+            base, tsp_rate=msg.tsp_rate or base.tsp_rate, retain_rate=msg.retain_rate or base.retain_rate,
+            tsp_length=msg.tsp_length or base.tsp_length, kv_budget=msg.kv_budget or base.kv_budget)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"{field}: {exc}") from None
+
+
+def fastkv_to_proto(config: FastKVConfig | None) -> common_pb2.FastKVSettings:
+    if config is None:
+        return common_pb2.FastKVSettings(enabled=False)
+    return common_pb2.FastKVSettings(enabled=True, tsp_rate=config.tsp_rate, retain_rate=config.retain_rate,
+                                     tsp_length=config.tsp_length, kv_budget=config.kv_budget)

@@ -1,7 +1,9 @@
 """Per-sequence KV storage.
 
-Invariant: for every layer, positions [0, length) of `keys[layer]` / `values[layer]` hold the
-keys/values of sequence positions [0, length); nothing past `length` is ever read.
+Invariant: `length` is the logical length (the next token's position). For every layer, rows
+[0, stored[layer]) of `keys[layer]` / `values[layer]` hold that layer's cached keys/values; without
+compression stored[layer] == length and row p is position p; a compressed prefill (FastKV) stores
+fewer rows, each already rotated at its original position. Nothing past stored[layer] is read.
 """
 
 from __future__ import annotations
@@ -24,18 +26,23 @@ class SequenceKV:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity = capacity
         self.length = 0
+        self.stored = [0] * num_layers
 
     @classmethod
-    def from_layers(cls, layers: list[torch.Tensor], capacity: int, device) -> "SequenceKV":
-        """Build from published layer tensors [2, H_kv, S, D] (K then V), with room for `capacity`."""
-        _, heads, length, head_dim = layers[0].shape
-        if capacity < length:
-            raise ValueError(f"capacity {capacity} < cached length {length}")
+    def from_layers(cls, layers: list[torch.Tensor], capacity: int, device, *, length: int | None = None
+                    ) -> "SequenceKV":
+        """Build from published layer tensors [2, H_kv, n_l, D] (K then V) with room for
+        `capacity` rows per layer; `length` is the logical length (default: n_l, all equal)."""
+        _, heads, _, head_dim = layers[0].shape
+        stored = [int(layer.shape[2]) for layer in layers]
+        if capacity < max(stored):
+            raise ValueError(f"capacity {capacity} < cached length {max(stored)}")
         kv = cls(len(layers), heads, head_dim, capacity, layers[0].dtype, device)
         for i, layer in enumerate(layers):
-            kv.keys[i][0, :, :length].copy_(layer[0])
-            kv.values[i][0, :, :length].copy_(layer[1])
-        kv.length = length
+            kv.keys[i][0, :, :stored[i]].copy_(layer[0])
+            kv.values[i][0, :, :stored[i]].copy_(layer[1])
+        kv.stored = stored
+        kv.length = stored[0] if length is None else length
         return kv
 
     def load_prefix(self, blocks: list[torch.Tensor]) -> None:
@@ -48,6 +55,7 @@ class SequenceKV:
                 self.values[layer][0, :, start:end].copy_(block[layer, 1])
             start = end
         self.length = start
+        self.stored = [start] * self.num_layers
 
     def block(self, start: int, end: int) -> torch.Tensor:
         """Positions [start, end) of every layer as one prefix-cache block [L, 2, H_kv, T, D]."""
@@ -55,16 +63,20 @@ class SequenceKV:
                             for layer in range(self.num_layers)])
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
+        """Append k, v (positions [start, start+S)) after the layer's stored rows."""
+        row = self.stored[layer]
+        end = row + k.shape[2]
         if end > self.capacity:
-            raise ValueError(f"KV capacity {self.capacity} exceeded (writing up to position {end})")
-        self.keys[layer][:, :, start:end].copy_(k)
-        self.values[layer][:, :, start:end].copy_(v)
+            raise ValueError(f"KV capacity {self.capacity} exceeded (writing up to row {end})")
+        self.keys[layer][:, :, row:end].copy_(k)
+        self.values[layer][:, :, row:end].copy_(v)
+        self.stored[layer] = end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def layer_tensor(self, layer: int) -> torch.Tensor:
-        """[2, H_kv, length, D]: this layer's K and V, stacked (the publishing layout)."""
-        return torch.stack((self.keys[layer][0, :, : self.length], self.values[layer][0, :, : self.length]))
+        """[2, H_kv, stored, D]: this layer's K and V, stacked (the publishing layout)."""
+        rows = self.stored[layer]
+        return torch.stack((self.keys[layer][0, :, :rows], self.values[layer][0, :, :rows]))
 
     @property
     def num_layers(self) -> int:

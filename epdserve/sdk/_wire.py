@@ -35,7 +35,7 @@ def image_bytes(image: ImageLike, index: int) -> bytes:
 
 
 def build_request(prompt: str, images, *, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, raw,
-                  request_id, image_keep_ratio=None) -> router_pb2.GenerateRequest:
+                  request_id, image_keep_ratio=None, fastkv=None) -> router_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams()
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
         if value is not None:
@@ -45,6 +45,8 @@ def build_request(prompt: str, images, *, max_tokens, temperature, top_k, top_p,
         params.max_tokens = max_tokens
     if image_keep_ratio is not None:
         params.image_keep_ratio = image_keep_ratio
+    if fastkv is not None:
+        params.fastkv.CopyFrom(fastkv_settings(fastkv))
     request = router_pb2.GenerateRequest(
         request_id=request_id,
         images=[common_pb2.ImageInput(data=image_bytes(img, i)) for i, img in enumerate(images)],
@@ -104,3 +106,15 @@ def model_info(msg: router_pb2.ModelInfo) -> ModelInfo:
         image_tokens_per_image=msg.image_tokens_per_image, image_placeholder=msg.image_placeholder,
         vocab_size=msg.vocab_size,
     )
+
+
+def fastkv_settings(fastkv) -> common_pb2.FastKVSettings:
+    """True / False / a dict of FastKVSettings fields (tsp_rate, retain_rate, tsp_length, kv_budget)."""
+    if isinstance(fastkv, bool):
+        return common_pb2.FastKVSettings(enabled=fastkv)
+    if isinstance(fastkv, dict):
+        unknown = set(fastkv) - {"tsp_rate", "retain_rate", "tsp_length", "kv_budget"}
+        if unknown:
+            raise InvalidArgumentError(f"fastkv: unknown setting(s) {', '.join(sorted(unknown))}")
+        return common_pb2.FastKVSettings(enabled=True, **fastkv)
+    raise InvalidArgumentError(f"fastkv: expected True, False or a dict of settings, got {type(fastkv).__name__}")

@@ -26,7 +26,7 @@ from epdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 def _request(prompt, images, kwargs) -> router_pb2.GenerateRequest:
     request_id = kwargs.pop("request_id", None) or uuid.uuid4().hex
     fields = dict(max_tokens=None, temperature=None, top_k=None, top_p=None, seed=None, stop=(),
-                  ignore_eos=False, raw=False, image_keep_ratio=None)
+                  ignore_eos=False, raw=False, image_keep_ratio=None, fastkv=None)
     unknown = set(kwargs) - set(fields)
     if unknown:
         raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
@@ -72,8 +72,9 @@ class GenerationStream(_StreamBase):
 class Client:
     """Blocking client. Keyword arguments of generate()/stream(): max_tokens, temperature, top_k,
     top_p, seed, stop (list of strings), ignore_eos, raw (prompt holds its own image placeholders),
-    image_keep_ratio (fraction of each image's tokens kept, (0, 1]), request_id. Images: bytes, file
-    paths or PIL images, in prompt order. `tenant` names the
+    image_keep_ratio (fraction of each image's tokens kept, (0, 1]), fastkv (True / False / a dict of
+    tsp_rate, retain_rate, tsp_length, kv_budget: lossy FastKV prefill for long prompts), request_id.
+    Images: bytes, file paths or PIL images, in prompt order. `tenant` names the
     caller's tenant (cache isolation when the router has a tenant secret)."""
 
     def __init__(self, address: str, *, timeout_s: float | None = 600.0, tenant: str | None = None,

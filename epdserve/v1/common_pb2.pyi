@@ -92,6 +92,20 @@ class KVHandle(_message.Message):
     length: int
     def __init__(self, layers: _Optional[_Iterable[_Union[TensorRef, _Mapping]]] = ..., length: _Optional[int] = ...) -> None: ...
 
+class FastKVSettings(_message.Message):
+    __slots__ = ("enabled", "tsp_rate", "retain_rate", "tsp_length", "kv_budget")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    TSP_RATE_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_RATE_FIELD_NUMBER: _ClassVar[int]
+    TSP_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    tsp_rate: float
+    retain_rate: float
+    tsp_length: int
+    kv_budget: int
+    def __init__(self, enabled: _Optional[bool] = ..., tsp_rate: _Optional[float] = ..., retain_rate: _Optional[float] = ..., tsp_length: _Optional[int] = ..., kv_budget: _Optional[int] = ...) -> None: ...
+
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from epdserve.v1 import common_pb2 as epdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65pdserve/v1/prefill.proto\x12\x0b\x65pdserve.v1\x1a\x18\x65pdserve/v1/common.proto\"\xac\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\x10image_embeddings\x18\x03 \x03(\x0b\x32\x16.epdserve.v1.TensorRef\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.epdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x05 \x01(\x0c\"\xbf\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x15.epdserve.v1.KVHandle\x12?\n\ntimings_ms\x18\x03 \x03(\x0b\x32+.epdserve.v1.PrefillResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32V\n\x0ePrefillService\x12\x44\n\x07Prefill\x12\x1b.epdserve.v1.PrefillRequest\x1a\x1c.epdserve.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65pdserve/v1/prefill.proto\x12\x0b\x65pdserve.v1\x1a\x18\x65pdserve/v1/common.proto\"\xd9\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\x10image_embeddings\x18\x03 \x03(\x0b\x32\x16.epdserve.v1.TensorRef\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.epdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x05 \x01(\x0c\x12+\n\x06\x66\x61stkv\x18\x06 \x01(\x0b\x32\x1b.epdserve.v1.FastKVSettings\"\xbf\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x15.epdserve.v1.KVHandle\x12?\n\ntimings_ms\x18\x03 \x03(\x0b\x32+.epdserve.v1.PrefillResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32V\n\x0ePrefillService\x12\x44\n\x07Prefill\x12\x1b.epdserve.v1.PrefillRequest\x1a\x1c.epdserve.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_PREFILLRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_PREFILLREQUEST']._serialized_start=69
-  _globals['_PREFILLREQUEST']._serialized_end=241
-  _globals['_PREFILLRESPONSE']._serialized_start=244
-  _globals['_PREFILLRESPONSE']._serialized_end=435
-  _globals['_PREFILLRESPONSE_TIMINGSMSENTRY']._serialized_start=387
-  _globals['_PREFILLRESPONSE_TIMINGSMSENTRY']._serialized_end=435
-  _globals['_PREFILLSERVICE']._serialized_start=437
-  _globals['_PREFILLSERVICE']._serialized_end=523
+  _globals['_PREFILLREQUEST']._serialized_end=286
+  _globals['_PREFILLRESPONSE']._serialized_start=289
+  _globals['_PREFILLRESPONSE']._serialized_end=480
+  _globals['_PREFILLRESPONSE_TIMINGSMSENTRY']._serialized_start=432
+  _globals['_PREFILLRESPONSE_TIMINGSMSENTRY']._serialized_end=480
+  _globals['_PREFILLSERVICE']._serialized_start=482
+  _globals['_PREFILLSERVICE']._serialized_end=568
 # @@protoc_insertion_point(module_scope)

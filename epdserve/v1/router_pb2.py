@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from epdserve.v1 import common_pb2 as epdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pdserve/v1/router.proto\x12\x0b\x65pdserve.v1\x1a\x18\x65pdserve/v1/common.proto\"\xbf\x01\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.epdserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x1d\n\x10image_keep_ratio\x18\x05 \x01(\x02H\x01\x88\x01\x01\x42\r\n\x0b_max_tokensB\x13\n\x11_image_keep_ratio\"\x9a\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x06images\x18\x03 \x03(\x0b\x32\x17.epdserve.v1.ImageInput\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.epdserve.v1.GenerationParams\x12\x0b\n\x03raw\x18\x05 \x01(\x08\"(\n\x05\x43hunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\xc4\x01\n\x08\x43omplete\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.epdserve.v1.Usage\x12\x38\n\ntimings_ms\x18\x04 \x03(\x0b\x32$.epdserve.v1.Complete.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x90\x01\n\x10GenerateResponse\x12#\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x12.epdserve.v1.ChunkH\x00\x12)\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x15.epdserve.v1.CompleteH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.epdserve.v1.ErrorH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"\x90\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x1e\n\x16image_tokens_per_image\x18\x04 \x01(\x05\x12\x19\n\x11image_placeholder\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x32\xe4\x01\n\rRouterService\x12I\n\x08Generate\x12\x1c.epdserve.v1.GenerateRequest\x1a\x1d.epdserve.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.epdserve.v1.AbortRequest\x1a\x1a.epdserve.v1.AbortResponse\x12H\n\x0cGetModelInfo\x12 .epdserve.v1.GetModelInfoRequest\x1a\x16.epdserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pdserve/v1/router.proto\x12\x0b\x65pdserve.v1\x1a\x18\x65pdserve/v1/common.proto\"\xec\x01\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.epdserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x1d\n\x10image_keep_ratio\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12+\n\x06\x66\x61stkv\x18\x06 \x01(\x0b\x32\x1b.epdserve.v1.FastKVSettingsB\r\n\x0b_max_tokensB\x13\n\x11_image_keep_ratio\"\x9a\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x06images\x18\x03 \x03(\x0b\x32\x17.epdserve.v1.ImageInput\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.epdserve.v1.GenerationParams\x12\x0b\n\x03raw\x18\x05 \x01(\x08\"(\n\x05\x43hunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\xc4\x01\n\x08\x43omplete\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.epdserve.v1.Usage\x12\x38\n\ntimings_ms\x18\x04 \x03(\x0b\x32$.epdserve.v1.Complete.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x90\x01\n\x10GenerateResponse\x12#\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x12.epdserve.v1.ChunkH\x00\x12)\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x15.epdserve.v1.CompleteH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.epdserve.v1.ErrorH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"\x90\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x1e\n\x16image_tokens_per_image\x18\x04 \x01(\x05\x12\x19\n\x11image_placeholder\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x32\xe4\x01\n\rRouterService\x12I\n\x08Generate\x12\x1c.epdserve.v1.GenerateRequest\x1a\x1d.epdserve.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.epdserve.v1.AbortRequest\x1a\x1a.epdserve.v1.AbortResponse\x12H\n\x0cGetModelInfo\x12 .epdserve.v1.GetModelInfoRequest\x1a\x16.epdserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_COMPLETE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATIONPARAMS']._serialized_start=68
-  _globals['_GENERATIONPARAMS']._serialized_end=259
-  _globals['_GENERATEREQUEST']._serialized_start=262
-  _globals['_GENERATEREQUEST']._serialized_end=416
-  _globals['_CHUNK']._serialized_start=418
-  _globals['_CHUNK']._serialized_end=458
-  _globals['_USAGE']._serialized_start=460
-  _globals['_USAGE']._serialized_end=539
-  _globals['_COMPLETE']._serialized_start=542
-  _globals['_COMPLETE']._serialized_end=738
-  _globals['_COMPLETE_TIMINGSMSENTRY']._serialized_start=690
-  _globals['_COMPLETE_TIMINGSMSENTRY']._serialized_end=738
-  _globals['_ERROR']._serialized_start=740
-  _globals['_ERROR']._serialized_end=778
-  _globals['_GENERATERESPONSE']._serialized_start=781
-  _globals['_GENERATERESPONSE']._serialized_end=925
-  _globals['_GETMODELINFOREQUEST']._serialized_start=927
-  _globals['_GETMODELINFOREQUEST']._serialized_end=948
-  _globals['_MODELINFO']._serialized_start=951
-  _globals['_MODELINFO']._serialized_end=1095
-  _globals['_ROUTERSERVICE']._serialized_start=1098
-  _globals['_ROUTERSERVICE']._serialized_end=1326
+  _globals['_GENERATIONPARAMS']._serialized_end=304
+  _globals['_GENERATEREQUEST']._serialized_start=307
+  _globals['_GENERATEREQUEST']._serialized_end=461
+  _globals['_CHUNK']._serialized_start=463
+  _globals['_CHUNK']._serialized_end=503
+  _globals['_USAGE']._serialized_start=505
+  _globals['_USAGE']._serialized_end=584
+  _globals['_COMPLETE']._serialized_start=587
+  _globals['_COMPLETE']._serialized_end=783
+  _globals['_COMPLETE_TIMINGSMSENTRY']._serialized_start=735
+  _globals['_COMPLETE_TIMINGSMSENTRY']._serialized_end=783
+  _globals['_ERROR']._serialized_start=785
+  _globals['_ERROR']._serialized_end=823
+  _globals['_GENERATERESPONSE']._serialized_start=826
+  _globals['_GENERATERESPONSE']._serialized_end=970
+  _globals['_GETMODELINFOREQUEST']._serialized_start=972
+  _globals['_GETMODELINFOREQUEST']._serialized_end=993
+  _globals['_MODELINFO']._serialized_start=996
+  _globals['_MODELINFO']._serialized_end=1140
+  _globals['_ROUTERSERVICE']._serialized_start=1143
+  _globals['_ROUTERSERVICE']._serialized_end=1371
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerationParams(_message.Message):
-    __slots__ = ("max_tokens", "sampling", "stop", "ignore_eos", "image_keep_ratio")
+    __slots__ = ("max_tokens", "sampling", "stop", "ignore_eos", "image_keep_ratio", "fastkv")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_KEEP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    FASTKV_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     sampling: _common_pb2.SamplingParams
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
     image_keep_ratio: float
-    def __init__(self, max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., image_keep_ratio: _Optional[float] = ...) -> None: ...
+    fastkv: _common_pb2.FastKVSettings
+    def __init__(self, max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., image_keep_ratio: _Optional[float] = ..., fastkv: _Optional[_Union[_common_pb2.FastKVSettings, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "images", "params", "raw")

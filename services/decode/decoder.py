@@ -31,20 +31,28 @@ class TokenDecoder:
         self.decoder = decoder
 
     def check_layers(self, layers: list[torch.Tensor], length: int) -> None:
+        """Each layer [2, H_kv, n, D] with 1 <= n <= length (n < length: a compressed prefill)."""
         spec = self.decoder.spec
-        expected = (2, spec.num_kv_heads, length, spec.head_dim)
         if len(layers) != spec.num_layers:
             raise InvalidArgumentError(f"kv.layers: {len(layers)} layers, the model has {spec.num_layers}")
         for i, layer in enumerate(layers):
-            if tuple(layer.shape) != expected or not layer.is_floating_point():
-                got = f"{layer.dtype} {tuple(layer.shape)}"
-                raise InvalidArgumentError(f"kv.layers[{i}]: expected a float tensor of shape {expected}, got {got}")
+            shape = tuple(layer.shape)
+            fits = len(shape) == 4 and shape[:2] == (2, spec.num_kv_heads) and shape[3] == spec.head_dim
+            if not (fits and 1 <= shape[2] <= length and layer.is_floating_point()):
+                expected = f"(2, {spec.num_kv_heads}, n, {spec.head_dim}) with 1 <= n <= kv.length ({length})"
+                raise InvalidArgumentError(f"kv.layers[{i}]: expected a float tensor of shape {expected}, "
+                                           f"got {layer.dtype} {shape}")
+        if any(layer.shape[2] < length for layer in layers) and any(w is not None for w in spec.sliding_windows):
+            raise InvalidArgumentError("kv.layers: a compressed KV cannot be used with sliding-window attention")
 
     def load(
-        self, layers: list[torch.Tensor], first_token: int, max_new_tokens: int, sampling: SamplingParams
+        self, layers: list[torch.Tensor], first_token: int, max_new_tokens: int, sampling: SamplingParams,
+        length: int | None = None,
     ) -> Sequence:
-        capacity = layers[0].shape[2] + max_new_tokens
-        kv = SequenceKV.from_layers([layer.to(self.decoder.dtype) for layer in layers], capacity, self.decoder.device)
+        """`length` is the logical prompt length (the KV may hold fewer rows, see check_layers)."""
+        capacity = max(layer.shape[2] for layer in layers) + max_new_tokens
+        kv = SequenceKV.from_layers([layer.to(self.decoder.dtype) for layer in layers], capacity,
+                                    self.decoder.device, length=length)
         return Sequence(kv=kv, sampling=sampling, last_token=first_token)
 
     @torch.inference_mode()

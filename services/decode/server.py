@@ -90,7 +90,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 raise FailedPreconditionError(f"kv.layers[{missing[0]}]: entry is no longer in the cache")
             self.decoder.check_layers(layers, request.kv.length)
             return await self.executor.run(
-                self.decoder.load, layers, request.first_token_id, request.max_new_tokens, sampling
+                self.decoder.load, layers, request.first_token_id, request.max_new_tokens, sampling, request.kv.length
             )
         finally:
             await asyncio.shield(self.cache.release(refs))

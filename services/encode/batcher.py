@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 
 from services.encode.encoder import ImageEncoder
@@ -33,8 +34,9 @@ class BatchStats:
 
 
 class EncodeBatcher:
-    def __init__(self, encoder: ImageEncoder, executor: ModelExecutor, *, max_batch: int, max_wait_ms: float) -> None:
-        self.encoder, self.executor = encoder, executor
+    def __init__(self, encoder: ImageEncoder, executor: ModelExecutor, *, max_batch: int, max_wait_ms: float,
+                 to_host: bool = True) -> None:
+        self.encoder, self.executor, self.to_host = encoder, executor, to_host
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
         self.stats = BatchStats()
         self._queue: list[_Job] = []
@@ -78,8 +80,8 @@ class EncodeBatcher:
 
     async def _encode(self, batch: list[_Job]) -> None:
         try:
-            tensors = await self.executor.run(self.encoder.encode, [j.image for j in batch],
-                                              [j.keep_ratio for j in batch])
+            tensors = await self.executor.run(functools.partial(
+                self.encoder.encode, [j.image for j in batch], [j.keep_ratio for j in batch], to_host=self.to_host))
         except Exception as exc:  # every waiter learns of the failure
             for job in batch:
                 self._finish(job, exc=exc)

@@ -3,7 +3,10 @@ tower + projector, optional token sparsification, and the content key of each im
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import pathlib
+import threading
 
 import torch
 from PIL import Image
@@ -40,9 +43,12 @@ class ImageEncoder:
         return image_key(image, model_revision=self.revision, processor_digest=settings, tenant_salt=salt)
 
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image], keep_ratios: list[float]) -> list[torch.Tensor]:
-        """RGB images -> one embedding per image [kept_tokens, hidden] (on the model's device).
-        The tower runs once for the batch; images are then sparsified per keep ratio."""
+    def encode(self, images: list[Image.Image], keep_ratios: list[float], *, to_host: bool = True
+               ) -> list[torch.Tensor]:
+        """RGB images -> one embedding per image [kept_tokens, hidden]. The tower runs once for the
+        batch; images are then sparsified per keep ratio. With `to_host` the embeddings come back
+        in (pinned) host memory, copied here on the model thread with one sync for the batch, so
+        callers never block their own thread on the GPU; otherwise they stay on the model's device."""
         embeddings, hidden_states = self.model.encode(self._pixels(images))
         out: list[torch.Tensor | None] = [None] * len(images)
         for ratio in sorted(set(keep_ratios)):
@@ -50,7 +56,7 @@ class ImageEncoder:
             features = self._features(embeddings, hidden_states, rows)
             for i, tensor in zip(rows, sparsify(features, self.scorer, ratio)):
                 out[i] = tensor
-        return out
+        return _to_host(out) if to_host and self.model.device.type == "cuda" else out
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """Preprocess with the checkpoint's processor; torchvision-backed processors run on the
@@ -68,3 +74,44 @@ class ImageEncoder:
             feature_layer=self.spec.vision.feature_layers[-1],
             dropped_cls=self.spec.vision.select_strategy == "default" and self.spec.vision.has_cls_token,
         )
+
+
+class RecentKeys:
+    """Content keys of recently seen image bytes: sha256(bytes, tenant salt, keep ratio) -> key,
+    so a repeated image skips decoding and pixel hashing. A bounded LRU, safe across threads."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self._keys: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def fingerprint(data: bytes, salt: bytes, keep_ratio: float) -> bytes:
+        h = hashlib.sha256()
+        for part in (data, salt, repr(keep_ratio).encode()):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+        return h.digest()
+
+    def get(self, fingerprint: bytes) -> str | None:
+        with self._lock:
+            key = self._keys.get(fingerprint)
+            if key is not None:
+                self._keys.move_to_end(fingerprint)
+            return key
+
+    def put(self, fingerprint: bytes, key: str) -> None:
+        with self._lock:
+            self._keys[fingerprint] = key
+            self._keys.move_to_end(fingerprint)
+            while len(self._keys) > self.capacity:
+                self._keys.popitem(last=False)
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Device tensors -> pinned host copies: asynchronous copies, then one sync for all of them."""
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for dst, src in zip(host, tensors):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return host

@@ -14,7 +14,7 @@ from epdserve.transport.errors import unary_errors
 from epdserve.v1 import encode_pb2, encode_pb2_grpc
 from mmcache.client import MMCache
 from services.encode.batcher import EncodeBatcher
-from services.encode.encoder import ImageEncoder
+from services.encode.encoder import ImageEncoder, RecentKeys
 from services.encode.images import decode_image
 from services.encode.sparsify import build_scorer
 from services.runtime import StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
@@ -26,6 +26,7 @@ SERVICE_NAME = encode_pb2.DESCRIPTOR.services_by_name["EncodeService"].full_name
 class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
     def __init__(self, encoder: ImageEncoder, batcher: EncodeBatcher, cache: MMCache, config: EncodeConfig) -> None:
         self.encoder, self.batcher, self.cache, self.config = encoder, batcher, cache, config
+        self.recent = RecentKeys()
 
     @unary_errors
     async def Encode(self, request: encode_pb2.EncodeRequest, context) -> encode_pb2.EncodeResponse:
@@ -35,16 +36,16 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
             raise InvalidArgumentError(f"keep_ratio must be in (0, 1] (got {keep})")
         watch = Stopwatch()
         with watch.section("decode_ms"):
-            images = await asyncio.gather(
-                *(asyncio.to_thread(decode_image, img.data, i, self.config) for i, img in enumerate(request.images))
-            )
-            keys = await asyncio.gather(
-                *(asyncio.to_thread(self.encoder.key, image, request.cache_salt, keep) for image in images))
+            identified = await asyncio.gather(*(
+                asyncio.to_thread(self._identify, img.data, i, request.cache_salt, keep)
+                for i, img in enumerate(request.images)))
+        keys, images = [key for key, _ in identified], [image for _, image in identified]
         refs = [None] * len(keys)
         if not request.skip_cache_lookup:
             with watch.section("cache_lookup_ms"):
                 refs = await self.cache.lookup_many(keys, ttl_s=self.config.embedding_ttl_s,
                                                     lease_s=self.config.handoff_lease_s)
+        await self._decode_undecoded_misses(request, images, refs)
         hits = [ref is not None for ref in refs]
         await self._encode_misses(images, keys, refs, keep, watch)
         watch.timings_ms["images_cached"] = float(sum(hits))
@@ -55,6 +56,26 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
             ],
             timings_ms=watch.timings_ms,
         )
+
+    def _identify(self, data: bytes, index: int, salt: bytes, keep: float):
+        """(content key, decoded image or None): bytes seen recently map straight to their key
+        without decoding (they were decoded and validated then); others are decoded and keyed."""
+        fingerprint = RecentKeys.fingerprint(data, salt, keep)
+        key = self.recent.get(fingerprint)
+        if key is not None:
+            return key, None
+        image = decode_image(data, index, self.config)
+        key = self.encoder.key(image, salt, keep)
+        self.recent.put(fingerprint, key)
+        return key, image
+
+    async def _decode_undecoded_misses(self, request, images: list, refs: list) -> None:
+        """Decode the images that were keyed from their bytes alone but whose embedding is gone."""
+        todo = [i for i, (image, ref) in enumerate(zip(images, refs)) if image is None and ref is None]
+        decoded = await asyncio.gather(
+            *(asyncio.to_thread(decode_image, request.images[i].data, i, self.config) for i in todo))
+        for i, image in zip(todo, decoded):
+            images[i] = image
 
     def _check_count(self, count: int) -> None:
         if count == 0:
@@ -101,7 +122,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
 
     def register(ctx: StageContext) -> None:
         batcher = EncodeBatcher(encoder, ctx.executor, max_batch=encode_config.max_batch_size,
-                                max_wait_ms=encode_config.max_batch_wait_ms)
+                                max_wait_ms=encode_config.max_batch_wait_ms, to_host=not cache_config.device_tier)
         servicer = EncodeServicer(encoder, batcher, ctx.cache, encode_config)
         encode_pb2_grpc.add_EncodeServiceServicer_to_server(servicer, ctx.server.server)
 

@@ -1,37 +1,41 @@
 """The prefill stage's model side: validate the inputs, merge image embeddings into the prompt,
 run the decoder over the prompt, sample the first token, return the KV layer by layer.
 
-Invariant: the KV returned for layer l holds exactly the keys/values of prompt positions
-[0, len(token_ids)) at logical positions 0..S-1, and the first token is sampled from the
-logits of position S-1 with sampling step 0.
+Invariant: lossless, the KV returned for layer l holds exactly the keys/values of prompt positions
+[0, S) (S = len(token_ids)); with FastKV it holds, per KV head, the entries its selection kept
+(RoPE applied at their original positions) and decode continues at logical position S. The first
+token is sampled from the logits of position S-1 with sampling step 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
-from epdserve.engine.generation import new_kv, prefill
 from epdserve.engine.sampler import SamplingParams, sample_token
 from epdserve.errors import InvalidArgumentError
 from epdserve.models.decoder import Decoder, merge_image_embeddings
 from epdserve.models.spec import LlavaSpec
+from services.prefill.fastkv import FastKVConfig, FastKVPlan, kv_keep_index, tsp_index, window_queries, window_scores
+from services.prefill.layer_kv import CollectedLayers, OffloadingKV, OnLayer
+from services.prefill.minisequence import MiniSequenceConfig, map_chunks, residual_chunks
 from services.wire import check_finite
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillResult:
     first_token_id: int
-    kv_layers: list[torch.Tensor]     # per layer [2, H_kv, S, D]
-    length: int
+    kv_layers: list[torch.Tensor]     # per layer [2, H_kv, n_l, D] (n_l < length when FastKV compressed it)
+    length: int                       # logical length: decode continues at this position
     new_blocks: list[torch.Tensor]    # prefix-cache blocks computed here, [L, 2, H_kv, T, D] each
     computed_tokens: int              # positions actually run through the decoder
 
 
 class PromptPrefiller:
-    def __init__(self, spec: LlavaSpec, decoder: Decoder) -> None:
-        self.spec, self.decoder = spec, decoder
+    def __init__(self, spec: LlavaSpec, decoder: Decoder, mini: MiniSequenceConfig = MiniSequenceConfig()) -> None:
+        self.spec, self.decoder, self.mini = spec, decoder, mini
 
     def validate(self, token_ids: list[int], embeddings: list[torch.Tensor]) -> None:
         """Raise InvalidArgumentError naming the field and limit for any input that does not fit."""
@@ -61,21 +65,80 @@ class PromptPrefiller:
 
     @torch.inference_mode()
     def run(self, token_ids: list[int], embeddings: list[torch.Tensor], sampling: SamplingParams,
-            prefix_blocks: list[torch.Tensor] = (), publish_blocks_upto: int = 0, block_tokens: int = 1
-            ) -> PrefillResult:
+            prefix_blocks: Sequence[torch.Tensor] = (), publish_blocks_upto: int = 0, block_tokens: int = 1, *,
+            fastkv: FastKVConfig | None = None, on_layer: OnLayer | None = None) -> PrefillResult:
         """Prefill positions after the cached prefix blocks; cut the blocks [len(prefix_blocks),
-        publish_blocks_upto) out of the result so they can be cached."""
+        publish_blocks_upto) out of the result so they can be cached. Each finished layer's KV is
+        handed to `on_layer` as soon as it is on the host (layer-wise publishing)."""
+        if fastkv is not None and (prefix_blocks or publish_blocks_upto):
+            raise ValueError("FastKV KV depends on the whole prompt: it cannot use or feed the prefix cache")
+        embeds = self.embed(token_ids, embeddings)
+        collected = CollectedLayers()
+
+        def hand_off(layer: int, tensor: torch.Tensor, ready) -> None:
+            collected(layer, tensor, ready)
+            if on_layer is not None:
+                on_layer(layer, tensor, ready)
+
+        kv = OffloadingKV(self.decoder.device, hand_off, prefix_blocks=prefix_blocks)
+        cached = kv.prefix_length
+        plan = fastkv.plan(self.spec.decoder.num_layers, len(token_ids)) if fastkv is not None else None
+        logits = forward_prompt(self.decoder, embeds[cached:], kv, self.mini, plan)
+        first = sample_token(logits[-1], sampling, step=0)
+        layers = collected.layers()
+        new_blocks = [torch.stack([layer[:, :, b * block_tokens:(b + 1) * block_tokens] for layer in layers])
+                      for b in range(len(prefix_blocks), publish_blocks_upto)]
+        return PrefillResult(first, layers, len(token_ids), new_blocks, len(token_ids) - cached)
+
+    def embed(self, token_ids: list[int], embeddings: list[torch.Tensor]) -> torch.Tensor:
+        """Prompt embeddings [S, d]: token embeddings with the image rows merged in, in order."""
         ids = torch.tensor(token_ids, device=self.decoder.device)
         embeds = self.decoder.embed(ids[None])[0]
         if embeddings:
             image_rows = torch.cat([e.to(self.decoder.device) for e in embeddings])
             embeds = merge_image_embeddings(embeds, ids, self.spec.image_token_id, image_rows)
-        kv = new_kv(self.decoder, len(token_ids))
-        kv.load_prefix([block.to(self.decoder.device, self.decoder.dtype) for block in prefix_blocks])
-        cached = kv.length
-        logits = prefill(self.decoder, embeds[cached:], kv)
-        first = sample_token(logits, sampling, step=0)
-        layers = [kv.layer_tensor(layer) for layer in range(kv.num_layers)]
-        new_blocks = [kv.block(b * block_tokens, (b + 1) * block_tokens)
-                      for b in range(len(prefix_blocks), publish_blocks_upto)]
-        return PrefillResult(first, layers, kv.length, new_blocks, len(token_ids) - cached)
+        return embeds
+
+
+@torch.inference_mode()
+def forward_prompt(decoder: Decoder, embeds: torch.Tensor, kv: OffloadingKV, mini: MiniSequenceConfig,
+                   plan: FastKVPlan | None = None, *, all_logits: bool = False) -> torch.Tensor:
+    """The prefill layer loop. embeds [S, d] at positions [P, P+S) after a cached prefix of P;
+    returns logits [1, V] of the last position, or [S, V] with all_logits (MLP, norms and LM
+    head over mini-sequences; with last_position_only the last layer's MLP, the final norm and the
+    LM head see only the last row). With a FastKV plan each layer's stored KV is compressed and
+    the TSP layer hands only the selected tokens (at their original positions) to later layers."""
+    start = kv.prefix_length
+    positions = torch.arange(start, start + embeds.shape[0], device=decoder.device)
+    cos, sin = decoder.cos_sin(positions)
+    chunk = mini.chunk_length()
+    last_only = mini.last_position_only and not all_logits
+    h = embeds[None].to(decoder.dtype)
+    for i, layer in enumerate(decoder.layers):
+        x = layer.input_layernorm(h)
+        h = h + layer.self_attn(x, cos, sin, kv, start)
+        keep, selected = _fastkv_select(plan, i, layer, x, cos, sin, kv) if plan else (None, None)
+        del x
+        kv.finish(i, keep)
+        if last_only and i == len(decoder.layers) - 1:
+            h = h[:, -1:].clone()
+        h = residual_chunks(lambda rows, layer=layer: layer.feed_forward(layer.post_attention_layernorm(rows)),
+                            h, chunk)
+        if selected is not None:
+            h, positions = h[:, selected], positions[selected]
+            cos, sin = decoder.cos_sin(positions)
+    return map_chunks(decoder.logits, h[0] if all_logits else h[0, -1:], chunk)
+
+
+def _fastkv_select(plan: FastKVPlan, layer_index: int, layer, x, cos, sin, kv: OffloadingKV):
+    """(KV keep index or None, TSP token index or None) for one layer."""
+    keys = kv.current_keys()
+    n = keys.shape[1]
+    compress, propagate = plan.compresses(n), plan.propagates_subset(layer_index, n)
+    if not (compress or propagate):
+        return None, None
+    window = plan.config.window
+    scores = window_scores(window_queries(layer.self_attn, x, cos, sin, window), keys, plan.config)
+    keep = kv_keep_index(scores, n, plan.kv_budget, window) if compress else None
+    selected = tsp_index(scores, n, plan.tsp_length, window) if propagate else None
+    return keep, selected

@@ -4,10 +4,12 @@ serves it to decode through the mmcache transfer service."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 
 from epdserve.config import CacheConfig, ModelConfig, PrefillConfig, ServerConfig
-from epdserve.errors import FailedPreconditionError
+from epdserve.errors import FailedPreconditionError, InvalidArgumentError
 from epdserve.models.checkpoint import model_revision
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
@@ -15,10 +17,12 @@ from epdserve.transport.errors import unary_errors
 from epdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from mmcache.client import MMCache
 from mmcache.keys import kv_layer_key, new_kv_prefix
+from services.prefill.fastkv import FastKVConfig
+from services.prefill.minisequence import MiniSequenceConfig
 from services.prefill.prefill import PromptPrefiller
-from services.prefill.prefix import PrefixCache
+from services.prefill.prefix import PrefixCache, PrefixHit
 from services.runtime import ModelExecutor, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
-from services.wire import sampling_from_proto
+from services.wire import fastkv_from_proto, sampling_from_proto
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
@@ -29,37 +33,44 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                  prefixes: PrefixCache) -> None:
         self.prefiller, self.cache, self.executor, self.config = prefiller, cache, executor, config
         self.prefixes = prefixes
+        self.fastkv_default = _fastkv_default(config)
         self._background: set[asyncio.Task] = set()
 
     @unary_errors
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
         sampling = sampling_from_proto(request.sampling)
+        fastkv = fastkv_from_proto(request, self.fastkv_default)
         token_ids = list(request.token_ids)
         watch = Stopwatch()
-        hit = None
+        hit = PrefixHit([], [], [])
         try:
             with watch.section("cache_get_ms"):
                 embeddings = await self._fetch_embeddings(request.image_embeddings)
                 self.prefiller.validate(token_ids, embeddings)
-                hit = await self.prefixes.lookup(token_ids, request.image_embeddings, request.cache_salt)
+                self._check_fastkv(fastkv)
+                if fastkv is None:  # FastKV's KV depends on the whole prompt: no prefix reuse
+                    hit = await self.prefixes.lookup(token_ids, request.image_embeddings, request.cache_salt)
+            publish_upto = len(token_ids) // self.config.prefix_block_tokens
+            publish_upto = publish_upto if self.config.prefix_cache and fastkv is None else 0
             with watch.section("prefill_ms"):
-                result = await self.executor.run(
-                    self.prefiller.run, token_ids, embeddings, sampling, hit.blocks,
-                    (len(token_ids) // self.config.prefix_block_tokens) if self.config.prefix_cache else 0,
-                    self.config.prefix_block_tokens)
+                result, refs = await self._prefill_and_publish(
+                    functools.partial(self.prefiller.run, token_ids, embeddings, sampling, hit.blocks, publish_upto,
+                                      self.config.prefix_block_tokens, fastkv=fastkv), watch)
         finally:  # inputs were copied into this request's KV (or it failed): end their leases
-            leased = list(request.image_embeddings) + (hit.refs if hit else [])
-            await asyncio.shield(self.cache.release(leased))
-        with watch.section("kv_publish_ms"):
-            refs = await self._publish(result.kv_layers)
+            await asyncio.shield(self.cache.release(list(request.image_embeddings) + hit.refs))
         self._in_background(self.prefixes.publish(hit, result.new_blocks))
         watch.timings_ms["prefix_hit_tokens"] = float(result.length - result.computed_tokens)
         watch.timings_ms["computed_tokens"] = float(result.computed_tokens)
+        watch.timings_ms["kv_tokens_stored"] = float(sum(layer.shape[2] for layer in result.kv_layers))
         return prefill_pb2.PrefillResponse(
             first_token_id=result.first_token_id,
             kv=common_pb2.KVHandle(layers=refs, length=result.length),
             timings_ms=watch.timings_ms,
         )
+
+    def _check_fastkv(self, fastkv) -> None:
+        if fastkv is not None and any(w is not None for w in self.prefiller.spec.decoder.sliding_windows):
+            raise InvalidArgumentError("fastkv: not supported with sliding-window attention (this model has it)")
 
     def _in_background(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -75,19 +86,43 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise FailedPreconditionError(f"image_embeddings[{missing[0]}]: entry is no longer in the cache")
         return tensors
 
-    async def _publish(self, layers) -> list:
-        """Publish the KV one entry per layer. If the RPC is cancelled meanwhile, the put still
-        completes (shielded) and its entries are released at once instead of waiting for the TTL."""
-        prefix = new_kv_prefix()
-        items = [(kv_layer_key(prefix, i), layer) for i, layer in enumerate(layers)]
-        put = asyncio.ensure_future(self.cache.put_many(
-            items, ttl_s=self.config.kv_ttl_s, lease_s=self.config.kv_ttl_s, ephemeral=True))
+    async def _prefill_and_publish(self, run, watch: Stopwatch):
+        """Run the prefill on the model thread and publish each layer's KV while later layers are
+        computed (layer-wise publishing). On failure or cancellation every published layer is
+        released at once instead of waiting for its TTL."""
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue = asyncio.Queue()
+        published: list = []
+
+        def on_layer(layer: int, tensor, ready) -> None:  # called on the model thread
+            loop.call_soon_threadsafe(arrived.put_nowait, (layer, tensor, ready))
+
+        publisher = asyncio.ensure_future(self._publish_layers(arrived, published))
         try:
-            return await asyncio.shield(put)
-        except asyncio.CancelledError:
-            refs = await put
-            await self.cache.release(refs)
+            result = await self.executor.run(functools.partial(run, on_layer=on_layer))
+            started = time.perf_counter()
+            await asyncio.shield(publisher)
+            watch.timings_ms["kv_publish_ms"] = (time.perf_counter() - started) * 1000.0
+            return result, published
+        except BaseException:
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+            await asyncio.shield(self.cache.release(published))
             raise
+
+    async def _publish_layers(self, arrived: asyncio.Queue, published: list) -> None:
+        prefix = new_kv_prefix()
+        for _ in range(self.prefiller.spec.decoder.num_layers):
+            layer, tensor, ready = await arrived.get()
+            await asyncio.to_thread(ready)
+            put = asyncio.ensure_future(self.cache.put_many(
+                [(kv_layer_key(prefix, layer), tensor)], ttl_s=self.config.kv_ttl_s, lease_s=self.config.kv_ttl_s,
+                ephemeral=True))
+            try:
+                published.extend(await asyncio.shield(put))
+            except asyncio.CancelledError:  # a put under way completes, so its entry can be released
+                published.extend(await put)
+                raise
 
 
 async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,
@@ -99,10 +134,20 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
 
     def register(ctx: StageContext) -> None:
         prefixes = PrefixCache(ctx.cache, prefill_config, revision, f"lossless/{decoder.dtype}", spec.image_token_id)
-        servicer = PrefillServicer(PromptPrefiller(spec, decoder), ctx.cache, ctx.executor, prefill_config, prefixes)
+        mini = MiniSequenceConfig(prefill_config.chunk_tokens, prefill_config.min_chunk_tokens,
+                                  prefill_config.last_position_only)
+        servicer = PrefillServicer(PromptPrefiller(spec, decoder, mini), ctx.cache, ctx.executor, prefill_config,
+                                   prefixes)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, ctx.server.server)
 
     await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register)
+
+
+def _fastkv_default(config: PrefillConfig) -> FastKVConfig | None:
+    if not config.fastkv:
+        return None
+    return FastKVConfig(tsp_rate=config.fastkv_tsp_rate, retain_rate=config.fastkv_retain_rate,
+                        tsp_layer=config.fastkv_tsp_layer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,6 +166,7 @@ class Orchestrator:
             image_embeddings=refs,
             sampling=sampling_to_proto(req.sampling),
             cache_salt=req.cache_salt,
+            fastkv=req.fastkv,
         )
         t0 = time.perf_counter()
         response = await _call("prefill", self.prefill.pick().Prefill(request, timeout=_remaining(deadline)))

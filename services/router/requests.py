@@ -16,8 +16,8 @@ import uuid
 from epdserve.config import RouterConfig
 from epdserve.engine.sampler import SamplingParams
 from epdserve.errors import InvalidArgumentError, ResourceExhaustedError
-from epdserve.v1 import router_pb2
-from services.wire import sampling_from_proto
+from epdserve.v1 import common_pb2, router_pb2
+from services.wire import fastkv_from_proto, sampling_from_proto
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -33,6 +33,7 @@ class GenerationRequest:
     stop: tuple[str, ...]
     ignore_eos: bool
     image_keep_ratio: float = 1.0
+    fastkv: common_pb2.FastKVSettings | None = None  # validated; None: the prefill deployment's default
     cache_salt: bytes = b""    # per-tenant secret for cache keys (derived by the router, never by the client)
 
 
@@ -59,6 +60,7 @@ def parse_request(msg: router_pb2.GenerateRequest, config: RouterConfig, salt: b
         stop=_stop_strings(params.stop, config),
         ignore_eos=params.ignore_eos,
         image_keep_ratio=_keep_ratio(params, config),
+        fastkv=_fastkv(params),
         cache_salt=salt,
     )
 
@@ -68,6 +70,13 @@ def _keep_ratio(params: router_pb2.GenerationParams, config: RouterConfig) -> fl
     if not (0.0 < ratio <= 1.0):  # also rejects NaN
         raise InvalidArgumentError(f"params.image_keep_ratio must be in (0, 1] (got {ratio})")
     return ratio
+
+
+def _fastkv(params: router_pb2.GenerationParams) -> common_pb2.FastKVSettings | None:
+    if not params.HasField("fastkv"):
+        return None
+    fastkv_from_proto(params, None, field="params.fastkv")  # refuse bad settings before any work
+    return params.fastkv
 
 
 def _request_id(request_id: str) -> str:

@@ -118,3 +118,16 @@ def test_hundred_thousand_squared_bomb_is_refused_with_bounded_memory():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 5 << 20, f"decoding attempt used {peak} bytes"
+
+
+def test_recent_keys_is_a_bounded_lru_keyed_by_bytes_salt_and_keep():
+    from services.encode.encoder import RecentKeys
+
+    recent = RecentKeys(capacity=2)
+    a, b, c = (RecentKeys.fingerprint(data, b"", 1.0) for data in (b"a", b"b", b"c"))
+    assert RecentKeys.fingerprint(b"a", b"salt", 1.0) != a != RecentKeys.fingerprint(b"a", b"", 0.5)
+    recent.put(a, "img:a")
+    recent.put(b, "img:b")
+    assert recent.get(a) == "img:a"  # a is now the most recent
+    recent.put(c, "img:c")
+    assert recent.get(b) is None and recent.get(a) == "img:a" and recent.get(c) == "img:c"

@@ -153,9 +153,9 @@ def test_batcher_batches_across_callers_and_runs_one_tower_call_per_key(tiny_che
     calls = []
     real = encoder.encode
 
-    def spy(images, ratios):
+    def spy(images, ratios, **kwargs):
         calls.append(len(images))
-        return real(images, ratios)
+        return real(images, ratios, **kwargs)
 
     encoder.encode = spy
     images = _images(5, seed=9)

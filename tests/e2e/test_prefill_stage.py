@@ -1,0 +1,86 @@
+"""The prefill stage through real processes: FastKV requests flow E -> P -> D and decode from the
+compressed KV (tokens equal to the same computation in one process), keep-everything FastKV is
+the lossless path, bad settings are refused with the field named; a deployment default applies
+to requests that do not say."""
+
+from __future__ import annotations
+
+import pytest
+
+from epdserve.engine.sampler import SamplingParams
+from epdserve.errors import InvalidArgumentError
+from epdserve.launcher import ClusterConfig, LocalCluster
+from epdserve.sdk import Client
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = " ".join(f"item{i} is number {i * 7 % 13}." for i in range(40)) + " Which item is number 5?"
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory("llama", "clip", 5, num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def client(model_dir):
+    with LocalCluster(ClusterConfig(model_dir=model_dir, device="cpu")) as cluster:
+        with Client(cluster.router_address, timeout_s=120) as client:
+            yield client
+
+
+def _reference(model_dir, fastkv) -> list[int]:
+    """Prefill with FastKV and decode in this process, from the prompt the router builds."""
+    from epdserve.models.loader import load_decoder
+    from epdserve.models.prompt import PromptBuilder
+    from epdserve.models.spec import load_spec
+    from services.decode.decoder import TokenDecoder
+    from services.prefill.prefill import PromptPrefiller
+
+    spec = load_spec(model_dir)
+    decoder = load_decoder(spec, device="cpu")
+    ids = PromptBuilder(spec).build(PROMPT, 0, False).token_ids
+    greedy = SamplingParams(temperature=0.0)
+    result = PromptPrefiller(spec, decoder).run(list(ids), [], greedy, fastkv=fastkv)
+    steps = TokenDecoder(decoder)
+    seq = steps.load(result.kv_layers, result.first_token_id, NEW_TOKENS, greedy, result.length)
+    return [result.first_token_id] + [steps.step(seq) for _ in range(NEW_TOKENS - 1)]
+
+
+def test_fastkv_request_decodes_from_the_compressed_kv(client, model_dir):
+    from services.prefill.fastkv import FastKVConfig
+
+    result = client.generate(PROMPT, max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, fastkv=True)
+    length = result.usage.prompt_tokens
+    assert length > 200
+    budget = -(-length // 10)  # retain_rate 0.1
+    assert result.timings_ms["prefill.kv_tokens_stored"] == 4 * budget
+    assert list(result.token_ids) == _reference(model_dir, FastKVConfig())
+
+
+def test_fastkv_keeping_everything_is_the_lossless_path(client):
+    lossless = client.generate(PROMPT, max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    kept = client.generate(PROMPT, max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
+                           fastkv={"tsp_rate": 1.0, "retain_rate": 1.0})
+    assert kept.token_ids == lossless.token_ids
+    assert kept.timings_ms["prefill.kv_tokens_stored"] == 4 * lossless.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"tsp_rate": 1.5}, r"params.fastkv: fastkv tsp_rate must be in \(0, 1\]"),
+    ({"retain_rate": -0.1}, r"params.fastkv: fastkv retain_rate must be in \(0, 1\]"),
+    ({"kv_budget": -3}, r"params.fastkv: fastkv tsp_length and kv_budget must be >= 0"),
+])
+def test_bad_fastkv_settings_are_refused(client, settings, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        client.generate(PROMPT, max_tokens=1, fastkv=settings)
+
+
+def test_fastkv_deployment_default_and_per_request_opt_out(model_dir):
+    config = ClusterConfig(model_dir=model_dir, device="cpu", stage_args={"prefill": ("--fastkv",)})
+    with LocalCluster(config) as cluster, Client(cluster.router_address, timeout_s=120) as client:
+        default = client.generate(PROMPT, max_tokens=1)
+        opted_out = client.generate(PROMPT, max_tokens=1, fastkv=False)
+    assert default.timings_ms["prefill.kv_tokens_stored"] < 4 * default.usage.prompt_tokens
+    assert opted_out.timings_ms["prefill.kv_tokens_stored"] == 4 * opted_out.usage.prompt_tokens

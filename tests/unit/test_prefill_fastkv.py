@@ -1,0 +1,164 @@
+"""FastKV invariants (ALGORITHMS.md §3c) on CPU fp32."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from epdserve.engine.sampler import SamplingParams
+from epdserve.models.loader import load_decoder
+from epdserve.models.spec import load_spec
+from services.prefill.fastkv import FastKVConfig, kv_keep_index, tsp_index, window_queries, window_scores
+from services.prefill.layer_kv import CollectedLayers, OffloadingKV
+from services.prefill.minisequence import MiniSequenceConfig
+from services.prefill.prefill import PromptPrefiller, forward_prompt
+
+GREEDY = SamplingParams(temperature=0.0)
+MINI = MiniSequenceConfig(chunk_tokens=16, min_chunk_tokens=1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint_factory):
+    spec = load_spec(tiny_checkpoint_factory("llama", "clip", 5, num_layers=4))
+    return spec, load_decoder(spec, dtype="float32", device="cpu")
+
+
+def _embeds(decoder, length: int) -> torch.Tensor:
+    ids = torch.randint(0, decoder.spec.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+    return decoder.embed(ids)[0]
+
+
+def _run(decoder, embeds, fastkv: FastKVConfig | None, **kwargs):
+    collected = CollectedLayers()
+    plan = fastkv.plan(decoder.spec.num_layers, embeds.shape[0]) if fastkv else None
+    logits = forward_prompt(decoder, embeds, OffloadingKV("cpu", collected), MINI, plan, **kwargs)
+    return logits, collected.layers()
+
+
+def test_keep_everything_is_the_lossless_path_bitwise(model):
+    _, decoder = model
+    embeds = _embeds(decoder, 60)
+    lossless_logits, lossless_kv = _run(decoder, embeds, None)
+    for config in (FastKVConfig(tsp_rate=1.0, retain_rate=1.0), FastKVConfig(tsp_length=60, kv_budget=60)):
+        logits, kv = _run(decoder, embeds, config)
+        assert torch.equal(logits, lossless_logits)
+        assert all(torch.equal(a, b) for a, b in zip(kv, lossless_kv))
+
+
+def test_cache_sizes_per_layer_and_first_token_from_the_true_last_position(model):
+    _, decoder = model
+    length = 200
+    config = FastKVConfig()  # tsp_rate 0.2, retain_rate 0.1, window 8, kernel 7
+    plan = config.plan(decoder.spec.num_layers, length)
+    assert plan.tsp_layer == 2 and plan.tsp_length == 40 and plan.kv_budget == 20
+    logits, kv = _run(decoder, _embeds(decoder, length), config)
+    assert logits.shape == (1, decoder.spec.vocab_size) and torch.isfinite(logits).all()
+    assert [layer.shape[2] for layer in kv] == [20, 20, 20, 20]
+    assert all(layer.shape[:2] == (2, decoder.spec.num_kv_heads) for layer in kv)
+
+
+def test_small_prompts_are_not_compressed(model):
+    _, decoder = model
+    config = FastKVConfig(kv_budget=64, tsp_length=128)
+    _, kv = _run(decoder, _embeds(decoder, 50), config)
+    assert [layer.shape[2] for layer in kv] == [50] * 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tsp_index_is_sorted_in_range_exact_size_and_holds_the_window(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, window = 300, 8
+    length = int(torch.randint(window + 1, n, (1,), generator=g))
+    scores = torch.rand(4, n - window, generator=g)
+    index = tsp_index(scores, n, length, window)
+    assert index.shape == (length,)
+    assert bool((index[1:] > index[:-1]).all()) and int(index[0]) >= 0 and int(index[-1]) == n - 1
+    assert set(range(n - window, n)) <= set(index.tolist())
+    top = set(scores.sum(0).topk(length - window).indices.tolist())
+    assert top == set(index.tolist()) - set(range(n - window, n))
+
+
+def test_kv_keep_index_is_one_selection_per_kv_head_with_the_window():
+    scores = torch.rand(3, 92, generator=torch.Generator().manual_seed(1))
+    index = kv_keep_index(scores, 100, budget=20, window=8)
+    assert index.shape == (3, 20)
+    for head in range(3):
+        kept = index[head].tolist()
+        assert len(set(kept)) == 20 and kept[-8:] == list(range(92, 100))
+        assert set(kept[:12]) == set(scores[head].topk(12).indices.tolist())
+
+
+def test_window_scores_match_eager_attention_rows(model):
+    """The hand-computed scores equal the last-window rows of an explicit causal softmax(QK^T),
+    summed per query head over the prefix, average-pooled, then summed over each KV group."""
+    spec, decoder = model
+    d = decoder.spec
+    n, window, kernel = 40, 8, 7
+    layer = decoder.layers[0]
+    h = _embeds(decoder, n)[None]
+    x = layer.input_layernorm(h)
+    cos, sin = decoder.cos_sin(torch.arange(n))
+    attn = layer.self_attn
+    k = attn.k_proj(x).view(1, n, d.num_kv_heads, d.head_dim).transpose(1, 2)
+    from epdserve.models.layers import apply_rope
+
+    keys = apply_rope(k, cos, sin)[0]
+    q_all = apply_rope(attn.q_proj(x).view(1, n, d.num_heads, d.head_dim).transpose(1, 2), cos, sin)[0]
+    group = d.num_heads // d.num_kv_heads
+    logits = q_all @ keys.repeat_interleave(group, 0).transpose(1, 2) / math.sqrt(d.head_dim)
+    logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    rows = logits.softmax(-1)[:, -window:, : n - window].sum(1)
+    pooled = torch.nn.functional.avg_pool1d(rows[:, None], kernel, 1, kernel // 2)[:, 0]
+    expected = pooled.view(d.num_kv_heads, group, -1).sum(1)
+    config = FastKVConfig(window=window, pool_kernel=kernel)
+    actual = window_scores(window_queries(attn, x, cos, sin, window), keys, config)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_after_tsp_keep_their_original_positions(model, monkeypatch):
+    _, decoder = model
+    seen = []
+    real = decoder.cos_sin
+    monkeypatch.setattr(decoder, "cos_sin", lambda positions: seen.append(positions.clone()) or real(positions))
+    _run(decoder, _embeds(decoder, 100), FastKVConfig(tsp_length=30, kv_budget=16))
+    assert len(seen) == 2 and torch.equal(seen[0], torch.arange(100))
+    later = seen[1]
+    assert later.shape == (30,) and bool((later[1:] > later[:-1]).all()) and later[-8:].tolist() == list(range(92, 100))
+
+
+def test_decode_continues_from_the_logical_length(model):
+    """Decode from a compressed KV puts new tokens at positions L, L+1, ... (not the stored length)."""
+    from services.decode.decoder import TokenDecoder
+
+    spec, decoder = model
+    prefiller = PromptPrefiller(spec, decoder, MINI)
+    token_ids = list(range(4, 124))
+    result = prefiller.run(token_ids, [], GREEDY, fastkv=FastKVConfig(tsp_length=40, kv_budget=24))
+    assert result.length == 120 and all(layer.shape[2] == 24 for layer in result.kv_layers)
+    steps = TokenDecoder(decoder)
+    seq = steps.load(result.kv_layers, result.first_token_id, 4, GREEDY, result.length)
+    seen = []
+    real = decoder.cos_sin
+    decoder.cos_sin = lambda positions: seen.append(int(positions[0])) or real(positions)
+    try:
+        for _ in range(3):
+            steps.step(seq)
+    finally:
+        del decoder.cos_sin
+    assert seen == [120, 121, 122] and seq.kv.stored == [27] * 4
+
+
+def test_fastkv_refuses_the_prefix_cache(model):
+    spec, decoder = model
+    with pytest.raises(ValueError, match="prefix cache"):
+        PromptPrefiller(spec, decoder).run(list(range(40)), [], GREEDY, publish_blocks_upto=1, block_tokens=16,
+                                           fastkv=FastKVConfig())
+
+
+@pytest.mark.parametrize("kwargs,match", [({"tsp_rate": 0.0}, "tsp_rate"), ({"retain_rate": 1.5}, "retain_rate"),
+                                          ({"pool_kernel": 4}, "pool_kernel"), ({"pooling": "min"}, "pooling")])
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FastKVConfig(**kwargs)
