@@ -49,7 +49,7 @@ class FastKVConfig:
             raise ValueError(f"fastkv tsp_layer {tsp_layer} is not a layer of this model (0..{num_layers - 1})")
         tsp_length = self.tsp_length or math.ceil(self.tsp_rate * prompt_length)
         budget = self.kv_budget or math.ceil(self.retain_rate * prompt_length)
-        return FastKVPlan(self, tsp_layer, max(tsp_length, self.window), max(budget, self.window))
+        return FastKVPlan(self, num_layers, tsp_layer, max(tsp_length, self.window), max(budget, self.window))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,7 @@ class FastKVPlan:
     """The settings resolved for one prompt: which layer selects, how many tokens go on, how many
     KV entries each layer keeps per KV head."""
     config: FastKVConfig
+    num_layers: int
     tsp_layer: int
     tsp_length: int
     kv_budget: int
@@ -65,7 +66,8 @@ class FastKVPlan:
         return n > self.kv_budget
 
     def propagates_subset(self, layer: int, n: int) -> bool:
-        return layer == self.tsp_layer and n > self.tsp_length
+        """TSP at this layer (the last layer has no later layers to propagate to)."""
+        return layer == self.tsp_layer < self.num_layers - 1 and n > self.tsp_length
 
 
 def window_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConfig) -> torch.Tensor:
