@@ -100,23 +100,41 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None, start: int
     ) -> torch.Tensor:
         """x: [B, S, d] holding positions [start, start+S) of the sequence; returns [B, S, d]."""
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         if kv is not None:
             k, v = kv.write(self.layer, k, v, start)
         elif start != 0:
             raise ValueError("start > 0 needs a KV store holding the earlier positions")
-        out = self._attend(q, k, v, start)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        return self.output(self._attend(q, k, v, start))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, S, d] -> q [B, H, S, D], k and v [B, H_kv, S, D], RoPE applied (per-token work)."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """[B, H, S, D] attention output -> o_proj [B, S, d] (per-token work)."""
+        b, _, s, _ = attended.shape
+        return self.o_proj(attended.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One new position against all cached keys (no mask). The g query heads sharing a KV head
+        become g query rows of that head, so the fused kernels run without expanding K/V per head."""
+        b, heads, _, d = q.shape
+        grouped = q.reshape(b, self.num_kv_heads, heads // self.num_kv_heads, d)
+        return F.scaled_dot_product_attention(grouped, k, v).reshape(b, heads, 1, d)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        return self._attend(q, k, v, start)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         s, total = q.shape[2], k.shape[2]
         gqa = self.num_heads != self.num_kv_heads
         if s == 1 and (self.window is None or total <= self.window):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            return self._attend_one(q, k, v)
         if start == 0 and (self.window is None or total <= self.window):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = causal_mask(start, s, total, self.window, q.device)

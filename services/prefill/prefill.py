@@ -18,9 +18,9 @@ from epdserve.engine.sampler import SamplingParams, sample_token
 from epdserve.errors import InvalidArgumentError
 from epdserve.models.decoder import Decoder, merge_image_embeddings
 from epdserve.models.spec import LlavaSpec
-from services.prefill.fastkv import FastKVConfig, FastKVPlan, kv_keep_index, tsp_index, window_queries, window_scores
+from services.prefill.fastkv import FastKVConfig, FastKVPlan, kv_keep_index, tsp_index, window_scores
 from services.prefill.layer_kv import CollectedLayers, OffloadingKV, OnLayer
-from services.prefill.minisequence import MiniSequenceConfig, map_chunks, residual_chunks
+from services.prefill.minisequence import MiniSequenceConfig, chunk_bounds, map_chunks, residual_chunks
 from services.wire import check_finite
 
 
@@ -113,12 +113,16 @@ def forward_prompt(decoder: Decoder, embeds: torch.Tensor, kv: OffloadingKV, min
     cos, sin = decoder.cos_sin(positions)
     chunk = mini.chunk_length()
     last_only = mini.last_position_only and not all_logits
-    h = embeds[None].to(decoder.dtype)
+    h = embeds[None].to(decoder.dtype, copy=True)  # updated in place below; the caller keeps embeds
     for i, layer in enumerate(decoder.layers):
-        x = layer.input_layernorm(h)
-        h = h + layer.self_attn(x, cos, sin, kv, start)
-        keep, selected = _fastkv_select(plan, i, layer, x, cos, sin, kv) if plan else (None, None)
-        del x
+        q, k, v = _project_chunks(layer, h, cos, sin, chunk)
+        keys, values = kv.write(i, k, v, start)
+        del k, v
+        attended = layer.self_attn.attend(q, keys, values, start)
+        keep, selected = _fastkv_select(plan, i, q, kv) if plan else (None, None)
+        del q, keys, values
+        h = residual_chunks_of(layer.self_attn.output, h, attended, chunk)
+        del attended
         kv.finish(i, keep)
         if last_only and i == len(decoder.layers) - 1:
             h = h[:, -1:].clone()
@@ -130,15 +134,39 @@ def forward_prompt(decoder: Decoder, embeds: torch.Tensor, kv: OffloadingKV, min
     return map_chunks(decoder.logits, h[0] if all_logits else h[0, -1:], chunk)
 
 
-def _fastkv_select(plan: FastKVPlan, layer_index: int, layer, x, cos, sin, kv: OffloadingKV):
-    """(KV keep index or None, TSP token index or None) for one layer."""
+def _project_chunks(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int):
+    """Input norm, q/k/v projections and RoPE over mini-sequences, into whole-sequence q, k, v."""
+    if h.shape[1] <= chunk:
+        return layer.self_attn.project(layer.input_layernorm(h), cos, sin)
+    out = None
+    for start, end in chunk_bounds(h.shape[1], chunk):
+        parts = layer.self_attn.project(layer.input_layernorm(h[:, start:end]), cos[start:end], sin[start:end])
+        if out is None:
+            out = [p.new_empty((*p.shape[:2], h.shape[1], p.shape[3])) for p in parts]
+        for whole, part in zip(out, parts):
+            whole[:, :, start:end] = part
+    return out
+
+
+def residual_chunks_of(output, h: torch.Tensor, attended: torch.Tensor, chunk: int) -> torch.Tensor:
+    """h + output(attended) ([B, H, S, D] -> [B, S, d]) over mini-sequences, into h itself."""
+    if h.shape[1] <= chunk:
+        return h + output(attended)
+    for start, end in chunk_bounds(h.shape[1], chunk):
+        rows = h[:, start:end]
+        rows.copy_(rows + output(attended[:, :, start:end]))
+    return h
+
+
+def _fastkv_select(plan: FastKVPlan, layer_index: int, q: torch.Tensor, kv: OffloadingKV):
+    """(KV keep index or None, TSP token index or None) for one layer; q [1, H, n, D] (RoPE applied)."""
     keys = kv.current_keys()
     n = keys.shape[1]
     compress, propagate = plan.compresses(n), plan.propagates_subset(layer_index, n)
     if not (compress or propagate):
         return None, None
     window = plan.config.window
-    scores = window_scores(window_queries(layer.self_attn, x, cos, sin, window), keys, plan.config)
+    scores = window_scores(q[0, :, -window:], keys, plan.config)
     keep = kv_keep_index(scores, n, plan.kv_budget, window) if compress else None
     selected = tsp_index(scores, n, plan.tsp_length, window) if propagate else None
     return keep, selected
