@@ -120,13 +120,6 @@ class Attention(nn.Module):
         b, _, s, _ = attended.shape
         return self.o_proj(attended.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
-    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One new position against all cached keys (no mask). The g query heads sharing a KV head
-        become g query rows of that head, so the fused kernels run without expanding K/V per head."""
-        b, heads, _, d = q.shape
-        grouped = q.reshape(b, self.num_kv_heads, heads // self.num_kv_heads, d)
-        return F.scaled_dot_product_attention(grouped, k, v).reshape(b, heads, 1, d)
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         return self._attend(q, k, v, start)
 
@@ -134,7 +127,7 @@ class Attention(nn.Module):
         s, total = q.shape[2], k.shape[2]
         gqa = self.num_heads != self.num_kv_heads
         if s == 1 and (self.window is None or total <= self.window):
-            return self._attend_one(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         if start == 0 and (self.window is None or total <= self.window):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = causal_mask(start, s, total, self.window, q.device)
