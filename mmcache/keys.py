@@ -21,6 +21,15 @@ def _field(h: "hashlib._Hash", value: bytes) -> None:
     h.update(value)
 
 
+def image_bytes_fingerprint(data: bytes, tenant_salt: bytes, keep_ratio: float) -> bytes:
+    """Digest of an encoded image's bytes under a tenant and keep ratio: equal digests mean equal
+    bytes (so equal pixels and equal image keys under the same model and settings)."""
+    h = hashlib.sha256()
+    for part in (b"epdserve-image-bytes-v1", data, tenant_salt, repr(keep_ratio).encode()):
+        _field(h, part)
+    return h.digest()
+
+
 def image_key(image: Any, *, model_revision: str, processor_digest: str, tenant_salt: bytes = b"") -> str:
     """Key of a decoded PIL image under one model revision and preprocessing: equal keys mean equal
     pixels, mode, size, model and settings (and tenant, when salted)."""

@@ -105,7 +105,7 @@ class Attention(nn.Module):
             k, v = kv.write(self.layer, k, v, start)
         elif start != 0:
             raise ValueError("start > 0 needs a KV store holding the earlier positions")
-        return self.output(self._attend(q, k, v, start))
+        return self.output(self.attend(q, k, v, start))
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, S, d] -> q [B, H, S, D], k and v [B, H_kv, S, D], RoPE applied (per-token work)."""
@@ -121,9 +121,7 @@ class Attention(nn.Module):
         return self.o_proj(attended.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        return self._attend(q, k, v, start)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """q [B, H, S, D] at positions [start, start+S) against all keys so far -> [B, H, S, D]."""
         s, total = q.shape[2], k.shape[2]
         gqa = self.num_heads != self.num_kv_heads
         if s == 1 and (self.window is None or total <= self.window):

@@ -4,7 +4,6 @@ tower + projector, optional token sparsification, and the content key of each im
 from __future__ import annotations
 
 import collections
-import hashlib
 import pathlib
 import threading
 
@@ -13,7 +12,7 @@ from PIL import Image
 
 from epdserve.models.loader import load_vision_encoder
 from epdserve.models.spec import LlavaSpec
-from mmcache.keys import image_key, processor_digest
+from mmcache.keys import image_bytes_fingerprint, image_key, processor_digest
 from services.encode.sparsify import TokenScorer, VisionFeatures, sparsify
 
 
@@ -85,13 +84,7 @@ class RecentKeys:
         self._keys: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def fingerprint(data: bytes, salt: bytes, keep_ratio: float) -> bytes:
-        h = hashlib.sha256()
-        for part in (data, salt, repr(keep_ratio).encode()):
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(part)
-        return h.digest()
+    fingerprint = staticmethod(image_bytes_fingerprint)
 
     def get(self, fingerprint: bytes) -> str | None:
         with self._lock:

@@ -15,8 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from epdserve.models.layers import apply_rope
-
 POOLINGS = ("avg", "max")
 
 
@@ -100,14 +98,6 @@ def tsp_index(scores: torch.Tensor, n: int, length: int, window: int) -> torch.T
     top = scores.sum(dim=0).topk(length - window, dim=-1).indices
     tail = torch.arange(n - window, n, device=scores.device)
     return torch.cat((top, tail)).sort().values
-
-
-def window_queries(attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int) -> torch.Tensor:
-    """Recompute the last `window` queries of a layer by hand: x [1, n, d] (the layer's normed
-    input), cos/sin [n, D] -> [H, w, D] with RoPE at their positions."""
-    rows = x[:, -window:]
-    q = attention.q_proj(rows).view(1, rows.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
-    return apply_rope(q, cos[-window:], sin[-window:])[0]
 
 
 def gather_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,14 +42,15 @@ def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def residual_chunks(block: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, chunk: int) -> torch.Tensor:
-    """h + block(h) for h [B, S, d], computed chunk by chunk into h itself (h is consumed).
-    With S <= chunk this is exactly `h + block(h)`."""
+def residual_chunks(delta: Callable[[int, int], torch.Tensor], h: torch.Tensor, chunk: int) -> torch.Tensor:
+    """h + update for h [B, S, d], where delta(start, end) computes the update of rows [start, end)
+    (reading only those rows of h); done chunk by chunk into h itself (h is consumed). With
+    S <= chunk this is exactly `h + delta(0, S)`."""
     if h.shape[1] <= chunk:
-        return h + block(h)
+        return h + delta(0, h.shape[1])
     for start, end in chunk_bounds(h.shape[1], chunk):
         rows = h[:, start:end]
-        rows.copy_(rows + block(rows))
+        rows.copy_(rows + delta(start, end))
     return h
 
 

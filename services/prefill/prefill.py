@@ -121,13 +121,12 @@ def forward_prompt(decoder: Decoder, embeds: torch.Tensor, kv: OffloadingKV, min
         attended = layer.self_attn.attend(q, keys, values, start)
         keep, selected = _fastkv_select(plan, i, q, kv) if plan else (None, None)
         del q, keys, values
-        h = residual_chunks_of(layer.self_attn.output, h, attended, chunk)
+        h = residual_chunks(_attention_update(layer, attended), h, chunk)
         del attended
         kv.finish(i, keep)
         if last_only and i == len(decoder.layers) - 1:
             h = h[:, -1:].clone()
-        h = residual_chunks(lambda rows, layer=layer: layer.feed_forward(layer.post_attention_layernorm(rows)),
-                            h, chunk)
+        h = residual_chunks(_feed_forward_update(layer, h), h, chunk)
         if selected is not None:
             h, positions = h[:, selected], positions[selected]
             cos, sin = decoder.cos_sin(positions)
@@ -148,14 +147,14 @@ def _project_chunks(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return out
 
 
-def residual_chunks_of(output, h: torch.Tensor, attended: torch.Tensor, chunk: int) -> torch.Tensor:
-    """h + output(attended) ([B, H, S, D] -> [B, S, d]) over mini-sequences, into h itself."""
-    if h.shape[1] <= chunk:
-        return h + output(attended)
-    for start, end in chunk_bounds(h.shape[1], chunk):
-        rows = h[:, start:end]
-        rows.copy_(rows + output(attended[:, :, start:end]))
-    return h
+def _attention_update(layer, attended: torch.Tensor):
+    """Rows [a, b) of o_proj(attention output) ([B, H, S, D] -> [B, b - a, d])."""
+    return lambda a, b: layer.self_attn.output(attended[:, :, a:b])
+
+
+def _feed_forward_update(layer, h: torch.Tensor):
+    """Rows [a, b) of MLP(norm(h))."""
+    return lambda a, b: layer.feed_forward(layer.post_attention_layernorm(h[:, a:b]))
 
 
 def _fastkv_select(plan: FastKVPlan, layer_index: int, q: torch.Tensor, kv: OffloadingKV):

@@ -10,7 +10,7 @@ import torch
 from epdserve.engine.sampler import SamplingParams
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
-from services.prefill.fastkv import FastKVConfig, kv_keep_index, tsp_index, window_queries, window_scores
+from services.prefill.fastkv import FastKVConfig, kv_keep_index, tsp_index, window_scores
 from services.prefill.layer_kv import CollectedLayers, OffloadingKV
 from services.prefill.minisequence import MiniSequenceConfig
 from services.prefill.prefill import PromptPrefiller, forward_prompt
@@ -113,7 +113,7 @@ def test_window_scores_match_eager_attention_rows(model):
     pooled = torch.nn.functional.avg_pool1d(rows[:, None], kernel, 1, kernel // 2)[:, 0]
     expected = pooled.view(d.num_kv_heads, group, -1).sum(1)
     config = FastKVConfig(window=window, pool_kernel=kernel)
-    actual = window_scores(window_queries(attn, x, cos, sin, window), keys, config)
+    actual = window_scores(q_all[:, -window:], keys, config)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
