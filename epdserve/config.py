@@ -120,6 +120,37 @@ class PrefillConfig:
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     max_new_tokens_limit: int = setting(1 << 16, "largest max_new_tokens one request may ask for")
+    max_running: int = setting(64, "sequences decoding at once (the largest batch)")
+    max_context: int = setting(131072, "most KV rows one sequence may reserve (prompt rows + max_new_tokens)")
+    block_size: int = setting(16, "KV rows per cache block (a power of two, 1..256)")
+    kv_cache_gib: float = setting(0.0, "GiB of KV cache blocks (0 = auto: 90 percent of free GPU memory after the "
+                                       "weights, 256 MiB on CPU)")
+    cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (dense models on CUDA)")
+    text_keep_rate: float = setting(1.0, "generated-token sparsification (Dynamic-LLaVA decode): target fraction "
+                                         "of new tokens whose KV is kept (1.0 = off, exact)")
+    text_sparsify_layer: int = setting(2, "first decoder layer where dropped tokens' KV is not kept")
+    text_scorer: str = setting("hidden-norm", "keep decision: hidden-norm (training-free) or learned")
+    text_predictor: str = setting("", "safetensors file of a trained output-text predictor (--text-scorer learned)")
+    local_prefill: bool = setting(True, "prefill short prompts here (the router's E -> PD path)")
+    local_prefill_max_tokens: int = setting(4096, "longest prompt this service prefills itself")
+    insertion_policy: str = setting("lagrangian", "when to pause decodes for local prefills: lagrangian or fcfs")
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size > 256 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two in [1, 256] (got {self.block_size})")
+        for name in ("max_running", "max_context"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.kv_cache_gib >= 0:
+            raise ValueError(f"kv_cache_gib must be >= 0 (got {self.kv_cache_gib})")
+        if self.insertion_policy not in ("lagrangian", "fcfs"):
+            raise ValueError(f"insertion_policy must be lagrangian or fcfs (got {self.insertion_policy!r})")
+        if not 0.0 < self.text_keep_rate <= 1.0:
+            raise ValueError(f"text_keep_rate must be in (0, 1] (got {self.text_keep_rate})")
+        if self.text_scorer not in ("hidden-norm", "learned") or (self.text_scorer == "learned"
+                                                                  and not self.text_predictor):
+            raise ValueError(f"text_scorer must be hidden-norm, or learned with --text-predictor "
+                             f"(got {self.text_scorer!r})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from epdserve.v1 import common_pb2 as epdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pdserve/v1/decode.proto\x12\x0b\x65pdserve.v1\x1a\x18\x65pdserve/v1/common.proto\"\xd1\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x15.epdserve.v1.KVHandle\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.epdserve.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\"\xac\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12>\n\ntimings_ms\x18\x03 \x03(\x0b\x32*.epdserve.v1.DecodeResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x94\x01\n\rDecodeService\x12\x43\n\x06\x44\x65\x63ode\x12\x1a.epdserve.v1.DecodeRequest\x1a\x1b.epdserve.v1.DecodeResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.epdserve.v1.AbortRequest\x1a\x1a.epdserve.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pdserve/v1/decode.proto\x12\x0b\x65pdserve.v1\x1a\x18\x65pdserve/v1/common.proto\"\xfb\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x15.epdserve.v1.KVHandle\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.epdserve.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12(\n\x06prompt\x18\x08 \x01(\x0b\x32\x18.epdserve.v1.LocalPrompt\"R\n\x0bLocalPrompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x30\n\x10image_embeddings\x18\x02 \x03(\x0b\x32\x16.epdserve.v1.TensorRef\"\xac\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12>\n\ntimings_ms\x18\x03 \x03(\x0b\x32*.epdserve.v1.DecodeResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x94\x01\n\rDecodeService\x12\x43\n\x06\x44\x65\x63ode\x12\x1a.epdserve.v1.DecodeRequest\x1a\x1b.epdserve.v1.DecodeResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.epdserve.v1.AbortRequest\x1a\x1a.epdserve.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODERESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_DECODERESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_DECODEREQUEST']._serialized_start=68
-  _globals['_DECODEREQUEST']._serialized_end=277
-  _globals['_DECODERESPONSE']._serialized_start=280
-  _globals['_DECODERESPONSE']._serialized_end=452
-  _globals['_DECODERESPONSE_TIMINGSMSENTRY']._serialized_start=404
-  _globals['_DECODERESPONSE_TIMINGSMSENTRY']._serialized_end=452
-  _globals['_DECODESERVICE']._serialized_start=455
-  _globals['_DECODESERVICE']._serialized_end=603
+  _globals['_DECODEREQUEST']._serialized_end=319
+  _globals['_LOCALPROMPT']._serialized_start=321
+  _globals['_LOCALPROMPT']._serialized_end=403
+  _globals['_DECODERESPONSE']._serialized_start=406
+  _globals['_DECODERESPONSE']._serialized_end=578
+  _globals['_DECODERESPONSE_TIMINGSMSENTRY']._serialized_start=530
+  _globals['_DECODERESPONSE_TIMINGSMSENTRY']._serialized_end=578
+  _globals['_DECODESERVICE']._serialized_start=581
+  _globals['_DECODESERVICE']._serialized_end=729
 # @@protoc_insertion_point(module_scope)

@@ -51,8 +51,9 @@ class DecodeServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Decode(self, request, context):
-        """Streams the tokens after `first_token_id`. The KV entries are released as
-        soon as they are loaded. The last message has a finish_reason.
+        """Streams the tokens after `first_token_id` (with `prompt`: every token, the
+        prefill's first one included). The KV entries (or image embeddings) are
+        released as soon as they are read. The last message has a finish_reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

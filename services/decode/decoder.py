@@ -1,4 +1,4 @@
-"""The decode stage's model side: rebuild a sequence's KV from published layers and step it.
+"""Single-sequence decoding from published layers: the reference the batched engine is tested against.
 
 Invariant: after `load`, the sequence's KV holds the prompt's positions [0, length); step i
 (i >= 1) appends the token sampled at step i-1 at logical position length + i - 1 and samples
@@ -16,6 +16,7 @@ from epdserve.engine.kv_cache import SequenceKV
 from epdserve.engine.sampler import SamplingParams, sample_token
 from epdserve.errors import InvalidArgumentError
 from epdserve.models.decoder import Decoder
+from epdserve.models.spec import DecoderSpec
 
 
 @dataclasses.dataclass
@@ -26,24 +27,26 @@ class Sequence:
     step: int = 1
 
 
+def check_layers(spec: DecoderSpec, layers: list[torch.Tensor], length: int) -> None:
+    """Each layer [2, H_kv, n, D] with 1 <= n <= length (n < length: a compressed prefill)."""
+    if len(layers) != spec.num_layers:
+        raise InvalidArgumentError(f"kv.layers: {len(layers)} layers, the model has {spec.num_layers}")
+    for i, layer in enumerate(layers):
+        shape = tuple(layer.shape)
+        fits = len(shape) == 4 and shape[:2] == (2, spec.num_kv_heads) and shape[3] == spec.head_dim
+        if not (fits and 1 <= shape[2] <= length and layer.is_floating_point()):
+            expected = f"(2, {spec.num_kv_heads}, n, {spec.head_dim}) with 1 <= n <= kv.length ({length})"
+            raise InvalidArgumentError(f"kv.layers[{i}]: expected a float tensor of shape {expected}, "
+                                       f"got {layer.dtype} {shape}")
+    if any(layer.shape[2] < length for layer in layers) and any(w is not None for w in spec.sliding_windows):
+        raise InvalidArgumentError("kv.layers: a compressed KV cannot be used with sliding-window attention")
+
+
 class TokenDecoder:
+    """Single-sequence reference decoder (contiguous KV); the service runs the batched engine."""
+
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
-
-    def check_layers(self, layers: list[torch.Tensor], length: int) -> None:
-        """Each layer [2, H_kv, n, D] with 1 <= n <= length (n < length: a compressed prefill)."""
-        spec = self.decoder.spec
-        if len(layers) != spec.num_layers:
-            raise InvalidArgumentError(f"kv.layers: {len(layers)} layers, the model has {spec.num_layers}")
-        for i, layer in enumerate(layers):
-            shape = tuple(layer.shape)
-            fits = len(shape) == 4 and shape[:2] == (2, spec.num_kv_heads) and shape[3] == spec.head_dim
-            if not (fits and 1 <= shape[2] <= length and layer.is_floating_point()):
-                expected = f"(2, {spec.num_kv_heads}, n, {spec.head_dim}) with 1 <= n <= kv.length ({length})"
-                raise InvalidArgumentError(f"kv.layers[{i}]: expected a float tensor of shape {expected}, "
-                                           f"got {layer.dtype} {shape}")
-        if any(layer.shape[2] < length for layer in layers) and any(w is not None for w in spec.sliding_windows):
-            raise InvalidArgumentError("kv.layers: a compressed KV cannot be used with sliding-window attention")
 
     def load(
         self, layers: list[torch.Tensor], first_token: int, max_new_tokens: int, sampling: SamplingParams,

@@ -1,8 +1,9 @@
 """Decode service: DecodeService.Decode streams tokens over grpc.aio.
 
-One model thread runs every step; concurrent requests interleave token by token. The KV
-entries are released in mmcache as soon as they are loaded; a cancelled or aborted stream
-stops within one step and drops its sequence.
+Every request joins one continuously batched engine (services/decode/engine.py) that steps all
+running sequences together on the model thread. A request's hand-off KV leases end as soon as
+the engine no longer reads its layers (copied into the paged KV, or into private memory while it
+waits for free KV); a cancelled or aborted stream is dropped at the engine's next step.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import logging
 import time
 
 from epdserve.config import CacheConfig, DecodeConfig, ModelConfig, ServerConfig
-from epdserve.errors import FailedPreconditionError, InvalidArgumentError
+from epdserve.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
 from epdserve.transport.errors import stream_errors, unary_errors
 from epdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from mmcache.client import MMCache
-from services.decode.decoder import TokenDecoder
-from services.runtime import ModelExecutor, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
+from services.decode.decoder import check_layers
+from services.decode.engine import DecodeEngine, DecodeJob
+from services.decode.local_prefill import PromptJob
+from services.decode.loop import EngineLoop
+from services.decode.setup import build_engine
+from services.runtime import StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 from services.wire import sampling_from_proto
 
 log = logging.getLogger(__name__)
@@ -27,44 +32,67 @@ SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, decoder: TokenDecoder, cache: MMCache, executor: ModelExecutor, config: DecodeConfig) -> None:
-        self.decoder, self.cache, self.executor, self.config = decoder, cache, executor, config
-        self.aborted: set[str] = set()
-        self.active: set[str] = set()
+    def __init__(self, engine: DecodeEngine, loop: EngineLoop, cache: MMCache, config: DecodeConfig) -> None:
+        self.engine, self.loop, self.cache, self.config = engine, loop, cache, config
 
     @stream_errors
     async def Decode(self, request: decode_pb2.DecodeRequest, context):
-        self._validate(request)
-        sampling = sampling_from_proto(request.sampling)
-        watch = Stopwatch()
-        with watch.section("kv_fetch_ms"):
-            seq = await self._load_kv(request, sampling)
-        if seq is None:  # max_new_tokens == 0: the call only released the KV
-            yield decode_pb2.DecodeResponse(finish_reason="length", timings_ms=watch.timings_ms)
+        local = request.HasField("prompt")
+        if local:
+            self._validate_prompt(request)
+        else:
+            self._validate(request)
+        refs = list(request.prompt.image_embeddings if local else request.kv.layers)
+        if request.max_new_tokens == 0:  # the call only releases its inputs
+            await self.cache.release(refs)
+            yield decode_pb2.DecodeResponse(finish_reason="length")
             return
-        self.active.add(request.request_id)
+        watch = Stopwatch()
+        released = finished = False
         try:
-            async for response in self._generate(request, seq, watch):
-                yield response
+            with watch.section("prompt_fetch_ms" if local else "kv_fetch_ms"):
+                job = await (self._prompt_job(request, refs) if local else self._job(request, refs))
+            events = self.loop.submit(job)
+            try:
+                async for response in self._stream(request, events, watch):
+                    if response is None:  # the engine no longer reads the leased layers
+                        await self.cache.release(refs)
+                        released = True
+                        continue
+                    finished = bool(response.finish_reason)
+                    yield response
+            finally:
+                if not finished:
+                    self.loop.abort(request.request_id)
+                self.loop.forget(request.request_id)
         finally:
-            self.active.discard(request.request_id)
-            self.aborted.discard(request.request_id)
+            if not released:
+                await asyncio.shield(self.cache.release(refs))
 
-    async def _generate(self, request, seq, watch: Stopwatch):
-        stop_ids = set() if request.ignore_eos else set(request.stop_token_ids)
-        start = time.perf_counter()
-        for produced in range(1, request.max_new_tokens + 1):
-            if request.request_id in self.aborted:
+    async def _stream(self, request, events, watch: Stopwatch):
+        """DecodeResponses from the engine's events; None marks "inputs no longer needed"."""
+        queued, start, largest_batch = time.perf_counter(), None, 0
+        while True:
+            event = await events.get()
+            if event.kind == "inputs_done":
+                yield None
+            elif event.kind == "error":
+                raise event.error
+            elif event.kind == "abort":
                 yield decode_pb2.DecodeResponse(finish_reason="abort", timings_ms=watch.timings_ms)
                 return
-            token = await self.executor.run(self.decoder.step, seq)
-            finish = "stop" if token in stop_ids else "length" if produced == request.max_new_tokens else ""
-            if finish:
-                watch.timings_ms["decode_ms"] = (time.perf_counter() - start) * 1000.0
-                watch.timings_ms["decode_steps"] = float(produced)
-                yield decode_pb2.DecodeResponse(token_ids=[token], finish_reason=finish, timings_ms=watch.timings_ms)
+            elif not event.finish:
+                largest_batch = max(largest_batch, event.batch_size)
+                if start is None:
+                    start = time.perf_counter()
+                    watch.timings_ms["queue_ms"] = (start - queued) * 1000.0
+                yield decode_pb2.DecodeResponse(token_ids=[event.token])
+            else:
+                watch.timings_ms["decode_ms"] = (time.perf_counter() - (start or queued)) * 1000.0
+                watch.timings_ms["decode_batch_max"] = float(max(largest_batch, event.batch_size))
+                yield decode_pb2.DecodeResponse(token_ids=[event.token], finish_reason=event.finish,
+                                                timings_ms=watch.timings_ms)
                 return
-            yield decode_pb2.DecodeResponse(token_ids=[token])
 
     def _validate(self, request: decode_pb2.DecodeRequest) -> None:
         if not 0 <= request.max_new_tokens <= self.config.max_new_tokens_limit:
@@ -73,43 +101,76 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             )
         if request.kv.length <= 0 or not request.kv.layers:
             raise InvalidArgumentError("kv: the KV handle is empty")
-        vocab = self.decoder.decoder.spec.vocab_size
+        vocab = self.engine.runner.decoder.spec.vocab_size
         if not 0 <= request.first_token_id < vocab:
             raise InvalidArgumentError(f"first_token_id {request.first_token_id} is outside [0, {vocab})")
 
-    async def _load_kv(self, request: decode_pb2.DecodeRequest, sampling):
-        """Copy the published KV into this sequence's own cache, then end the hand-off leases (the
-        producer frees the bytes) whatever happens. None when nothing is to be generated."""
-        refs = list(request.kv.layers)
+    def _validate_prompt(self, request: decode_pb2.DecodeRequest) -> None:
+        local = self.engine.local
+        if local is None:
+            raise FailedPreconditionError("prompt: this decode service does not prefill (--no-local-prefill)")
+        if request.kv.layers:
+            raise InvalidArgumentError("kv and prompt are exclusive: send the KV handle or the prompt")
+        limit = self.config.local_prefill_max_tokens
+        if len(request.prompt.token_ids) > limit:
+            raise InvalidArgumentError(f"prompt.token_ids: {len(request.prompt.token_ids)} tokens exceeds this decode "
+                                       f"service's local prefill limit ({limit}, --local-prefill-max-tokens)")
+        if not 0 <= request.max_new_tokens <= self.config.max_new_tokens_limit:
+            raise InvalidArgumentError(
+                f"max_new_tokens must be in [0, {self.config.max_new_tokens_limit}] (got {request.max_new_tokens})")
+
+    async def _prompt_job(self, request: decode_pb2.DecodeRequest, refs) -> PromptJob:
+        embeddings = await self.cache.get_many(refs) if refs else []
+        missing = [i for i, t in enumerate(embeddings) if t is None]
+        if missing:
+            raise FailedPreconditionError(f"prompt.image_embeddings[{missing[0]}]: entry is no longer in the cache")
+        token_ids = list(request.prompt.token_ids)
         try:
-            if request.max_new_tokens == 0:
-                return None
-            layers = await self.cache.get_many(refs)
-            missing = [i for i, t in enumerate(layers) if t is None]
-            if missing:
-                raise FailedPreconditionError(f"kv.layers[{missing[0]}]: entry is no longer in the cache")
-            self.decoder.check_layers(layers, request.kv.length)
-            return await self.executor.run(
-                self.decoder.load, layers, request.first_token_id, request.max_new_tokens, sampling, request.kv.length
-            )
-        finally:
-            await asyncio.shield(self.cache.release(refs))
+            self.engine.local.prefiller.validate(token_ids, embeddings)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"prompt.{exc.message}") from None
+        stops = frozenset() if request.ignore_eos else frozenset(request.stop_token_ids)
+        job = PromptJob(request.request_id, token_ids, embeddings, request.max_new_tokens,
+                        sampling_from_proto(request.sampling), stops)
+        self._check_fits(len(token_ids) + request.max_new_tokens)
+        return job
+
+    async def _job(self, request: decode_pb2.DecodeRequest, refs) -> DecodeJob:
+        layers = await self.cache.get_many(refs)
+        missing = [i for i, t in enumerate(layers) if t is None]
+        if missing:
+            raise FailedPreconditionError(f"kv.layers[{missing[0]}]: entry is no longer in the cache")
+        check_layers(self.engine.runner.decoder.spec, layers, request.kv.length)
+        stops = frozenset() if request.ignore_eos else frozenset(request.stop_token_ids)
+        job = DecodeJob(request.request_id, layers, request.kv.length, request.first_token_id,
+                        request.max_new_tokens, sampling_from_proto(request.sampling), stops)
+        self._check_fits(job.reserve_tokens)
+        return job
+
+    def _check_fits(self, reserve_tokens: int) -> None:
+        kv = self.engine.kv
+        if reserve_tokens > kv.shape.max_tokens_per_row:
+            raise InvalidArgumentError(
+                f"prompt rows + max_new_tokens = {reserve_tokens} exceeds this decode service's max context "
+                f"({kv.shape.max_tokens_per_row} tokens, --max-context)")
+        if not kv.fits_ever(reserve_tokens):
+            raise ResourceExhaustedError(
+                f"the request needs {kv.blocks_for(reserve_tokens)} KV blocks; this decode service holds "
+                f"{kv.capacity_blocks} in all (--kv-cache-gib)")
 
     @unary_errors
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortResponse:
-        found = request.request_id in self.active
-        if found:
-            self.aborted.add(request.request_id)
-        return common_pb2.AbortResponse(found=found)
+        return common_pb2.AbortResponse(found=self.loop.abort(request.request_id))
 
 
 async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,
                 decode_config: DecodeConfig) -> None:
     spec = load_spec(resolve_model_dir(model_config))
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
+    engine = build_engine(decoder, decode_config, spec)
 
     def register(ctx: StageContext) -> None:
-        servicer = DecodeServicer(TokenDecoder(decoder), ctx.cache, ctx.executor, decode_config)
+        servicer = DecodeServicer(engine, EngineLoop(engine, ctx.executor), ctx.cache, decode_config)
         decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, ctx.server.server)
 
     await run_stage("decode", SERVICE_NAME, server_config, cache_config, register)

@@ -143,6 +143,21 @@ def test_oversized_prompt_is_resource_exhausted(client):
         client.generate("x" * ((1 << 20) + 1), max_tokens=1)
 
 
+def test_concurrent_requests_share_decode_steps_and_keep_their_tokens(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"batch member {i}" for i in range(4)]
+
+    def run(prompt):
+        return client.generate(prompt, max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    alone = [run(p).token_ids for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(run, prompts))
+    assert [r.token_ids for r in together] == alone
+    assert max(r.timings_ms["decode.decode_batch_max"] for r in together) >= 2
+
+
 def test_abort_stops_a_running_request(client):
     stream = client.stream("long one", images=[_png(8)], max_tokens=1500, temperature=0.0, ignore_eos=True,
                            request_id="abort-me")

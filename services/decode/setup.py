@@ -1,0 +1,67 @@
+"""Build the decode engine for a loaded model: size the paged KV cache from the config."""
+
+from __future__ import annotations
+
+import torch
+
+from epdserve.config import DecodeConfig
+from epdserve.engine.paged_kv import PagedKVCache, PagedKVShape
+from epdserve.errors import ModelLoadError
+from epdserve.models.decoder import Decoder
+from epdserve.models.spec import LlavaSpec
+from services.decode.engine import DecodeEngine
+from services.decode.local_prefill import LocalPrefill
+from services.decode.runner import BatchRunner
+from services.decode.text_sparsify import TextSparsifyConfig, build_scorer
+from services.prefill.prefill import PromptPrefiller
+
+CPU_AUTO_KV_BYTES = 256 << 20
+GPU_AUTO_KV_FRACTION = 0.9
+
+
+def kv_budget_bytes(config: DecodeConfig, device: torch.device) -> int:
+    """The KV cache's size: the configured GiB, else 90% of the GPU's free memory (256 MiB on CPU)."""
+    if config.kv_cache_gib > 0:
+        return int(config.kv_cache_gib * (1 << 30))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_AUTO_KV_FRACTION)
+    return CPU_AUTO_KV_BYTES
+
+
+def kv_shape(decoder: Decoder, config: DecodeConfig) -> PagedKVShape:
+    spec = decoder.spec
+    probe = PagedKVShape(spec.num_layers, spec.num_kv_heads, spec.head_dim, config.block_size, 0,
+                         config.max_running, -(-config.max_context // config.block_size))
+    num_blocks = kv_budget_bytes(config, decoder.device) // probe.bytes_per_block(decoder.dtype)
+    if num_blocks < 2:
+        block = probe.bytes_per_block(decoder.dtype)
+        raise ModelLoadError(f"the KV cache budget holds fewer than 2 blocks of {block} bytes (raise --kv-cache-gib)")
+    return PagedKVShape(spec.num_layers, spec.num_kv_heads, spec.head_dim, config.block_size, num_blocks,
+                        config.max_running, probe.max_blocks_per_row)
+
+
+def text_sparsify_config(config: DecodeConfig) -> TextSparsifyConfig:
+    return TextSparsifyConfig(keep_rate=config.text_keep_rate, layer=config.text_sparsify_layer,
+                              scorer=config.text_scorer, predictor_path=config.text_predictor)
+
+
+def build_runner(decoder: Decoder, kv: PagedKVCache, config: DecodeConfig):
+    """CUDA-graphed steps for dense models on CUDA when enabled, else eager steps."""
+    sparsify = text_sparsify_config(config)
+    scorer = build_scorer(sparsify, decoder.spec.num_layers, decoder.spec.hidden_size, decoder.device, decoder.dtype)
+    runner = BatchRunner(decoder, kv, scorer, sparsify.layer)
+    if config.cuda_graphs and decoder.device.type == "cuda" and decoder.spec.moe is None:
+        from services.decode.graphs import CudaGraphRunner
+
+        return CudaGraphRunner(runner, config.max_running)
+    return runner
+
+
+def build_engine(decoder: Decoder, config: DecodeConfig, spec: LlavaSpec | None = None) -> DecodeEngine:
+    """With the checkpoint's `spec` and local prefill enabled, the engine also prefills prompts."""
+    kv = PagedKVCache(kv_shape(decoder, config), decoder.dtype, decoder.device)
+    local = None
+    if spec is not None and config.local_prefill:
+        local = LocalPrefill(PromptPrefiller(spec, decoder), config.insertion_policy, config.max_running)
+    return DecodeEngine(build_runner(decoder, kv, config), local)
