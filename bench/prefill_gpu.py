@@ -114,19 +114,41 @@ def timed(fn, repeats: int):
 
 
 def decode_tokens_per_s(ours, layers, length: int, steps: int = 32) -> float:
+    """Batch-1 tokens/s of the decode service's engine (paged KV, CUDA graphs) from these layers."""
+    from epdserve.config import DecodeConfig
     from epdserve.engine.sampler import SamplingParams
-    from services.decode.decoder import TokenDecoder
+    from services.decode.engine import DecodeJob
+    from services.decode.setup import build_engine
 
-    decoder = TokenDecoder(ours)
-    seq = decoder.load(layers, 1, steps + 4, SamplingParams(temperature=0.0), length)
+    rows = max(layer.shape[2] for layer in layers)
+    engine = build_engine(ours, DecodeConfig(max_running=1, max_context=rows + steps + 8, kv_cache_gib=
+                                             (rows + steps + 64) * 128 * 1024 / GIB + 0.5))
+    engine.step([DecodeJob("r", layers, length, 1, steps + 4, SamplingParams(temperature=0.0))])
     for _ in range(3):
-        decoder.step(seq)
+        engine.step()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(steps):
-        decoder.step(seq)
+    for _ in range(steps - 4):
+        engine.step()
     torch.cuda.synchronize()
-    return steps / (time.perf_counter() - start)
+    return (steps - 4) / (time.perf_counter() - start)
+
+
+def fastkv_decode_only(ours, length: int) -> dict:
+    """Decode tokens/s from the FastKV-compressed vs the full KV of one `length`-token prompt."""
+    from services.prefill.fastkv import FastKVConfig
+
+    ids = _ids(length)
+    report = {"length": length, "settings": {}}
+    for name, config in (("v2 tsp_rate 0.2 retain 0.1", FastKVConfig()),
+                         ("v1 tsp_length 2048 budget 512", FastKVConfig(tsp_length=2048, kv_budget=512))):
+        _, layers = mom_prefill(ours, ids, config.plan(ours.spec.num_layers, length))
+        report["settings"][name] = {"kv_rows_per_layer": [int(t.shape[2]) for t in layers],
+                                    "decode_tokens_per_s": decode_tokens_per_s(ours, layers, length)}
+        del layers
+    _, layers = mom_prefill(ours, ids)
+    report["full_kv_decode_tokens_per_s"] = decode_tokens_per_s(ours, layers, length)
+    return report
 
 
 def greedy_agreement(hf, ours, length: int, new: int = 16) -> dict:
@@ -161,10 +183,18 @@ def main() -> int:
     parser.add_argument("--agree-length", type=int, default=32768)
     parser.add_argument("--probe", type=int, nargs="*", default=[])
     parser.add_argument("--skip-hf-full", action="store_true")
+    parser.add_argument("--fastkv-decode-only", type=int, default=0, metavar="LENGTH",
+                        help="only measure decode tok/s from FastKV-compressed vs full KV at LENGTH")
     args = parser.parse_args()
     from services.prefill.fastkv import FastKVConfig
 
     hf, ours = build_models(args.layers)
+    if args.fastkv_decode_only:
+        result = fastkv_decode_only(ours, args.fastkv_decode_only)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result), flush=True)
+        return 0
     weights = torch.cuda.memory_allocated()
     report = {"benchmark": "prefill stage", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "device": torch.cuda.get_device_name(0), "torch": torch.__version__,

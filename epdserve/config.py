@@ -134,6 +134,11 @@ class DecodeConfig:
     local_prefill: bool = setting(True, "prefill short prompts here (the router's E -> PD path)")
     local_prefill_max_tokens: int = setting(4096, "longest prompt this service prefills itself")
     insertion_policy: str = setting("lagrangian", "when to pause decodes for local prefills: lagrangian or fcfs")
+    host_kv_gib: float = setting(0.0, "GiB of pinned host memory for the KV of offloaded decoder layers "
+                                      "(0 = off: all KV on the GPU); decode steps then run eager (no CUDA graphs)")
+    gpu_kv_layers: int = setting(0, "with host_kv_gib > 0: the first N decoder layers keep their KV on the GPU")
+    staging_tokens: int = setting(0, "with host_kv_gib > 0: KV rows of all running sequences together that one "
+                                     "GPU staging buffer holds (0 = max_context)")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256 or self.block_size & (self.block_size - 1):
@@ -143,6 +148,12 @@ class DecodeConfig:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not self.kv_cache_gib >= 0:
             raise ValueError(f"kv_cache_gib must be >= 0 (got {self.kv_cache_gib})")
+        for name in ("host_kv_gib", "gpu_kv_layers", "staging_tokens"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.host_kv_gib > 0 and 0 < self.staging_tokens < self.max_context:
+            raise ValueError(f"staging_tokens ({self.staging_tokens}) must be >= max_context ({self.max_context}) "
+                             "so one sequence always fits")
         if self.insertion_policy not in ("lagrangian", "fcfs"):
             raise ValueError(f"insertion_policy must be lagrangian or fcfs (got {self.insertion_policy!r})")
         if not 0.0 < self.text_keep_rate <= 1.0:

@@ -156,8 +156,8 @@ class PagedKVCache:
             added[:, keep_from_layer:] = keep[:, None].to(added.dtype)
             self.stored[rows] += added
         self.lengths[rows] += 1
-        self.stored[self.padding_row] = 0
-        self.lengths[self.padding_row] = 0
+        self.stored[self.padding_row:].zero_()  # slices, not item writes: CUDA-graph capturable
+        self.lengths[self.padding_row:].zero_()
 
     def layer_rows(self, row: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored K and V of one sequence's layer, contiguous [H_kv, n, D] each (tests, debugging)."""

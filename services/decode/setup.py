@@ -59,7 +59,13 @@ def build_runner(decoder: Decoder, kv: PagedKVCache, config: DecodeConfig):
 
 
 def build_engine(decoder: Decoder, config: DecodeConfig, spec: LlavaSpec | None = None) -> DecodeEngine:
-    """With the checkpoint's `spec` and local prefill enabled, the engine also prefills prompts."""
+    """With the checkpoint's `spec` and local prefill enabled, the engine also prefills prompts;
+    with host_kv_gib > 0 the KV of layers past gpu_kv_layers lives in pinned host memory."""
+    if config.host_kv_gib > 0:
+        from services.decode.offload_runner import build_offloaded_engine  # lazy: offload_runner imports setup
+
+        return build_offloaded_engine(decoder, config, gpu_layers=config.gpu_kv_layers, host_kv_gib=config.host_kv_gib,
+                                      staging_tokens=config.staging_tokens or config.max_context, spec=spec)
     kv = PagedKVCache(kv_shape(decoder, config), decoder.dtype, decoder.device)
     local = None
     if spec is not None and config.local_prefill:
