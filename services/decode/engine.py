@@ -94,7 +94,7 @@ class DecodeEngine:
         result = StepResult()
         self._accept(arrivals)
         self._abort(aborts, result)
-        prompts = self.local.choose(self._slots()) if self.local is not None else []
+        prompts = self.local.choose(self._slots()) if self.local is not None and self.local.queue else []
         if prompts:  # a prefill step: the running decodes pause for it
             self._prefill(prompts, result)
         self._admit(result)
@@ -154,6 +154,8 @@ class DecodeEngine:
             self.local.times.record("decode", len(plan.sequences), time.perf_counter() - start)
 
     def _abort(self, request_ids: list[str], result: StepResult) -> None:
+        if not request_ids:
+            return
         wanted = set(request_ids)
         if self.local is not None:
             for job in self.local.drop(wanted):

@@ -10,6 +10,7 @@ it for layer k + 2. No CUDA graphs in this mode (the copies depend on each step'
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,11 +23,9 @@ from epdserve.models.decoder import Decoder
 from epdserve.models.layers import DecoderLayer
 from epdserve.models.spec import LlavaSpec
 from services.decode.engine import DecodeEngine
-from services.decode.local_prefill import LocalPrefill
 from services.decode.runner import BatchRunner
-from services.decode.setup import kv_budget_bytes, text_sparsify_config
-from services.decode.text_sparsify import TextKeepScorer, build_scorer
-from services.prefill.prefill import PromptPrefiller
+from services.decode.setup import kv_budget_bytes, local_prefill, text_scorer
+from services.decode.text_sparsify import TextKeepScorer
 
 GIB = 1 << 30
 
@@ -49,15 +48,8 @@ class OffloadedBatchRunner(BatchRunner):
         plan = self.kv.plan_step(rows, slots, self.windows) if self.kv.num_offloaded else None
         if plan is not None:
             self.kv.start_prefetch(plan)
-        cos, sin = self.decoder.cos_sin(slots.positions)
-        cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-        h = self.decoder.embed(tokens[:, None])
-        keep = None
-        for index, layer in enumerate(self.decoder.layers):
-            if self.text_keep is not None and index == self.text_keep_layer:
-                keep = self.text_keep.keep(h[:, 0], rows != self.kv.padding_row)
-            h = h + self._layer_attention(layer, index, h, cos, sin, slots, plan)
-            h = layer.feed_forward_block(h)
+        attend = functools.partial(self._layer_attention, slots=slots, plan=plan)
+        h, keep = self._forward(rows, tokens, slots, attend)
         pending = self.kv.start_write_back(plan) if plan is not None else None
         self.kv.advance(rows, keep, self.text_keep_layer)
         logits = self.decoder.logits(h[:, 0])
@@ -118,9 +110,5 @@ def build_offloaded_engine(decoder: Decoder, config: DecodeConfig, *, gpu_layers
     staging_blocks = math.ceil(staging_tokens / config.block_size)
     shape = offloaded_kv_shape(decoder, config, gpu_layers, host_kv_gib, staging_blocks)
     kv = OffloadedKVCache(shape, decoder.dtype, decoder.device, gpu_layers=gpu_layers, staging_blocks=staging_blocks)
-    sparsify = text_sparsify_config(config)
-    scorer = build_scorer(sparsify, layers, decoder.spec.hidden_size, decoder.device, decoder.dtype)
-    local = None
-    if spec is not None and config.local_prefill:
-        local = LocalPrefill(PromptPrefiller(spec, decoder), config.insertion_policy, config.max_running)
-    return DecodeEngine(OffloadedBatchRunner(decoder, kv, scorer, sparsify.layer), local)
+    scorer, scorer_layer = text_scorer(decoder, config)
+    return DecodeEngine(OffloadedBatchRunner(decoder, kv, scorer, scorer_layer), local_prefill(decoder, config, spec))

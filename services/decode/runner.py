@@ -11,6 +11,9 @@ the single-sequence decode step's (same layers, same order); only the batching d
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from epdserve.engine.paged_attention import paged_decode_attention, write_decode_kv
@@ -18,6 +21,8 @@ from epdserve.engine.paged_kv import PagedKVCache, StepSlots
 from epdserve.models.decoder import Decoder
 from epdserve.models.layers import DecoderLayer
 from services.decode.text_sparsify import TextKeepScorer
+
+Attend = Callable[[DecoderLayer, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class BatchRunner:
@@ -32,6 +37,15 @@ class BatchRunner:
         """rows, tokens: int64 [B] on the model's device; no sequence attends more than
         `max_kv_rows` rows this step. Returns float logits [B, V]."""
         slots = self.kv.step_slots(rows, self.kv.blocks_for(max_kv_rows))
+        h, keep = self._forward(rows, tokens, slots, functools.partial(self._attention, slots=slots))
+        self.kv.advance(rows, keep, self.text_keep_layer)
+        return self.decoder.logits(h[:, 0])
+
+    def _forward(self, rows: torch.Tensor, tokens: torch.Tensor, slots: StepSlots, attend: Attend
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every layer for one new token per sequence; `attend(layer, index, h, cos, sin)` is the
+        attention block's update. Returns the last hidden states [B, 1, d] and the keep decisions
+        of generated-token sparsification (None when off)."""
         cos, sin = self.decoder.cos_sin(slots.positions)
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # [B, 1, 1, D]: one position per sequence
         h = self.decoder.embed(tokens[:, None])  # [B, 1, d]
@@ -39,10 +53,9 @@ class BatchRunner:
         for index, layer in enumerate(self.decoder.layers):
             if self.text_keep is not None and index == self.text_keep_layer:
                 keep = self.text_keep.keep(h[:, 0], rows != self.kv.padding_row)
-            h = h + self._attention(layer, index, h, cos, sin, slots)
+            h = h + attend(layer, index, h, cos, sin)
             h = layer.feed_forward_block(h)
-        self.kv.advance(rows, keep, self.text_keep_layer)
-        return self.decoder.logits(h[:, 0])
+        return h, keep
 
     def _attention(self, layer: DecoderLayer, index: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    slots: StepSlots) -> torch.Tensor:

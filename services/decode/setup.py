@@ -12,7 +12,7 @@ from epdserve.models.spec import LlavaSpec
 from services.decode.engine import DecodeEngine
 from services.decode.local_prefill import LocalPrefill
 from services.decode.runner import BatchRunner
-from services.decode.text_sparsify import TextSparsifyConfig, build_scorer
+from services.decode.text_sparsify import TextKeepScorer, TextSparsifyConfig, build_scorer
 from services.prefill.prefill import PromptPrefiller
 
 CPU_AUTO_KV_BYTES = 256 << 20
@@ -41,16 +41,24 @@ def kv_shape(decoder: Decoder, config: DecodeConfig) -> PagedKVShape:
                         config.max_running, probe.max_blocks_per_row)
 
 
-def text_sparsify_config(config: DecodeConfig) -> TextSparsifyConfig:
-    return TextSparsifyConfig(keep_rate=config.text_keep_rate, layer=config.text_sparsify_layer,
-                              scorer=config.text_scorer, predictor_path=config.text_predictor)
+def text_scorer(decoder: Decoder, config: DecodeConfig) -> tuple[TextKeepScorer | None, int]:
+    """Generated-token sparsification's scorer (None when off) and the layer it applies from."""
+    sparsify = TextSparsifyConfig(keep_rate=config.text_keep_rate, layer=config.text_sparsify_layer,
+                                  scorer=config.text_scorer, predictor_path=config.text_predictor)
+    spec = decoder.spec
+    return build_scorer(sparsify, spec.num_layers, spec.hidden_size, decoder.device, decoder.dtype), sparsify.layer
+
+
+def local_prefill(decoder: Decoder, config: DecodeConfig, spec: LlavaSpec | None) -> LocalPrefill | None:
+    """The engine's local prefill (E -> PD) when the checkpoint's spec is known and it is enabled."""
+    if spec is None or not config.local_prefill:
+        return None
+    return LocalPrefill(PromptPrefiller(spec, decoder), config.insertion_policy, config.max_running)
 
 
 def build_runner(decoder: Decoder, kv: PagedKVCache, config: DecodeConfig):
     """CUDA-graphed steps for dense models on CUDA when enabled, else eager steps."""
-    sparsify = text_sparsify_config(config)
-    scorer = build_scorer(sparsify, decoder.spec.num_layers, decoder.spec.hidden_size, decoder.device, decoder.dtype)
-    runner = BatchRunner(decoder, kv, scorer, sparsify.layer)
+    runner = BatchRunner(decoder, kv, *text_scorer(decoder, config))
     if config.cuda_graphs and decoder.device.type == "cuda" and decoder.spec.moe is None:
         from services.decode.graphs import CudaGraphRunner
 
@@ -67,7 +75,4 @@ def build_engine(decoder: Decoder, config: DecodeConfig, spec: LlavaSpec | None 
         return build_offloaded_engine(decoder, config, gpu_layers=config.gpu_kv_layers, host_kv_gib=config.host_kv_gib,
                                       staging_tokens=config.staging_tokens or config.max_context, spec=spec)
     kv = PagedKVCache(kv_shape(decoder, config), decoder.dtype, decoder.device)
-    local = None
-    if spec is not None and config.local_prefill:
-        local = LocalPrefill(PromptPrefiller(spec, decoder), config.insertion_policy, config.max_running)
-    return DecodeEngine(build_runner(decoder, kv, config), local)
+    return DecodeEngine(build_runner(decoder, kv, config), local_prefill(decoder, config, spec))
