@@ -14,7 +14,8 @@ import functools
 import types
 
 import torch
-import torch.nn.functional as F
+
+from epdserve.models.layers import deterministic_sdpa
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -59,8 +60,8 @@ def reference_paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_c
     heads, kv_heads = q.shape[1], k_cache.shape[1]
     allowed = _row_mask(seq_lens, block_tables.shape[1] * k_cache.shape[2], window)  # [B, rows]
     keys, values = _gather_rows(k_cache, block_tables, allowed), _gather_rows(v_cache, block_tables, allowed)
-    out = F.scaled_dot_product_attention(q.float()[:, :, None], keys, values, attn_mask=allowed[:, None, None],
-                                         scale=scale, enable_gqa=heads != kv_heads)[:, :, 0]
+    out = deterministic_sdpa(q.float()[:, :, None], keys, values, attn_mask=allowed[:, None, None], scale=scale,
+                             enable_gqa=heads != kv_heads)[:, :, 0]
     empty = ~allowed.any(dim=1)[:, None, None]  # a fully masked row is NaN in SDPA: padding gets zeros
     return out.masked_fill(empty, 0.0).to(q.dtype)
 

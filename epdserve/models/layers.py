@@ -7,11 +7,13 @@ S (new positions), H (heads), D (head dim).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from epdserve.models.spec import DecoderSpec
 
@@ -125,11 +127,24 @@ class Attention(nn.Module):
         s, total = q.shape[2], k.shape[2]
         gqa = self.num_heads != self.num_kv_heads
         if s == 1 and (self.window is None or total <= self.window):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            return deterministic_sdpa(q, k, v, enable_gqa=gqa)
         if start == 0 and (self.window is None or total <= self.window):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return deterministic_sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = causal_mask(start, s, total, self.window, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return deterministic_sdpa(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+# cuDNN attention, PyTorch's first choice on Hopper for one-query GQA decode, gives different bits
+# run to run on the same inputs (H200, torch 2.11: 54 of 200 repeats differed; see docs/BENCHMARKS.md);
+# flash, memory-efficient and math attention do not. Greedy decoding must be reproducible.
+DETERMINISTIC_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def deterministic_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention without the cuDNN backend on CUDA (same arguments, same result)."""
+    scope = sdpa_kernel(list(DETERMINISTIC_SDPA_BACKENDS)) if q.is_cuda else contextlib.nullcontext()
+    with scope:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def causal_mask(start: int, s: int, total: int, window: int | None, device: torch.device) -> torch.Tensor:
