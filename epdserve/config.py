@@ -117,6 +117,9 @@ class PrefillConfig:
                 raise ValueError(f"{name} must be in (0, 1] (got {getattr(self, name)})")
 
 
+EXPERT_PREFETCH = ("skip-gate", "learned", "reorder", "on-demand")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     max_new_tokens_limit: int = setting(1 << 16, "largest max_new_tokens one request may ask for")
@@ -139,8 +142,21 @@ class DecodeConfig:
     gpu_kv_layers: int = setting(0, "with host_kv_gib > 0: the first N decoder layers keep their KV on the GPU")
     staging_tokens: int = setting(0, "with host_kv_gib > 0: KV rows of all running sequences together that one "
                                      "GPU staging buffer holds (0 = max_context)")
+    expert_cache_rate: float = setting(1.0, "MoE expert offloading (ProMoE): fraction of each layer's experts kept in "
+                                            "a GPU cache, the rest in pinned host memory (1.0 = off: all on the GPU)")
+    expert_cache_gib: float = setting(0.0, "MoE expert offloading by byte budget: GiB of GPU expert cache, all layers "
+                                           "together (0 = use --expert-cache-rate)")
+    expert_prefetch: str = setting("skip-gate", "offloaded experts: skip-gate (predict the next layers' experts from "
+                                                "this layer's input), learned, reorder (no prediction), or on-demand")
+    expert_predictor: str = setting("", "safetensors file of a trained expert predictor (--expert-prefetch learned)")
+    expert_prefetch_distance: int = setting(1, "offloaded experts: predict layer l + d from layer l")
+
+    @property
+    def expert_offload(self) -> bool:
+        return self.expert_cache_rate < 1.0 or self.expert_cache_gib > 0
 
     def __post_init__(self) -> None:
+        self._check_expert_offload()
         if self.block_size < 1 or self.block_size > 256 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two in [1, 256] (got {self.block_size})")
         for name in ("max_running", "max_context"):
@@ -162,6 +178,22 @@ class DecodeConfig:
                                                                   and not self.text_predictor):
             raise ValueError(f"text_scorer must be hidden-norm, or learned with --text-predictor "
                              f"(got {self.text_scorer!r})")
+
+    def _check_expert_offload(self) -> None:
+        if not 0.0 < self.expert_cache_rate <= 1.0:
+            raise ValueError(f"expert_cache_rate must be in (0, 1] (got {self.expert_cache_rate})")
+        if not self.expert_cache_gib >= 0:
+            raise ValueError(f"expert_cache_gib must be >= 0 (got {self.expert_cache_gib})")
+        if self.expert_cache_rate < 1.0 and self.expert_cache_gib > 0:
+            raise ValueError("set expert_cache_rate or expert_cache_gib, not both")
+        if self.expert_prefetch not in EXPERT_PREFETCH:
+            raise ValueError(f"expert_prefetch must be one of {', '.join(EXPERT_PREFETCH)} "
+                             f"(got {self.expert_prefetch!r})")
+        if (self.expert_prefetch == "learned") != bool(self.expert_predictor):
+            raise ValueError("expert_predictor (a safetensors file) goes with expert_prefetch learned, and learned "
+                             "needs it")
+        if self.expert_prefetch_distance < 1:
+            raise ValueError(f"expert_prefetch_distance must be >= 1 (got {self.expert_prefetch_distance})")
 
 
 @dataclasses.dataclass(frozen=True)

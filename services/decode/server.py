@@ -23,7 +23,7 @@ from services.decode.decoder import check_layers
 from services.decode.engine import DecodeEngine, DecodeJob
 from services.decode.local_prefill import PromptJob
 from services.decode.loop import EngineLoop
-from services.decode.setup import build_engine
+from services.decode.setup import build_engine, place_experts
 from services.runtime import StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 from services.wire import sampling_from_proto
 
@@ -167,13 +167,19 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
                 decode_config: DecodeConfig) -> None:
     spec = load_spec(resolve_model_dir(model_config))
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
+    experts = place_experts(decoder, decode_config)
     engine = build_engine(decoder, decode_config, spec)
 
     def register(ctx: StageContext) -> None:
         servicer = DecodeServicer(engine, EngineLoop(engine, ctx.executor), ctx.cache, decode_config)
         decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, ctx.server.server)
 
-    await run_stage("decode", SERVICE_NAME, server_config, cache_config, register)
+    try:
+        await run_stage("decode", SERVICE_NAME, server_config, cache_config, register)
+    finally:
+        if experts is not None:
+            log.info("expert offloading: %s", experts.stats().as_dict())
+            experts.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,29 @@ def build_runner(decoder: Decoder, kv: PagedKVCache, config: DecodeConfig):
     return runner
 
 
+def place_experts(decoder: Decoder, config: DecodeConfig):
+    """MoE expert offloading (ProMoE) when configured: moves the decoder's experts to pinned host
+    memory behind a GPU expert cache, in place, and returns the started ExpertOffloader (the caller
+    closes it after the engine's last step); None when off. Raises ModelLoadError for a dense model
+    or a budget below one expert per layer."""
+    if not config.expert_offload:
+        return None
+    from epdserve.engine.expert_offload import ExpertOffloadConfig, offload_experts
+
+    if decoder.spec.moe is None:
+        raise ModelLoadError("--expert-cache-rate / --expert-cache-gib need a Mixtral-style MoE checkpoint")
+    predictor = {"skip-gate": "skip_gate", "learned": "learned"}.get(config.expert_prefetch, "none")
+    try:
+        offload = ExpertOffloadConfig(
+            cache_rate=None if config.expert_cache_gib else config.expert_cache_rate,
+            cache_bytes=max(1, int(config.expert_cache_gib * (1 << 30))) if config.expert_cache_gib else None,
+            prefetch_distance=config.expert_prefetch_distance, predictor=predictor,
+            predictor_path=config.expert_predictor or None, enable_prefetch=config.expert_prefetch != "on-demand")
+        return offload_experts(decoder, offload)
+    except ValueError as exc:
+        raise ModelLoadError(f"expert offloading: {exc}") from None
+
+
 def build_engine(decoder: Decoder, config: DecodeConfig, spec: LlavaSpec | None = None) -> DecodeEngine:
     """With the checkpoint's `spec` and local prefill enabled, the engine also prefills prompts;
     with host_kv_gib > 0 the KV of layers past gpu_kv_layers lives in pinned host memory."""
