@@ -8,11 +8,14 @@
   epdserve cache stats|flush|inspect KEY          look at (or flush) the mmcache index
   epdserve sparsify train --images D --prompts F --out P   train the learned image-token scorer
   epdserve bench cache [--json]                    memcpy vs shared-memory vs stream vs index throughput
+  epdserve batch FILE.jsonl --router ADDR --out OUT.jsonl   offline batch, makespan-packed, results as JSONL
+  epdserve bench router [--json]                   router overhead (p50/p99 added ms) and requests/s
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import signal
@@ -75,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.set_defaults(run=_generate)
 
+    batch = sub.add_parser("batch", help="run an offline batch (JSONL of generate requests) through a router")
+    batch.add_argument("requests", type=pathlib.Path, help="JSONL: one object per line with prompt, and optionally "
+                       "images (file paths), max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, raw")
+    batch.add_argument("--router", required=True, help="router address host:port")
+    batch.add_argument("--out", type=pathlib.Path, required=True, help="results JSONL, written as they finish")
+    batch.add_argument("--timeout", type=float, default=None, help="deadline of the whole batch in seconds")
+    batch.set_defaults(run=_batch)
+
     sparsify = sub.add_parser("sparsify", help="vision-token sparsification tools")
     train = sparsify.add_subparsers(title="sparsify commands").add_parser(
         "train", help="train the image-token predictor (scorer 'learned') on a checkpoint by distillation")
@@ -111,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     bench_cache.add_argument("--repeats", type=int, default=7)
     bench_cache.add_argument("--json", action="store_true")
     bench_cache.set_defaults(run=_bench_cache)
+    bench_router = bench_sub.add_parser("router", help="router overhead and requests/s with zero-work stage replicas")
+    bench_router.add_argument("--model", type=pathlib.Path, default=None, help="checkpoint (its tokenizer is used)")
+    bench_router.add_argument("--requests", type=int, default=300, help="sequential requests for the percentiles")
+    bench_router.add_argument("--seconds", type=float, default=5.0, help="duration of each requests/s run")
+    bench_router.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    bench_router.add_argument("--json", action="store_true")
+    bench_router.set_defaults(run=_bench_router)
 
     model = sub.add_parser("model", help="checkpoint tools")
     model_sub = model.add_subparsers(title="model commands")
@@ -259,6 +277,62 @@ def _bench_cache(args: argparse.Namespace) -> int:
         return 0
     for key in ("memcpy_gbps", "shm_gbps", "stream_gbps", "index_ops_per_s", "shm_vs_memcpy"):
         print(f"{key:<16} {result[key]:12.2f}")
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from epdserve.sdk import BatchSummary, Client
+
+    requests = _read_batch(args.requests)
+    summary = None
+    with Client(args.router, timeout_s=args.timeout) as client, open(args.out, "w") as out, \
+            tqdm(total=len(requests), unit="req", file=sys.stderr) as progress:
+        for item in client.batch(requests):
+            if isinstance(item, BatchSummary):
+                summary = item
+                continue
+            out.write(json.dumps(_batch_line(item)) + "\n")
+            out.flush()
+            progress.update(1)
+    gap = summary.makespan_s / summary.lower_bound_s if summary.lower_bound_s else float("nan")
+    print(f"{summary.requests} requests ({summary.failed} failed) on {summary.slots} decode slots: makespan "
+          f"{summary.makespan_s:.2f} s, planned {summary.predicted_makespan_s:.2f} s, lower bound "
+          f"{summary.lower_bound_s:.2f} s (x{gap:.2f})")
+    return 1 if summary.failed else 0
+
+
+def _read_batch(path: pathlib.Path) -> list[dict]:
+    """Requests of a JSONL file; image paths are read into bytes. Raises SystemExit on a bad line."""
+    requests = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            request["images"] = [pathlib.Path(p).read_bytes() for p in request.get("images", ())]
+        except (ValueError, OSError, AttributeError, TypeError) as exc:
+            raise SystemExit(f"{path}:{number}: {exc}") from None
+        requests.append(request)
+    return requests
+
+
+def _batch_line(item) -> dict:
+    line = {"index": item.index}
+    if item.error is not None:
+        return {**line, "error": {"code": type(item.error).code, "message": str(item.error)}}
+    r = item.result
+    return {**line, "request_id": r.request_id, "text": r.text, "token_ids": list(r.token_ids),
+            "finish_reason": r.finish_reason, "usage": dataclasses.asdict(r.usage)}
+
+
+def _bench_router(args: argparse.Namespace) -> int:
+    from services.router.bench import RouterBenchConfig, markdown, run_router_bench
+
+    config = RouterBenchConfig(requests=args.requests, seconds=args.seconds, concurrency=tuple(args.concurrency))
+    report = run_router_bench(_default_model(args.model), config)
+    print(json.dumps(report) if args.json else markdown(report))
     return 0
 
 

@@ -70,6 +70,8 @@ class ModelConfig:
     dtype: str = setting("auto", "auto | float32 | float16 | bfloat16 (auto: stored dtype on GPU, float32 on CPU)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     revision: str = setting("", "model revision used in cache keys (default: a fingerprint of the files)")
+    zero_work: bool = setting(False, "encode / prefill / decode benchmark mode: speak the real protocol but load no "
+                                     "model and compute nothing (for `epdserve bench router`)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,12 +209,32 @@ class RouterConfig:
     max_image_bytes: int = setting(20 * MiB, "largest encoded image accepted")
     max_stop_strings: int = setting(16, "most stop strings in one request")
     max_stop_string_chars: int = setting(256, "longest stop string")
+    max_batch_requests: int = setting(10_000, "most requests in one GenerateBatch call (offline batch jobs)")
     request_timeout_s: float = setting(600.0, "deadline of one request across all stages when the client sets none")
     stage_retries: int = setting(1, "times a request is re-run from encode when a cache entry vanished between stages")
     image_keep_ratio: float = setting(1.0, "fraction of each image's tokens the encode stage keeps "
                                            "(sparsification) when a request does not say; 1.0 = lossless")
     tenant_salt_file: str = setting("", "file holding a secret: each tenant (metadata x-epdserve-tenant) then gets "
                                         "cache keys no other tenant can hit")
+    health_interval_s: float = setting(0.5, "how often the router polls every replica's health and load report")
+    slo_ttft_s: float = setting(0.0, "time-to-first-token SLO: requests predicted to miss it on every placement are "
+                                     "rejected at arrival with RESOURCE_EXHAUSTED (0 = no early rejection)")
+    slo_tpot_s: float = setting(0.0, "time-per-output-token SLO for early rejection (0 = not checked)")
+    local_prefill_tokens: int = setting(0, "prompts up to this many tokens may take the E -> PD path (the decode "
+                                           "replica prefills them, without the prefix cache) when the cost model "
+                                           "predicts an earlier first token there (0 = never)")
+    http_port: int = setting(-1, "port of the OpenAI-compatible HTTP front door (/v1/chat/completions, /v1/models, "
+                                 "/health); -1 = off, 0 = pick a free port (reported in --ready-file as http_address)")
+    http_host: str = setting("127.0.0.1", "bind address of the HTTP front door")
+    served_model_name: str = setting("", "model name the HTTP front door serves (default: the checkpoint directory's "
+                                         "name)")
+    image_url_allowlist: tuple[str, ...] = setting((), "hosts whose http(s) image URLs the HTTP front door may fetch "
+                                                       "(exact host names; default: none, data URLs only)")
+    cache_redis_url: str = setting("", "Redis of the stages' mmcache index: the router reads it to find each "
+                                       "prompt's cached prefix (cache-aware prefill choice); '' = not cache-aware")
+    cache_namespace: str = setting("epdserve", "the stages' mmcache namespace (--namespace of the stages)")
+    kv_transfer_gb_s: float = setting(5.0, "GB/s assumed for moving cached prefix blocks a prefill replica does "
+                                           "not hold (blocks of another host or another process's GPU)")
 
     def __post_init__(self) -> None:
         for stage in ("encode", "prefill", "decode"):

@@ -7,6 +7,8 @@ This module imports nothing heavy (no grpc, no torch).
 
 from __future__ import annotations
 
+RETRY_AFTER_METADATA = "retry-after-s"  # gRPC trailing metadata: seconds after which a retry may succeed
+
 
 class EpdserveError(Exception):
     """Base class. `code` is a grpc.StatusCode name."""

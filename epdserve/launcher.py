@@ -64,6 +64,7 @@ class LocalCluster:
         self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="epdserve-cluster-"))
         self.shm_root = _shm_root() / f"epdserve-cluster-{uuid.uuid4().hex[:12]}"
         self.router_address = ""
+        self.router_http_address = ""    # the router's OpenAI HTTP host:port, when started with --http-port
 
     def start(self) -> str:
         """Start everything; returns the router address. Raises FailedPreconditionError (with the
@@ -80,6 +81,8 @@ class LocalCluster:
                     self._wait_ready(self.children[name])
             self._spawn("router", "router", self._router_args())
             self.router_address = self._wait_ready(self.children["router"])
+            ready = json.loads(self.children["router"].ready_file.read_text())
+            self.router_http_address = ready.get("http_address", "")
             return self.router_address
         except BaseException:
             self.stop()
@@ -97,7 +100,7 @@ class LocalCluster:
                 *self.config.stage_args.get(stage, ())]
 
     def _router_args(self) -> list[str]:
-        args = [*self._common_args("router"), "--host", self.config.router_host]
+        args = [*self._common_args("router"), "--host", self.config.router_host, "--cache-redis-url", self.redis_url]
         args[args.index("--port") + 1] = str(self.config.router_port)
         for stage in STAGES:
             for name in self.config.names(stage):

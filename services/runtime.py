@@ -21,6 +21,7 @@ from epdserve.env import read_env
 if TYPE_CHECKING:
     from epdserve.transport.server import ServiceServer
     from mmcache.client import MMCache
+    from services.load import LoadTracker
 
 T = TypeVar("T")
 
@@ -57,6 +58,12 @@ def stage_main(stage: str, stage_config: type, serve, argv: list[str] | None) ->
     """`main` of an encode / prefill / decode process: parse flags, run `serve(server, model, cache, stage)`."""
     parser = service_arg_parser(stage, stage_config)
     configs = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, stage_config)
+    if configs[1].zero_work:
+        import functools
+
+        from services.zero_work import serve_zero_work
+
+        serve = functools.partial(serve_zero_work, stage)
     return run_service(serve, configs)
 
 
@@ -65,6 +72,7 @@ class StageContext:
     server: "ServiceServer"
     cache: "MMCache"
     executor: ModelExecutor
+    load: "LoadTracker"  # the stage's load report (LoadService); set load.extra for stage-specific fields
 
 
 async def run_stage(stage: str, service_name: str, server_config: ServerConfig, cache_config: CacheConfig,
@@ -73,15 +81,18 @@ async def run_stage(stage: str, service_name: str, server_config: ServerConfig, 
     `register` add the stage's servicer, serve the cache's control service, run until SIGTERM,
     clean up."""
     from epdserve.transport.server import ServiceServer, run_until_signalled
-    from epdserve.v1 import cache_pb2_grpc
+    from epdserve.v1 import cache_pb2_grpc, load_pb2_grpc
     from mmcache.client import CacheIdentity, MMCache
+    from services.load import LoadServicer, LoadTracker
 
     server = ServiceServer(server_config, [service_name])
     identity = CacheIdentity(new_owner_id(stage), server.bind(), server_config.host, server_config.advertise_host)
     cache = await MMCache.open(cache_config, identity)
     executor = ModelExecutor(f"{stage}-model")
-    register(StageContext(server, cache, executor))
+    load = LoadTracker(stage, identity.owner_id)
+    register(StageContext(server, cache, executor, load))
     cache_pb2_grpc.add_CacheControlServicer_to_server(cache.servicer(), server.server)
+    load_pb2_grpc.add_LoadServiceServicer_to_server(LoadServicer(load), server.server)
 
     async def cleanup() -> None:
         await cache.close()

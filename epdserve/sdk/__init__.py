@@ -15,11 +15,11 @@ from epdserve.errors import (
     UnavailableError,
 )
 from epdserve.sdk.client import AsyncClient, AsyncGenerationStream, Client, GenerationStream
-from epdserve.sdk.types import GenerationChunk, GenerationResult, ModelInfo, Usage
+from epdserve.sdk.types import BatchItem, BatchSummary, GenerationChunk, GenerationResult, ModelInfo, Usage
 
 __all__ = [
-    "AsyncClient", "AsyncGenerationStream", "Client", "DeadlineExceededError", "EpdserveError",
-    "FailedPreconditionError", "GenerationChunk", "GenerationResult", "GenerationStream", "InternalError",
-    "InvalidArgumentError", "ModelInfo", "NotFoundError", "RequestCancelledError", "ResourceExhaustedError",
-    "UnavailableError", "Usage",
+    "AsyncClient", "AsyncGenerationStream", "BatchItem", "BatchSummary", "Client", "DeadlineExceededError",
+    "EpdserveError", "FailedPreconditionError", "GenerationChunk", "GenerationResult", "GenerationStream",
+    "InternalError", "InvalidArgumentError", "ModelInfo", "NotFoundError", "RequestCancelledError",
+    "ResourceExhaustedError", "UnavailableError", "Usage",
 ]

@@ -9,8 +9,8 @@ from typing import Any, Union
 
 import grpc
 
-from epdserve.errors import EpdserveError, InvalidArgumentError, error_for_code
-from epdserve.sdk.types import GenerationChunk, GenerationResult, ModelInfo, Usage
+from epdserve.errors import RETRY_AFTER_METADATA, EpdserveError, InvalidArgumentError, error_for_code
+from epdserve.sdk.types import BatchItem, BatchSummary, GenerationChunk, GenerationResult, ModelInfo, Usage
 from epdserve.v1 import common_pb2, router_pb2
 
 ImageLike = Union[bytes, bytearray, str, "os.PathLike[str]", Any]  # Any: a PIL.Image.Image
@@ -61,8 +61,23 @@ def build_request(prompt: str, images, *, max_tokens, temperature, top_k, top_p,
 
 
 def typed_error(exc: grpc.RpcError) -> EpdserveError:
+    """The typed error of a failed call, with the server's retry hint (RESOURCE_EXHAUSTED) if any."""
     code = exc.code()
-    return error_for_code(code.name if code is not None else "UNKNOWN", exc.details() or str(code))
+    error = error_for_code(code.name if code is not None else "UNKNOWN", exc.details() or str(code))
+    for key, value in _trailing(exc):
+        if key == RETRY_AFTER_METADATA:
+            try:
+                error.retry_after_s = float(value)
+            except ValueError:
+                pass
+    return error
+
+
+def _trailing(exc: grpc.RpcError):
+    try:
+        return exc.trailing_metadata() or ()
+    except Exception:  # not every RpcError carries metadata
+        return ()
 
 
 def error_event(error: router_pb2.Error) -> EpdserveError:
@@ -98,6 +113,19 @@ class Accumulator:
             timings_ms=dict(done.timings_ms),
         )
         return None
+
+
+def batch_event(event: router_pb2.BatchEvent) -> BatchItem | BatchSummary:
+    if event.HasField("summary"):
+        m = event.summary
+        return BatchSummary(m.requests, m.failed, m.slots, m.predicted_makespan_s, m.lower_bound_s, m.makespan_s)
+    r = event.result
+    if r.HasField("error"):
+        return BatchItem(r.index, None, error_event(r.error))
+    c = r.complete
+    usage = Usage(c.usage.prompt_tokens, c.usage.image_tokens, c.usage.completion_tokens)
+    result = GenerationResult(c.request_id, r.text, tuple(r.token_ids), c.finish_reason, usage, dict(c.timings_ms))
+    return BatchItem(r.index, result)
 
 
 def model_info(msg: router_pb2.ModelInfo) -> ModelInfo:

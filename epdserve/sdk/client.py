@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 
+from epdserve.errors import InvalidArgumentError
 from epdserve.sdk import _wire
-from epdserve.sdk.types import GenerationChunk, GenerationResult, ModelInfo
+from epdserve.sdk.types import BatchItem, BatchSummary, GenerationChunk, GenerationResult, ModelInfo
 from epdserve.transport.channels import DEFAULT_MAX_MESSAGE_BYTES, aio_channel, sync_channel
 from epdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -32,6 +33,12 @@ def _request(prompt, images, kwargs) -> router_pb2.GenerateRequest:
         raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
     fields.update(kwargs)
     return _wire.build_request(prompt, images, request_id=request_id, **fields)
+
+
+def _batch_request(index: int, fields: dict) -> router_pb2.GenerateRequest:
+    if "prompt" not in fields:
+        raise InvalidArgumentError(f"requests[{index}]: no prompt")
+    return _request(fields.pop("prompt"), fields.pop("images", ()), fields)
 
 
 def _tenant_metadata(tenant: str | None) -> tuple[tuple[str, str], ...]:
@@ -94,6 +101,19 @@ class Client:
         for _ in stream:
             pass
         return stream.result
+
+    def batch(self, requests: Sequence[dict]) -> Iterator[BatchItem | BatchSummary]:
+        """An offline batch job: `requests` are dicts of `generate`'s arguments (`prompt`, `images`,
+        `max_tokens`, ...). The router packs them onto its decode replicas to minimise the makespan
+        and yields each BatchItem as it finishes (any order: `.index` says which), then one
+        BatchSummary (measured makespan next to the plan's lower bound)."""
+        batch = router_pb2.BatchRequest(requests=[_batch_request(i, dict(r)) for i, r in enumerate(requests)])
+        call = self._stub.GenerateBatch(batch, timeout=self.timeout_s, metadata=self._metadata)
+        try:
+            for event in call:
+                yield _wire.batch_event(event)
+        except grpc.RpcError as exc:
+            raise _wire.typed_error(exc) from None
 
     def abort(self, request_id: str) -> bool:
         try:

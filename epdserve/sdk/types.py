@@ -36,3 +36,22 @@ class ModelInfo:
     image_tokens_per_image: int
     image_placeholder: str
     vocab_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchItem:
+    """One request of an offline batch, as it finished: `result`, or `error` (typed) if it failed."""
+
+    index: int                      # position in the requests passed to Client.batch
+    result: GenerationResult | None
+    error: Exception | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSummary:
+    requests: int
+    failed: int
+    slots: int                      # decode slots the router planned over
+    predicted_makespan_s: float     # the plan's prediction (LPT)
+    lower_bound_s: float            # max(total predicted work / slots, longest request)
+    makespan_s: float               # measured by the router

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from epdserve.errors import EpdserveError, UnavailableError, error_for_code
+from epdserve.errors import RETRY_AFTER_METADATA, EpdserveError, UnavailableError, error_for_code
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,7 +27,23 @@ def from_rpc_error(exc: grpc.RpcError, *, peer: str = "") -> EpdserveError:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and peer:
         return UnavailableError(f"{peer} stage unavailable: {details}")
-    return error_for_code(code.name, details or code.name)
+    error = error_for_code(code.name, details or code.name)
+    error.retry_after_s = _retry_after(exc)
+    return error
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    try:
+        trailing = exc.trailing_metadata() or ()
+    except Exception:  # not every RpcError carries metadata
+        return None
+    for key, value in trailing:
+        if key == RETRY_AFTER_METADATA:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
 
 
 async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, where: str) -> None:
@@ -36,6 +52,8 @@ async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, where: st
     if isinstance(exc, grpc.aio.AbortError):  # the handler already chose its status
         raise exc
     if isinstance(exc, EpdserveError):
+        if exc.retry_after_s is not None:
+            context.set_trailing_metadata(((RETRY_AFTER_METADATA, f"{exc.retry_after_s:.3f}"),))
         await context.abort(status_code(exc), exc.message)
     if isinstance(exc, grpc.RpcError):
         err = from_rpc_error(exc)

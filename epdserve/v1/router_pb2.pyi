@@ -111,3 +111,47 @@ class ModelInfo(_message.Message):
     image_placeholder: str
     vocab_size: int
     def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., max_context: _Optional[int] = ..., image_tokens_per_image: _Optional[int] = ..., image_placeholder: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class BatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[GenerateRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[GenerateRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchResult(_message.Message):
+    __slots__ = ("index", "text", "token_ids", "complete", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    complete: Complete
+    error: Error
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., complete: _Optional[_Union[Complete, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class BatchSummary(_message.Message):
+    __slots__ = ("requests", "failed", "slots", "predicted_makespan_s", "lower_bound_s", "makespan_s")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MAKESPAN_S_FIELD_NUMBER: _ClassVar[int]
+    LOWER_BOUND_S_FIELD_NUMBER: _ClassVar[int]
+    MAKESPAN_S_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    failed: int
+    slots: int
+    predicted_makespan_s: float
+    lower_bound_s: float
+    makespan_s: float
+    def __init__(self, requests: _Optional[int] = ..., failed: _Optional[int] = ..., slots: _Optional[int] = ..., predicted_makespan_s: _Optional[float] = ..., lower_bound_s: _Optional[float] = ..., makespan_s: _Optional[float] = ...) -> None: ...
+
+class BatchEvent(_message.Message):
+    __slots__ = ("result", "summary")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    result: BatchResult
+    summary: BatchSummary
+    def __init__(self, result: _Optional[_Union[BatchResult, _Mapping]] = ..., summary: _Optional[_Union[BatchSummary, _Mapping]] = ...) -> None: ...

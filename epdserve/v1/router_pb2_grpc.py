@@ -50,6 +50,11 @@ class RouterServiceStub:
                 request_serializer=epdserve_dot_v1_dot_router__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=epdserve_dot_v1_dot_router__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GenerateBatch = channel.unary_stream(
+                '/epdserve.v1.RouterService/GenerateBatch',
+                request_serializer=epdserve_dot_v1_dot_router__pb2.BatchRequest.SerializeToString,
+                response_deserializer=epdserve_dot_v1_dot_router__pb2.BatchEvent.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -76,6 +81,16 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateBatch(self, request, context):
+        """Offline batch (hybrid scheduling, offline part): the router packs the whole set onto decode
+        slots (longest predicted cost first, makespan-minimising) and streams each request's result as
+        it completes (any order; `index` says which), then one BatchSummary. A request that fails gets
+        an error result; the rest of the batch goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +108,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=epdserve_dot_v1_dot_router__pb2.GetModelInfoRequest.FromString,
                     response_serializer=epdserve_dot_v1_dot_router__pb2.ModelInfo.SerializeToString,
+            ),
+            'GenerateBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateBatch,
+                    request_deserializer=epdserve_dot_v1_dot_router__pb2.BatchRequest.FromString,
+                    response_serializer=epdserve_dot_v1_dot_router__pb2.BatchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +196,33 @@ class RouterService:
             '/epdserve.v1.RouterService/GetModelInfo',
             epdserve_dot_v1_dot_router__pb2.GetModelInfoRequest.SerializeToString,
             epdserve_dot_v1_dot_router__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/epdserve.v1.RouterService/GenerateBatch',
+            epdserve_dot_v1_dot_router__pb2.BatchRequest.SerializeToString,
+            epdserve_dot_v1_dot_router__pb2.BatchEvent.FromString,
             options,
             channel_credentials,
             insecure,

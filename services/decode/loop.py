@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 
 from epdserve.errors import AlreadyExistsError, InternalError
 from services.decode.engine import DecodeEngine, DecodeJob, StepResult
@@ -36,6 +37,7 @@ class EngineLoop:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.last_batch_size = 0
+        self.step_ms = 0.0  # moving average of steps that decoded (for the load report)
 
     def submit(self, job: DecodeJob) -> asyncio.Queue[Event]:
         """Queue a job for the next step; its events arrive on the returned queue. Call `forget`
@@ -81,6 +83,7 @@ class EngineLoop:
                 continue
             arrivals, aborts = self._arrivals, self._aborts
             self._arrivals, self._aborts = [], []
+            started = time.perf_counter()
             try:
                 result = await self.executor.run(self.engine.step, arrivals, aborts)
             except Exception as exc:  # the batch's state is unknown: fail everything in it
@@ -88,6 +91,9 @@ class EngineLoop:
                 failed = await self.executor.run(self.engine.reset)
                 self._fail([*failed, *(job.request_id for job in arrivals)], exc)
                 continue
+            if result.batch_size:
+                elapsed_ms = (time.perf_counter() - started) * 1000.0
+                self.step_ms = elapsed_ms if not self.step_ms else 0.8 * self.step_ms + 0.2 * elapsed_ms
             self._deliver(result)
 
     def _deliver(self, result: StepResult) -> None:

@@ -17,13 +17,14 @@ from epdserve.errors import FailedPreconditionError, InvalidArgumentError, Resou
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
 from epdserve.transport.errors import stream_errors, unary_errors
-from epdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from epdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, load_pb2
 from mmcache.client import MMCache
 from services.decode.decoder import check_layers
 from services.decode.engine import DecodeEngine, DecodeJob
 from services.decode.local_prefill import PromptJob
 from services.decode.loop import EngineLoop
 from services.decode.setup import build_engine, place_experts
+from services.load import LoadTracker
 from services.runtime import StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 from services.wire import sampling_from_proto
 
@@ -32,11 +33,29 @@ SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, engine: DecodeEngine, loop: EngineLoop, cache: MMCache, config: DecodeConfig) -> None:
+    def __init__(self, engine: DecodeEngine, loop: EngineLoop, cache: MMCache, config: DecodeConfig,
+                 load: LoadTracker | None = None) -> None:
         self.engine, self.loop, self.cache, self.config = engine, loop, cache, config
+        self.load = load or LoadTracker("decode", "")
+        self.load.extra = self.load_fields
+
+    def load_fields(self, report: load_pb2.LoadReport) -> None:
+        """The decode-specific fields of this replica's load report (read from the event loop)."""
+        engine, kv = self.engine, self.engine.kv
+        report.running_tokens = kv.num_used_rows
+        report.free_kv_blocks, report.total_kv_blocks = kv.num_free_blocks, kv.capacity_blocks
+        report.kv_block_tokens, report.max_running = kv.shape.block_size, self.config.max_running
+        report.step_ms = self.loop.step_ms
+        report.local_prefill_max_tokens = self.config.local_prefill_max_tokens if engine.local is not None else 0
 
     @stream_errors
     async def Decode(self, request: decode_pb2.DecodeRequest, context):
+        work = len(request.prompt.token_ids) if request.HasField("prompt") else 0
+        with self.load.request(work):
+            async for response in self._decode(request):
+                yield response
+
+    async def _decode(self, request: decode_pb2.DecodeRequest):
         local = request.HasField("prompt")
         if local:
             self._validate_prompt(request)
@@ -171,7 +190,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
     engine = build_engine(decoder, decode_config, spec)
 
     def register(ctx: StageContext) -> None:
-        servicer = DecodeServicer(engine, EngineLoop(engine, ctx.executor), ctx.cache, decode_config)
+        servicer = DecodeServicer(engine, EngineLoop(engine, ctx.executor), ctx.cache, decode_config, ctx.load)
         decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, ctx.server.server)
 
     try:

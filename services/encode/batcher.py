@@ -13,6 +13,7 @@ import functools
 import time
 
 from services.encode.encoder import ImageEncoder
+from services.load import LoadTracker
 from services.runtime import ModelExecutor
 
 
@@ -35,8 +36,9 @@ class BatchStats:
 
 class EncodeBatcher:
     def __init__(self, encoder: ImageEncoder, executor: ModelExecutor, *, max_batch: int, max_wait_ms: float,
-                 to_host: bool = True) -> None:
+                 to_host: bool = True, load: LoadTracker | None = None) -> None:
         self.encoder, self.executor, self.to_host = encoder, executor, to_host
+        self.load = load or LoadTracker("encode", "")
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000.0
         self.stats = BatchStats()
         self._queue: list[_Job] = []
@@ -80,8 +82,8 @@ class EncodeBatcher:
 
     async def _encode(self, batch: list[_Job]) -> None:
         try:
-            tensors = await self.executor.run(functools.partial(
-                self.encoder.encode, [j.image for j in batch], [j.keep_ratio for j in batch], to_host=self.to_host))
+            tensors = await self.executor.run(self.load.running(len(batch), functools.partial(
+                self.encoder.encode, [j.image for j in batch], [j.keep_ratio for j in batch], to_host=self.to_host)))
         except Exception as exc:  # every waiter learns of the failure
             for job in batch:
                 self._finish(job, exc=exc)

@@ -30,6 +30,10 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
 
     @unary_errors
     async def Encode(self, request: encode_pb2.EncodeRequest, context) -> encode_pb2.EncodeResponse:
+        with self.batcher.load.request(len(request.images)):
+            return await self._encode(request)
+
+    async def _encode(self, request: encode_pb2.EncodeRequest) -> encode_pb2.EncodeResponse:
         self._check_count(len(request.images))
         keep = request.keep_ratio or 1.0
         if not 0.0 < keep <= 1.0:
@@ -122,7 +126,8 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
 
     def register(ctx: StageContext) -> None:
         batcher = EncodeBatcher(encoder, ctx.executor, max_batch=encode_config.max_batch_size,
-                                max_wait_ms=encode_config.max_batch_wait_ms, to_host=not cache_config.device_tier)
+                                max_wait_ms=encode_config.max_batch_wait_ms, to_host=not cache_config.device_tier,
+                                load=ctx.load)
         servicer = EncodeServicer(encoder, batcher, ctx.cache, encode_config)
         encode_pb2_grpc.add_EncodeServiceServicer_to_server(servicer, ctx.server.server)
 

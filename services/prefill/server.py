@@ -17,6 +17,7 @@ from epdserve.transport.errors import unary_errors
 from epdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from mmcache.client import MMCache
 from mmcache.keys import kv_layer_key, new_kv_prefix
+from services.load import LoadTracker
 from services.prefill.fastkv import FastKVConfig
 from services.prefill.minisequence import MiniSequenceConfig
 from services.prefill.prefill import PromptPrefiller
@@ -30,14 +31,19 @@ SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_na
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, prefiller: PromptPrefiller, cache: MMCache, executor: ModelExecutor, config: PrefillConfig,
-                 prefixes: PrefixCache) -> None:
+                 prefixes: PrefixCache, load: LoadTracker | None = None) -> None:
         self.prefiller, self.cache, self.executor, self.config = prefiller, cache, executor, config
         self.prefixes = prefixes
+        self.load = load or LoadTracker("prefill", "")
         self.fastkv_default = _fastkv_default(config)
         self._background: set[asyncio.Task] = set()
 
     @unary_errors
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
+        with self.load.request(len(request.token_ids)):
+            return await self._prefill(request)
+
+    async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         sampling = sampling_from_proto(request.sampling)
         fastkv = fastkv_from_proto(request, self.fastkv_default)
         token_ids = list(request.token_ids)
@@ -52,10 +58,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                     hit = await self.prefixes.lookup(token_ids, request.image_embeddings, request.cache_salt)
             publish_upto = len(token_ids) // self.config.prefix_block_tokens
             publish_upto = publish_upto if self.config.prefix_cache and fastkv is None else 0
+            computed = len(token_ids) - hit.blocks_cached * self.config.prefix_block_tokens
             with watch.section("prefill_ms"):
                 result, refs = await self._prefill_and_publish(
                     functools.partial(self.prefiller.run, token_ids, embeddings, sampling, hit.blocks, publish_upto,
-                                      self.config.prefix_block_tokens, fastkv=fastkv), watch)
+                                      self.config.prefix_block_tokens, fastkv=fastkv), watch, computed)
         finally:  # inputs were copied into this request's KV (or it failed): end their leases
             await asyncio.shield(self.cache.release(list(request.image_embeddings) + hit.refs))
         self._in_background(self.prefixes.publish(hit, result.new_blocks))
@@ -86,7 +93,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise FailedPreconditionError(f"image_embeddings[{missing[0]}]: entry is no longer in the cache")
         return tensors
 
-    async def _prefill_and_publish(self, run, watch: Stopwatch):
+    async def _prefill_and_publish(self, run, watch: Stopwatch, computed_tokens: int):
         """Run the prefill on the model thread and publish each layer's KV while later layers are
         computed (layer-wise publishing). On failure or cancellation every published layer is
         released at once instead of waiting for its TTL."""
@@ -99,7 +106,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
         publisher = asyncio.ensure_future(self._publish_layers(arrived, published))
         try:
-            result = await self.executor.run(functools.partial(run, on_layer=on_layer))
+            timed = self.load.running(computed_tokens, functools.partial(run, on_layer=on_layer))
+            result = await self.executor.run(timed)
             started = time.perf_counter()
             await asyncio.shield(publisher)
             watch.timings_ms["kv_publish_ms"] = (time.perf_counter() - started) * 1000.0
@@ -137,10 +145,20 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         mini = MiniSequenceConfig(prefill_config.chunk_tokens, prefill_config.min_chunk_tokens,
                                   prefill_config.last_position_only)
         servicer = PrefillServicer(PromptPrefiller(spec, decoder, mini), ctx.cache, ctx.executor, prefill_config,
-                                   prefixes)
+                                   prefixes, ctx.load)
+        ctx.load.extra = functools.partial(_prefix_fields, prefixes, ctx.cache.owner.host_id)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, ctx.server.server)
 
     await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register)
+
+
+def _prefix_fields(prefixes: PrefixCache, host_id: str, report) -> None:
+    """How this replica keys its prefix blocks (the router computes the same keys to look up a
+    prompt's cached prefix) and where it runs."""
+    if prefixes.config.prefix_cache:
+        report.prefix_block_tokens = prefixes.config.prefix_block_tokens
+        report.prefix_kv_settings, report.model_revision = prefixes.kv_settings, prefixes.revision
+    report.host_id = host_id
 
 
 def _fastkv_default(config: PrefillConfig) -> FastKVConfig | None:

@@ -10,18 +10,18 @@ without the cache lookup, at most `stage_retries` times.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import grpc
 
 from epdserve.config import RouterConfig
-from epdserve.errors import DeadlineExceededError, FailedPreconditionError
+from epdserve.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError
 from epdserve.models.prompt import PromptBuilder, PromptTokens
 from epdserve.models.spec import kept_tokens
-from epdserve.transport.channels import aio_channel
 from epdserve.transport.errors import from_rpc_error
 from epdserve.v1 import (
     common_pb2,
@@ -32,6 +32,18 @@ from epdserve.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
+from services.router.live_admission import LiveAdmission
+from services.router.placement import (
+    CostDefaults,
+    choose_decode,
+    choose_prefill,
+    local_prefill_allowed,
+    local_prefill_time_s,
+    prefill_rate,
+    shard_images,
+)
+from services.router.pools import Replica, ReplicaPool
+from services.router.prefix_view import CachedPrefix, PrefixView, prefix_settings
 from services.router.requests import GenerationRequest, check_context
 from services.router.text import IncrementalDetokenizer, StopStringMatcher
 from services.wire import sampling_to_proto
@@ -52,38 +64,30 @@ class Finished:
     timings_ms: dict[str, float]
 
 
-class ReplicaPool:
-    """Round-robin over one stage's replicas (cache- and load-aware choice comes later)."""
-
-    def __init__(self, stage: str, addresses: Sequence[str], stub_cls) -> None:
-        self.stage = stage
-        self.channels = [aio_channel(a) for a in addresses]
-        self.stubs = [stub_cls(c) for c in self.channels]
-        self._next = itertools.cycle(range(len(self.stubs)))
-
-    def pick(self):
-        return self.stubs[next(self._next)]
-
-    def shard(self, items: int) -> list[tuple[object, list[int]]]:
-        """Spread `items` over the replicas round-robin: [(stub, item positions)], no empty shard."""
-        first = next(self._next)
-        shards: dict[int, list[int]] = {}
-        for position in range(items):
-            shards.setdefault((first + position) % len(self.stubs), []).append(position)
-        return [(self.stubs[replica], positions) for replica, positions in shards.items()]
-
-    async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.channels))
-
-
 class Orchestrator:
-    def __init__(self, config: RouterConfig, prompts: PromptBuilder) -> None:
+    def __init__(self, config: RouterConfig, prompts: PromptBuilder, defaults: CostDefaults | None = None) -> None:
         self.config, self.prompts = config, prompts
+        self.defaults = defaults or CostDefaults(kv_transfer_bytes_per_s=config.kv_transfer_gb_s * 1e9)
+        self.prefixes = PrefixView(config.cache_redis_url, config.cache_namespace) if config.cache_redis_url else None
         self.max_context = prompts.spec.decoder.max_context
         self.stop_token_ids = prompts.eos_token_ids()
-        self.encode = ReplicaPool("encode", config.encode, encode_pb2_grpc.EncodeServiceStub)
-        self.prefill = ReplicaPool("prefill", config.prefill, prefill_pb2_grpc.PrefillServiceStub)
-        self.decode = ReplicaPool("decode", config.decode, decode_pb2_grpc.DecodeServiceStub)
+        interval = config.health_interval_s
+        self.encode = ReplicaPool("encode", _service_name(encode_pb2, "EncodeService"), config.encode,
+                                  encode_pb2_grpc.EncodeServiceStub, interval_s=interval)
+        self.prefill = ReplicaPool("prefill", _service_name(prefill_pb2, "PrefillService"), config.prefill,
+                                   prefill_pb2_grpc.PrefillServiceStub, interval_s=interval)
+        self.decode = ReplicaPool("decode", _service_name(decode_pb2, "DecodeService"), config.decode,
+                                  decode_pb2_grpc.DecodeServiceStub, interval_s=interval)
+        early_rejection = config.slo_ttft_s > 0 or config.slo_tpot_s > 0
+        self.admission = LiveAdmission(config, self.prefill, self.decode, self.defaults) if early_rejection else None
+        self.paths: collections.Counter[str] = collections.Counter()  # requests per path taken
+        # observed TTFT minus the replica-level prediction, per first-token path (moving averages):
+        # what the load reports cannot see (RPCs, embedding and prefix fetches, KV hand-off)
+        self.ttft_residual_s = {"prefill": 0.0, "local": 0.0}
+
+    async def start(self) -> None:
+        """Start watching the replicas (health and load); call once inside the serving event loop."""
+        await asyncio.gather(self.encode.start(), self.prefill.start(), self.decode.start())
 
     def tokenize(self, req: GenerationRequest) -> PromptTokens:
         per_image = kept_tokens(self.prompts.tokens_per_image, req.image_keep_ratio)
@@ -91,65 +95,150 @@ class Orchestrator:
         check_context(len(prompt.token_ids), prompt.image_tokens, req.max_tokens, self.max_context)
         return prompt
 
-    async def generate(self, req: GenerationRequest, prompt: PromptTokens, deadline: float) -> AsyncIterator:
-        """Yield TextChunk events, then one Finished."""
+    async def generate(self, req: GenerationRequest, prompt: PromptTokens, deadline: float,
+                       decode_replica: Replica | None = None) -> AsyncIterator:
+        """Yield TextChunk events, then one Finished. `decode_replica`: decode there (E -> P -> D),
+        as an offline batch plan says; None: placement chooses."""
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        prefill = await self._encode_and_prefill(req, prompt, deadline, timings)
-        timings["ttft_ms"] = (time.perf_counter() - start) * 1000.0
-        run = _Run(_TextStream(self.prompts.tokenizer, prompt.token_ids, req.stop), [prefill.first_token_id])
-        chunk = run.stream.push(prefill.first_token_id)
-        yield TextChunk(chunk.text, (prefill.first_token_id,))
-        run.finish = "stop" if chunk.stopped else self._finish_reason(req, prefill.first_token_id, 1)
-        if run.finish:
-            await self._release_kv(prefill.kv, deadline)
-        else:
-            async for event in self._decode(req, prefill, run, deadline, timings):
+        run = _Run(_TextStream(self.prompts.tokenizer, prompt.token_ids, req.stop), [])
+        if self.admission is not None:  # early rejection: raises RESOURCE_EXHAUSTED before any stage runs
+            tokens = len(prompt.token_ids)
+            run.admission = self.admission.admit(tokens, tokens, req.max_tokens)
+        try:
+            async for event in self._generate(req, prompt, deadline, timings, run, start, decode_replica):
+                yield event
+            run.completed = True
+        finally:
+            if run.admission is not None:
+                self.admission.finished(run.admission, run.completed)
+
+    async def _generate(self, req, prompt, deadline, timings, run: "_Run", start: float, decode_replica):
+        started = await self._start(req, prompt, deadline, timings, local=decode_replica is None)
+        if started.local is not None:  # E -> PD: the decode replica prefills and streams every token
+            reserve = len(prompt.token_ids) + req.max_tokens
+            try:
+                async for event in self._decode(run, started.local, reserve, started.decode, deadline, timings, start):
+                    yield event
+            except FailedPreconditionError:  # an embedding vanished before decode read it: re-encode
+                if run.tokens or not req.images or self.config.stage_retries < 1:
+                    raise
+                started = await self._start(req, prompt, deadline, timings, skip_lookup=True, local=False)
+        if started.prefill is not None:  # E -> P -> D: the first token comes from prefill
+            async for event in self._after_prefill(run, req, started.prefill, deadline, timings, start,
+                                                   decode_replica):
                 yield event
         tail = "" if run.stream.stopped else run.stream.flush()
         if tail:
             yield TextChunk(tail, ())
         timings["total_ms"] = (time.perf_counter() - start) * 1000.0
+        self._learn_ttft(timings)
         _derived_timings(timings, len(run.tokens))
         yield Finished(run.finish, len(prompt.token_ids), prompt.image_tokens, len(run.tokens), timings)
+
+    async def _after_prefill(self, run: "_Run", req, prefill, deadline, timings, start: float, decode_replica=None):
+        timings["ttft_ms"] = (time.perf_counter() - start) * 1000.0
+        self._emitted(run, 1)
+        run.tokens.append(prefill.first_token_id)
+        chunk = run.stream.push(prefill.first_token_id)
+        yield TextChunk(chunk.text, (prefill.first_token_id,))
+        run.finish = "stop" if chunk.stopped else self._finish_reason(req, prefill.first_token_id, 1)
+        if run.finish:
+            await self._release_kv(prefill.kv, deadline)
+            return
+        request = self._decode_request(req, prefill, req.max_tokens - 1)
+        reserve = prefill.kv.length + req.max_tokens
+        async for event in self._decode(run, request, reserve, decode_replica, deadline, timings):
+            yield event
 
     def _finish_reason(self, req: GenerationRequest, token: int, produced: int) -> str:
         if token in self.stop_token_ids and not req.ignore_eos:
             return "stop"
         return "length" if produced >= req.max_tokens else ""
 
-    async def _encode_and_prefill(self, req, prompt, deadline, timings) -> prefill_pb2.PrefillResponse:
-        skip_lookup = False
+    async def _start(self, req, prompt, deadline, timings, *, skip_lookup: bool = False,
+                     local: bool = True) -> "_Started":
+        """Encode, then either prefill (E -> P -> D) or hand the prompt to a decode replica (E -> PD),
+        whichever the cost model predicts reaches the first token sooner (`local` False: always
+        prefill). A vanished cache entry between stages re-runs from encode without the cache
+        lookup."""
         for attempt in itertools.count():
             try:
                 refs = await self._encode(req, deadline, timings, skip_lookup)
-                return await self._prefill(req, prompt, refs, deadline, timings)
+                cached = await self._cached_prefixes(req, prompt, refs)
+                local = local and self._local_prefill_replica(req, prompt, timings, cached)
+                timings["local_prefill"] = 1.0 if local else 0.0
+                if local:
+                    self.paths["E->PD" if req.images else "PD"] += 1
+                    return _Started(None, self._local_request(req, prompt, refs), local)
+                self.paths["E->P->D" if req.images else "P->D"] += 1
+                return _Started(await self._prefill(req, prompt, refs, deadline, timings, cached), None, None)
             except FailedPreconditionError:
                 if attempt >= self.config.stage_retries or not req.images:
                     raise
                 skip_lookup = True  # an embedding vanished between encode and prefill: re-encode
         raise AssertionError("unreachable")
 
+    async def _cached_prefixes(self, req, prompt, refs) -> dict[int, CachedPrefix]:
+        """Per healthy prefill replica, the prompt's prefix it would load from the cache (one index
+        lookup per distinct key setting); empty when the router is not cache-aware."""
+        if self.prefixes is None or req.fastkv is not None:
+            return {}
+        by_settings: dict[tuple, list[int]] = {}
+        for replica in self.prefill.healthy():
+            settings = prefix_settings(replica.load)
+            if settings is not None:
+                by_settings.setdefault(settings, []).append(replica.index)
+        cached: dict[int, CachedPrefix] = {}
+        for settings, indices in by_settings.items():
+            hit = await self.prefixes.cached(settings, prompt.token_ids, self.prompts.spec.image_token_id, refs,
+                                             req.cache_salt)
+            cached.update(dict.fromkeys(indices, hit))
+        return cached
+
+    def _local_prefill_replica(self, req, prompt, timings, cached) -> Replica | None:
+        """The decode replica to prefill this prompt itself, when E -> PD is predicted faster than
+        the best prefill replica plus the KV hand-off; else None."""
+        tokens = len(prompt.token_ids)
+        if tokens > self.config.local_prefill_tokens or req.fastkv is not None:
+            return None
+        limit = self.config.local_prefill_tokens
+        decodes = [r for r in self.decode.healthy() if local_prefill_allowed(r, tokens, limit)]
+        if not decodes:
+            return None
+        decode = choose_decode(decodes, tokens + req.max_tokens, self.defaults)
+        rate = prefill_rate(self.prefill.replicas, self.defaults)
+        local_s = local_prefill_time_s(decode.replica, tokens, rate, decode.predicted_s)
+        timings["predicted_local_prefill_ms"] = local_s * 1000.0
+        try:
+            remote_s = choose_prefill(self.prefill.healthy(), tokens, self.defaults, cached).predicted_s
+        except UnavailableError:  # no prefill replica left: E -> PD is the only way
+            return decode.replica
+        residual = self.ttft_residual_s
+        # a tie goes to E -> PD: it moves no KV between replicas
+        return decode.replica if local_s + residual["local"] <= remote_s + residual["prefill"] else None
+
     async def _encode(self, req, deadline, timings, skip_lookup: bool) -> list[common_pb2.TensorRef]:
         """Encode the request's images; with several encode replicas the images are spread over
-        them (intra-request parallelism) and the embeddings come back in the original order."""
+        them by predicted finish time (intra-request parallelism) and the embeddings come back in
+        the original order. A shard whose replica is unavailable is re-sent to another one."""
         if not req.images:
             return []
-        shards = self.encode.shard(len(req.images))
+        shards = shard_images(self.encode.healthy(), len(req.images), self.defaults)
         t0 = time.perf_counter()
-        responses = await asyncio.gather(*(self._encode_shard(req, stub, positions, deadline, skip_lookup)
-                                           for stub, positions in shards))
+        responses = await asyncio.gather(*(self._encode_shard(req, self.encode.replicas[index], positions, deadline,
+                                                              skip_lookup) for index, positions in shards.items()))
         timings["encode_rpc_ms"] = (time.perf_counter() - t0) * 1000.0
         timings["encode_replicas"] = float(len(shards))
         refs: list = [None] * len(req.images)
-        for (_, positions), response in zip(shards, responses):
+        for positions, response in zip(shards.values(), responses):
             for position, image in zip(positions, response.images):
                 refs[position] = image
             _merge(timings, "encode.", response.timings_ms, accumulate=True)
         timings["encode_cache_hits"] = float(sum(image.cache_hit for image in refs))
         return [image.embedding for image in refs]
 
-    async def _encode_shard(self, req, stub, positions: list[int], deadline, skip_lookup: bool):
+    async def _encode_shard(self, req, replica: Replica, positions: list[int], deadline, skip_lookup: bool):
         request = encode_pb2.EncodeRequest(
             request_id=req.request_id,
             images=[common_pb2.ImageInput(data=req.images[i]) for i in positions],
@@ -157,9 +246,19 @@ class Orchestrator:
             cache_salt=req.cache_salt,
             keep_ratio=req.image_keep_ratio,
         )
-        return await _call("encode", stub.Encode(request, timeout=_remaining(deadline)))
+        tried: list[Replica] = []
+        while True:
+            with self.encode.track(replica, len(positions)):
+                try:
+                    return await _call("encode", replica.stub.Encode(request, timeout=_remaining(deadline)))
+                except UnavailableError as exc:
+                    self.encode.mark_down(replica, exc.message)
+            tried.append(replica)
+            replica = min(self.encode.healthy(exclude=tried), key=lambda r: r.outstanding_work)
 
-    async def _prefill(self, req, prompt, refs, deadline, timings) -> prefill_pb2.PrefillResponse:
+    async def _prefill(self, req, prompt, refs, deadline, timings, cached) -> prefill_pb2.PrefillResponse:
+        """Prefill on the replica predicted to finish first; an unavailable replica is removed and
+        the next best one tried (before any token exists, so nothing is lost)."""
         request = prefill_pb2.PrefillRequest(
             request_id=req.request_id,
             token_ids=prompt.token_ids,
@@ -168,9 +267,22 @@ class Orchestrator:
             cache_salt=req.cache_salt,
             fastkv=req.fastkv,
         )
+        tokens, tried = len(prompt.token_ids), []
         t0 = time.perf_counter()
-        response = await _call("prefill", self.prefill.pick().Prefill(request, timeout=_remaining(deadline)))
+        while True:
+            choice = choose_prefill(self.prefill.healthy(exclude=tried), tokens, self.defaults, cached)
+            with self.prefill.track(choice.replica, tokens):
+                try:
+                    call = choice.replica.stub.Prefill(request, timeout=_remaining(deadline))
+                    response = await _call("prefill", call)
+                    break
+                except UnavailableError as exc:
+                    self.prefill.mark_down(choice.replica, exc.message)
+            tried.append(choice.replica)
         timings["prefill_rpc_ms"] = (time.perf_counter() - t0) * 1000.0
+        timings["prefill_replica"] = float(choice.replica.index)
+        timings["predicted_prefill_ms"] = choice.predicted_s * 1000.0
+        timings["predicted_cached_tokens"] = float(choice.cached_tokens)
         _merge(timings, "prefill.", response.timings_ms)
         return response
 
@@ -185,33 +297,92 @@ class Orchestrator:
             ignore_eos=req.ignore_eos,
         )
 
+    def _local_request(self, req, prompt, refs) -> decode_pb2.DecodeRequest:
+        return decode_pb2.DecodeRequest(
+            request_id=req.request_id,
+            prompt=decode_pb2.LocalPrompt(token_ids=prompt.token_ids, image_embeddings=refs),
+            max_new_tokens=req.max_tokens,
+            sampling=sampling_to_proto(req.sampling),
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+        )
+
     async def _release_kv(self, kv: common_pb2.KVHandle, deadline: float) -> None:
         """Generation ended at the first token: a zero-token decode call releases the KV."""
         request = decode_pb2.DecodeRequest(kv=kv, max_new_tokens=0, first_token_id=0)
-        call = self.decode.pick().Decode(request, timeout=_remaining(deadline))
-        async for _ in _stream("decode", call):
+        async for _ in self._decode_stream(request, 0, None, deadline):
             pass
 
-    async def _decode(self, req, prefill, run: "_Run", deadline, timings):
-        """Stream the tokens after the first; sets run.finish."""
-        request = self._decode_request(req, prefill, req.max_tokens - 1)
-        call = self.decode.pick().Decode(request, timeout=_remaining(deadline))
-        try:
-            async for response in _stream("decode", call):
-                run.tokens.extend(response.token_ids)
-                chunk = run.stream.push_many(response.token_ids)
-                if response.token_ids:
-                    yield TextChunk(chunk.text, tuple(response.token_ids))
-                if chunk.stopped or response.finish_reason:
-                    run.finish = "stop" if chunk.stopped else response.finish_reason
-                    _merge(timings, "decode.", response.timings_ms)
+    async def _decode(self, run: "_Run", request, reserve: int, first_choice, deadline, timings, ttft_from=None):
+        """Stream the decode replica's tokens as TextChunks; sets run.finish. With `ttft_from`
+        (E -> PD) the first token's arrival sets timings["ttft_ms"]."""
+        async for response in self._decode_stream(request, reserve, first_choice, deadline, run):
+            self._emitted(run, len(response.token_ids))
+            if ttft_from is not None and response.token_ids and "ttft_ms" not in timings:
+                timings["ttft_ms"] = (time.perf_counter() - ttft_from) * 1000.0
+            run.tokens.extend(response.token_ids)
+            chunk = run.stream.push_many(response.token_ids)
+            if response.token_ids:
+                yield TextChunk(chunk.text, tuple(response.token_ids))
+            if chunk.stopped or response.finish_reason:
+                run.finish = "stop" if chunk.stopped else response.finish_reason
+                _merge(timings, "decode.", response.timings_ms)
+                return
+        run.finish = "length"
+
+    def _emitted(self, run: "_Run", tokens: int) -> None:
+        if run.admission is not None and tokens:
+            self.admission.emitted(run.admission, tokens)
+
+    async def _decode_stream(self, request, reserve: int, first_choice: Replica | None, deadline,
+                             run: "_Run | None" = None):
+        """Decode responses from the replica with the most headroom (or `first_choice`). A replica
+        that is unavailable before its first response is removed and the call re-sent to another
+        (exact: nothing was produced there; the KV or prompt is still in the cache); after that,
+        the stream ends with UnavailableError."""
+        tried: list[Replica] = []
+        replica = first_choice
+        while True:
+            if replica is None:
+                replica = choose_decode(self.decode.healthy(exclude=tried), reserve, self.defaults).replica
+            with self.decode.track(replica, len(request.prompt.token_ids)):
+                if run is not None and run.admission is not None:
+                    self.admission.started(run.admission, replica)
+                call = replica.stub.Decode(request, timeout=_remaining(deadline))
+                answered = False
+                try:
+                    async for response in _stream("decode", call):
+                        answered = True
+                        yield response
                     return
-            run.finish = "length"
-        finally:
-            call.cancel()
+                except UnavailableError as exc:
+                    if answered:
+                        raise
+                    self.decode.mark_down(replica, exc.message)
+                finally:
+                    call.cancel()
+            tried.append(replica)
+            replica = None
+
+    def _learn_ttft(self, timings: dict[str, float]) -> None:
+        path = "local" if timings.get("local_prefill") else "prefill"
+        predicted = timings.get(f"predicted_{'local_' if path == 'local' else ''}prefill_ms")
+        if predicted is None or "ttft_ms" not in timings:
+            return
+        residual = (timings["ttft_ms"] - predicted) / 1000.0
+        self.ttft_residual_s[path] = 0.8 * self.ttft_residual_s[path] + 0.2 * residual
 
     async def close(self) -> None:
         await asyncio.gather(self.encode.close(), self.prefill.close(), self.decode.close())
+        if self.prefixes is not None:
+            await self.prefixes.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Started:
+    prefill: prefill_pb2.PrefillResponse | None  # E -> P -> D
+    local: decode_pb2.DecodeRequest | None       # E -> PD: the prompt for the decode replica
+    decode: Replica | None                        # ... and the replica chosen for it
 
 
 @dataclasses.dataclass
@@ -219,6 +390,8 @@ class _Run:
     stream: "_TextStream"
     tokens: list[int]
     finish: str = ""
+    admission: int | None = None  # the LiveAdmission id when early rejection is on
+    completed: bool = False
 
 
 class _TextStream:
@@ -245,6 +418,10 @@ class _TextStream:
 class _Chunk:
     text: str
     stopped: bool
+
+
+def _service_name(module, service: str) -> str:
+    return module.DESCRIPTOR.services_by_name[service].full_name
 
 
 def _remaining(deadline: float) -> float:

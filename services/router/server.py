@@ -1,31 +1,49 @@
-"""Router service: RouterService (Generate / Abort / GetModelInfo) over grpc.aio.
+"""Router service: RouterService (Generate / Abort / GetModelInfo) over grpc.aio, and the optional
+OpenAI-compatible HTTP front door (`openai_http.py`) in the same event loop.
 
-Each Generate runs its pipeline in a producer task feeding a queue, so that Abort (cancel the
-producer) and a client disconnect (cancel the handler, which cancels the producer) both stop
-every downstream call. Errors before the first chunk end the RPC with a gRPC status; errors
-after it arrive in-band as an `error` event.
+Both front doors run a request through `RouterServicer.events`: its pipeline runs in a producer
+task feeding a queue, so that Abort (cancel the producer) and a client disconnect (cancel the
+handler, which closes the generator, which cancels the producer) both stop every downstream call.
+Errors before the first chunk are raised (a gRPC status, an HTTP error status); errors after it
+arrive in-band (a gRPC `error` event, an SSE error event).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import logging
+import os
 import pathlib
 import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
 from epdserve.config import ModelConfig, RouterConfig, ServerConfig
-from epdserve.errors import AlreadyExistsError, EpdserveError, FailedPreconditionError, InternalError
+from epdserve.errors import (
+    AlreadyExistsError,
+    EpdserveError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+)
 from epdserve.models.checkpoint import model_revision
 from epdserve.models.prompt import PromptBuilder
 from epdserve.models.spec import load_spec
 from epdserve.transport.errors import INTERNAL_MESSAGE, status_code, stream_errors, unary_errors
 from epdserve.transport.server import ServiceServer, run_until_signalled
 from epdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.router.batch import BatchRunner
 from services.router.orchestrator import Finished, Orchestrator, TextChunk
 from services.router.requests import parse_request, tenant_salt
 from services.runtime import parse_configs, resolve_model_dir, run_service, service_arg_parser
+
+if TYPE_CHECKING:
+    from services.router.openai_http import OpenAIHttpServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
@@ -44,34 +62,63 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     @stream_errors
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         tenant = dict(context.invocation_metadata() or ()).get(TENANT_METADATA, "")
+        async with contextlib.aclosing(self.events(request, tenant, context.time_remaining())) as events:
+            async for event in events:
+                yield _to_proto(event, request.request_id)
+
+    async def events(self, request: router_pb2.GenerateRequest, tenant: str = "", timeout_s: float | None = None,
+                     decode_replica=None) -> AsyncIterator[TextChunk | Finished | Failed]:
+        """One request, whichever front door it came through: validate (`parse_request`), refuse a
+        duplicate request id, tokenize, run the pipeline in a producer task until the deadline
+        (`timeout_s`, default `request_timeout_s`).
+
+        Yields TextChunk events, then exactly one Finished (finish_reason "abort" after Abort) or,
+        when the pipeline fails after the first chunk, one Failed. `decode_replica` pins the decode
+        replica (offline batch plans); None lets placement choose. Raises EpdserveError (or the
+        unexpected exception) before the first chunk. An empty `request.request_id` is filled in
+        with the id the router assigned. A consumer that stops early must close the generator
+        (`contextlib.aclosing`): closing it cancels the producer and with it every downstream call.
+        """
         req = parse_request(request, self.config, tenant_salt(self.salt_secret, tenant))
+        request.request_id = req.request_id
         if req.request_id in self.active:
             raise AlreadyExistsError(f"request_id {req.request_id!r} is already running")
         prompt = self.orchestrator.tokenize(req)
-        timeout = context.time_remaining() or self.config.request_timeout_s
+        deadline = time.monotonic() + (timeout_s or self.config.request_timeout_s)
         queue: asyncio.Queue = asyncio.Queue()
-        producer = asyncio.create_task(self._produce(req, prompt, time.monotonic() + timeout, queue))
+        producer = asyncio.create_task(self._produce(req, prompt, deadline, queue, decode_replica))
         producer.add_done_callback(lambda _: queue.put_nowait(_DONE))
         self.active[req.request_id] = producer
         completion_tokens = 0
         try:
             while (event := await queue.get()) is not _DONE:
                 completion_tokens += len(event.token_ids) if isinstance(event, TextChunk) else 0
-                yield _to_proto(event, req.request_id)
+                yield event
             if req.request_id in self.aborted:
-                yield _aborted(req.request_id, len(prompt.token_ids), prompt.image_tokens, completion_tokens)
+                yield Finished("abort", len(prompt.token_ids), prompt.image_tokens, completion_tokens, {})
             elif not producer.cancelled() and producer.exception() is not None:
                 if completion_tokens == 0:
                     raise producer.exception()
-                yield _error_event(producer.exception())
+                yield Failed(_typed(producer.exception()))
         finally:
             producer.cancel()
             self.active.pop(req.request_id, None)
             self.aborted.discard(req.request_id)
 
-    async def _produce(self, req, prompt, deadline: float, queue: asyncio.Queue) -> None:
-        async for event in self.orchestrator.generate(req, prompt, deadline):
+    async def _produce(self, req, prompt, deadline: float, queue: asyncio.Queue, decode_replica=None) -> None:
+        async for event in self.orchestrator.generate(req, prompt, deadline, decode_replica):
             queue.put_nowait(event)
+
+    @stream_errors
+    async def GenerateBatch(self, request: router_pb2.BatchRequest, context: grpc.aio.ServicerContext):
+        if len(request.requests) > self.config.max_batch_requests:
+            raise InvalidArgumentError(f"requests: {len(request.requests)} requests exceed the limit of "
+                                       f"{self.config.max_batch_requests} (--max-batch-requests)")
+        tenant = dict(context.invocation_metadata() or ()).get(TENANT_METADATA, "")
+        runner = BatchRunner(self.orchestrator, self.events, tenant_salt(self.salt_secret, tenant))
+        async with contextlib.aclosing(runner.run(request.requests, tenant, context.time_remaining())) as events:
+            async for event in events:
+                yield event
 
     @unary_errors
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortResponse:
@@ -87,10 +134,27 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return self.model_info
 
 
-def _to_proto(event, request_id: str) -> router_pb2.GenerateResponse:
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """The pipeline failed after the first chunk: the stream has begun, so the error travels in-band.
+    `error` is typed; an unexpected failure is logged and becomes InternalError without details."""
+
+    error: EpdserveError
+
+
+def _typed(exc: BaseException) -> EpdserveError:
+    if isinstance(exc, EpdserveError):
+        return exc
+    log.error("generation failed", exc_info=exc)
+    return InternalError(INTERNAL_MESSAGE)
+
+
+def _to_proto(event: TextChunk | Finished | Failed, request_id: str) -> router_pb2.GenerateResponse:
     if isinstance(event, TextChunk):
         return router_pb2.GenerateResponse(chunk=router_pb2.Chunk(text=event.text, token_ids=event.token_ids))
-    assert isinstance(event, Finished)
+    if isinstance(event, Failed):
+        return router_pb2.GenerateResponse(
+            error=router_pb2.Error(code=status_code(event.error).value[0], message=event.error.message))
     return router_pb2.GenerateResponse(
         complete=router_pb2.Complete(
             request_id=request_id,
@@ -103,22 +167,6 @@ def _to_proto(event, request_id: str) -> router_pb2.GenerateResponse:
             timings_ms=event.timings_ms,
         )
     )
-
-
-def _aborted(request_id: str, prompt_tokens: int, image_tokens: int, completion_tokens: int):
-    usage = router_pb2.Usage(
-        prompt_tokens=prompt_tokens, image_tokens=image_tokens, completion_tokens=completion_tokens
-    )
-    return router_pb2.GenerateResponse(
-        complete=router_pb2.Complete(request_id=request_id, finish_reason="abort", usage=usage)
-    )
-
-
-def _error_event(exc: BaseException) -> router_pb2.GenerateResponse:
-    if not isinstance(exc, EpdserveError):
-        log.error("generation failed", exc_info=exc)
-        exc = InternalError(INTERNAL_MESSAGE)
-    return router_pb2.GenerateResponse(error=router_pb2.Error(code=status_code(exc).value[0], message=exc.message))
 
 
 def build_model_info(model_dir, spec, prompts: PromptBuilder, revision: str) -> router_pb2.ModelInfo:
@@ -140,9 +188,47 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, router_c
     orchestrator = Orchestrator(router_config, prompts)
     secret = read_secret(router_config.tenant_salt_file)
     servicer = RouterServicer(router_config, orchestrator, build_model_info(model_dir, spec, prompts, revision), secret)
-    server = ServiceServer(server_config, [SERVICE_NAME])
+    http = None
+    if router_config.http_port >= 0:
+        from services.router.openai_http import OpenAIHttpServer  # aiohttp is imported only when enabled
+
+        http = OpenAIHttpServer(router_config, server_config, servicer, prompts)
+    server = RouterServer(server_config, [SERVICE_NAME], http)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server.server)
+    await orchestrator.start()
     await run_until_signalled(server, orchestrator.close)
+
+
+class RouterServer(ServiceServer):
+    """The router's gRPC server with the HTTP front door beside it (when enabled): the HTTP server
+    starts first, so the ready file also holds `http_address`, and both drain together."""
+
+    def __init__(self, config: ServerConfig, service_names, http: OpenAIHttpServer | None = None) -> None:
+        super().__init__(config, service_names)
+        self.http = http
+        self.http_address = ""
+
+    async def start(self) -> str:
+        if self.http is not None:
+            self.http_address = await self.http.start()
+        return await super().start()
+
+    def _write_ready_file(self) -> None:
+        if not self.config.ready_file:
+            return
+        info = {"address": self.address, "pid": os.getpid()}
+        if self.http_address:
+            info["http_address"] = self.http_address
+        path = pathlib.Path(self.config.ready_file)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(path)
+
+    async def stop(self) -> None:
+        if self.http is None:
+            await super().stop()
+        else:
+            await asyncio.gather(super().stop(), self.http.stop())
 
 
 def read_secret(path: str) -> bytes:

@@ -330,6 +330,9 @@ def test_repeated_prefix_is_loaded_not_recomputed(client, tiny_checkpoint):
                            prompt=system + "First question?", **args)
     assert warm.timings_ms["prefill.prefix_hit_tokens"] >= 32
     assert warm.timings_ms["prefill.computed_tokens"] < cold.timings_ms["prefill.computed_tokens"]
+    # the router saw the same cached prefix in the index before choosing the replica (Mooncake)
+    assert cold.timings_ms["predicted_cached_tokens"] == 0
+    assert warm.timings_ms["predicted_cached_tokens"] == warm.timings_ms["prefill.prefix_hit_tokens"]
     assert warm.token_ids == cold.token_ids
     other = client.generate(prompt=system + "A different question, then?", **args)
     assert other.timings_ms["prefill.prefix_hit_tokens"] >= 32      # the shared prefix (image included)

@@ -1,0 +1,111 @@
+"""Load reports: what a stage replica tells the router (LoadService.GetLoad) so that the router can
+predict a request's queue wait and service time there (Mooncake-style placement, early rejection).
+
+Invariant: a request is counted from the moment the servicer accepts it until its handler returns
+(whatever the outcome), so queued_requests + running_requests is exactly the replica's in-flight
+work; the service-time model is fitted only from work that ran to completion.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from epdserve.v1 import load_pb2, load_pb2_grpc
+
+T = TypeVar("T")
+SAMPLES = 32  # completed requests (or batches) the service-time fit looks at
+
+
+class ServiceTimeModel:
+    """seconds = overhead + work / rate, least squares over the last SAMPLES completions. With one
+    distinct work size (or a non-positive slope) it falls back to a pure rate (overhead 0)."""
+
+    def __init__(self) -> None:
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=SAMPLES)
+
+    def add(self, work: float, seconds: float) -> None:
+        if work > 0 and seconds > 0:
+            self._samples.append((float(work), float(seconds)))
+
+    def fit(self) -> tuple[float, float]:
+        """(work per second, overhead seconds); (0, 0) before any sample."""
+        if not self._samples:
+            return 0.0, 0.0
+        n = len(self._samples)
+        mean_w = sum(w for w, _ in self._samples) / n
+        mean_s = sum(s for _, s in self._samples) / n
+        var_w = sum((w - mean_w) ** 2 for w, _ in self._samples)
+        if var_w > 0:
+            slope = sum((w - mean_w) * (s - mean_s) for w, s in self._samples) / var_w
+            overhead = mean_s - slope * mean_w
+            if slope > 0 and overhead >= 0:
+                return 1.0 / slope, overhead
+        return mean_w / mean_s, 0.0
+
+
+class LoadTracker:
+    """In-flight work and the service-time model of one stage replica. Thread-safe: `running`
+    wraps work on the model thread while the event loop reads `report()`."""
+
+    def __init__(self, stage: str, replica_id: str, extra: Callable[[load_pb2.LoadReport], None] | None = None) -> None:
+        self.stage, self.replica_id, self.extra = stage, replica_id, extra
+        self.model = ServiceTimeModel()
+        self._lock = threading.Lock()
+        self._in_flight = self._running = self._queued_work = 0
+
+    @contextlib.contextmanager
+    def request(self, work: int) -> Iterator[None]:
+        """Count one accepted request carrying `work` units until the block exits."""
+        with self._lock:
+            self._in_flight += 1
+            self._queued_work += work
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._queued_work -= work
+
+    def running(self, work: int, fn: Callable[[], T]) -> Callable[[], T]:
+        """`fn` wrapped to count as running while it executes and, when it returns, to add
+        (work, its duration) to the service-time model."""
+        def run() -> T:
+            with self._lock:
+                self._running += 1
+            start = time.perf_counter()
+            try:
+                result = fn()
+            finally:
+                with self._lock:
+                    self._running -= 1
+            self.record(work, time.perf_counter() - start)
+            return result
+        return run
+
+    def record(self, work: float, seconds: float) -> None:
+        with self._lock:
+            self.model.add(work, seconds)
+
+    def report(self) -> load_pb2.LoadReport:
+        with self._lock:
+            rate, overhead = self.model.fit()
+            report = load_pb2.LoadReport(
+                stage=self.stage, replica_id=self.replica_id, queued_requests=max(self._in_flight - self._running, 0),
+                running_requests=self._running, queued_work=self._queued_work, work_per_s=rate,
+                overhead_ms=overhead * 1000.0)
+        if self.extra is not None:
+            self.extra(report)
+        return report
+
+
+class LoadServicer(load_pb2_grpc.LoadServiceServicer):
+    def __init__(self, tracker: LoadTracker) -> None:
+        self.tracker = tracker
+
+    async def GetLoad(self, request: load_pb2.GetLoadRequest, context) -> load_pb2.LoadReport:
+        return self.tracker.report()

@@ -1,0 +1,71 @@
+"""Zero-work replicas (`--zero-work`): an encode, prefill or decode process that speaks the real
+protocol (same servicers' RPCs, health, LoadService, ready file) but loads no model and computes
+nothing, so `epdserve bench router` measures the router alone.
+
+Contract: Encode answers one embedding ref per image with the checkpoint's image-token count;
+Prefill answers first token `FILLER_TOKEN` and a KV handle of the prompt's length; Decode streams
+max_new_tokens FILLER_TOKENs, one response per token. Refs point at nothing: only zero-work peers
+may consume them.
+"""
+
+from __future__ import annotations
+
+from epdserve.config import CacheConfig, ModelConfig, ServerConfig
+from epdserve.models.spec import load_spec
+from epdserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    encode_pb2,
+    encode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
+from services.runtime import StageContext, resolve_model_dir, run_stage
+
+FILLER_TOKEN = 5  # any id that is not a stop token of the tiny checkpoints
+
+
+class ZeroEncode(encode_pb2_grpc.EncodeServiceServicer):
+    def __init__(self, tokens_per_image: int, hidden: int) -> None:
+        self.tokens_per_image, self.hidden = tokens_per_image, hidden
+
+    async def Encode(self, request: encode_pb2.EncodeRequest, context) -> encode_pb2.EncodeResponse:
+        ref = common_pb2.TensorRef(key="zero-work", shape=[self.tokens_per_image, self.hidden])
+        return encode_pb2.EncodeResponse(images=[
+            encode_pb2.ImageEmbedding(embedding=ref, num_tokens=self.tokens_per_image) for _ in request.images])
+
+
+class ZeroPrefill(prefill_pb2_grpc.PrefillServiceServicer):
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
+        kv = common_pb2.KVHandle(layers=[common_pb2.TensorRef(key="zero-work")], length=len(request.token_ids))
+        return prefill_pb2.PrefillResponse(first_token_id=FILLER_TOKEN, kv=kv)
+
+
+class ZeroDecode(decode_pb2_grpc.DecodeServiceServicer):
+    async def Decode(self, request: decode_pb2.DecodeRequest, context):
+        for i in range(request.max_new_tokens):
+            last = i == request.max_new_tokens - 1
+            yield decode_pb2.DecodeResponse(token_ids=[FILLER_TOKEN], finish_reason="length" if last else "")
+        if request.max_new_tokens == 0:
+            yield decode_pb2.DecodeResponse(finish_reason="length")
+
+    async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortResponse:
+        return common_pb2.AbortResponse(found=False)
+
+
+async def serve_zero_work(stage: str, server_config: ServerConfig, model_config: ModelConfig,
+                          cache_config: CacheConfig, stage_config) -> None:
+    spec = load_spec(resolve_model_dir(model_config))
+    services = {
+        "encode": (encode_pb2, "EncodeService", lambda: ZeroEncode(spec.tokens_per_image, spec.decoder.hidden_size),
+                   encode_pb2_grpc.add_EncodeServiceServicer_to_server),
+        "prefill": (prefill_pb2, "PrefillService", ZeroPrefill, prefill_pb2_grpc.add_PrefillServiceServicer_to_server),
+        "decode": (decode_pb2, "DecodeService", ZeroDecode, decode_pb2_grpc.add_DecodeServiceServicer_to_server),
+    }
+    module, name, servicer, add = services[stage]
+
+    def register(ctx: StageContext) -> None:
+        add(servicer(), ctx.server.server)
+
+    await run_stage(stage, module.DESCRIPTOR.services_by_name[name].full_name, server_config, cache_config, register)

@@ -1,0 +1,102 @@
+"""Router placement on synthetic load reports: prefill by predicted finish time (reported queue,
+this router's own outstanding work, fitted rate and overhead), decode by batch headroom among
+replicas whose free KV fits, images spread by predicted finish time, E -> PD only where allowed,
+and the service-time model behind the reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from epdserve.v1 import load_pb2
+from services.load import ServiceTimeModel
+from services.router.placement import (
+    CostDefaults,
+    choose_decode,
+    choose_prefill,
+    finish_time_s,
+    local_prefill_allowed,
+    local_prefill_time_s,
+    shard_images,
+)
+from services.router.pools import Replica
+
+pytestmark = pytest.mark.unit
+DEFAULTS = CostDefaults(prefill_tokens_per_s=1000.0, encode_images_per_s=10.0, decode_step_s=0.02)
+
+
+def _replica(index: int, **load) -> Replica:
+    return Replica(index, f"127.0.0.1:{9000 + index}", None, None,
+                   load=load_pb2.LoadReport(**load) if load else None)
+
+
+def test_prefill_goes_where_the_prompt_finishes_first():
+    busy_fast = _replica(0, queued_work=4000, work_per_s=10000.0)  # 0.4 s of queue, then fast
+    idle_slow = _replica(1, queued_work=0, work_per_s=2000.0)      # no queue, slow
+    choice = choose_prefill([busy_fast, idle_slow], 2000, DEFAULTS)  # 0.6 s vs 1.0 s
+    assert choice.replica is busy_fast and choice.predicted_s == pytest.approx(0.6)
+    choice = choose_prefill([busy_fast, idle_slow], 100, DEFAULTS)   # 0.41 s vs 0.05 s
+    assert choice.replica is idle_slow and choice.predicted_s == pytest.approx(0.05)
+
+
+def test_the_routers_own_outstanding_work_counts_between_reports():
+    a, b = _replica(0, work_per_s=1000.0), _replica(1, work_per_s=1000.0)
+    a.outstanding_work, a.outstanding = 500, 1
+    assert choose_prefill([a, b], 100, DEFAULTS).replica is b
+    assert finish_time_s(a, 100, 1.0) == pytest.approx(0.6)
+
+
+def test_per_request_overhead_is_paid_for_every_request_in_front():
+    r = _replica(0, queued_requests=2, running_requests=1, queued_work=0, work_per_s=1000.0, overhead_ms=50.0)
+    assert finish_time_s(r, 100, 1.0) == pytest.approx(0.1 + 0.05 * 4)
+
+
+def test_unmeasured_replicas_fall_back_to_least_outstanding():
+    a, b = _replica(0), _replica(1)
+    a.outstanding_work = 10
+    assert choose_prefill([a, b], 100, DEFAULTS).replica is b
+    assert choose_prefill([b, a], 100, DEFAULTS).predicted_s == pytest.approx(0.1)
+
+
+def test_decode_prefers_headroom_among_replicas_whose_kv_fits():
+    full_kv = _replica(0, running_requests=1, max_running=8, free_kv_blocks=2, total_kv_blocks=100, kv_block_tokens=16)
+    busy = _replica(1, running_requests=6, max_running=8, free_kv_blocks=90, total_kv_blocks=100, kv_block_tokens=16,
+                    step_ms=12.0)
+    assert choose_decode([full_kv, busy], 200, DEFAULTS).replica is busy  # 32 free rows < 200
+    assert choose_decode([full_kv, busy], 200, DEFAULTS).predicted_s == pytest.approx(0.012)
+    assert choose_decode([full_kv, busy], 20, DEFAULTS).replica is full_kv  # fits, and emptier
+    assert choose_decode([full_kv], 10_000, DEFAULTS).replica is full_kv  # nothing fits: it waits there
+
+
+def test_images_are_spread_by_predicted_finish_time():
+    fast, slow = _replica(0, work_per_s=30.0), _replica(1, work_per_s=10.0)
+    shards = shard_images([fast, slow], 8, DEFAULTS)
+    assert sorted(p for ps in shards.values() for p in ps) == list(range(8))
+    assert len(shards[0]) == 6 and len(shards[1]) == 2
+    assert shard_images([_replica(0), _replica(1)], 4, DEFAULTS) == {0: [0, 2], 1: [1, 3]}
+
+
+def test_local_prefill_is_allowed_only_within_both_limits():
+    decode = _replica(0, local_prefill_max_tokens=256)
+    assert local_prefill_allowed(decode, 100, 512)
+    assert not local_prefill_allowed(decode, 300, 512)       # the replica's limit
+    assert not local_prefill_allowed(decode, 100, 64)        # the router's limit
+    assert not local_prefill_allowed(_replica(1, local_prefill_max_tokens=0), 10, 512)
+    assert not local_prefill_allowed(_replica(2), 10, 512)   # no report yet
+
+
+def test_local_prefill_waits_for_the_step_in_progress_only_while_decoding():
+    idle, decoding = _replica(0), _replica(1, running_requests=3)
+    assert local_prefill_time_s(idle, 100, 1000.0, 0.02) == pytest.approx(0.1)
+    assert local_prefill_time_s(decoding, 100, 1000.0, 0.02) == pytest.approx(0.12)
+
+
+def test_service_time_model_fits_overhead_and_rate():
+    model = ServiceTimeModel()
+    assert model.fit() == (0.0, 0.0)
+    for work in (100, 200, 400, 800):
+        model.add(work, 0.05 + work / 2000.0)
+    rate, overhead = model.fit()
+    assert rate == pytest.approx(2000.0) and overhead == pytest.approx(0.05)
+    single = ServiceTimeModel()
+    single.add(100, 0.2)
+    assert single.fit() == (pytest.approx(500.0), 0.0)
