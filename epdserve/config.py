@@ -72,6 +72,8 @@ class ModelConfig:
     revision: str = setting("", "model revision used in cache keys (default: a fingerprint of the files)")
     zero_work: bool = setting(False, "encode / prefill / decode benchmark mode: speak the real protocol but load no "
                                      "model and compute nothing (for `epdserve bench router`)")
+    zero_work_delay_ms: float = setting(0.0, "with --zero-work: simulated service time per encode or prefill call, "
+                                             "and per decode token (the first one after it, as the KV hand-off)")
 
 
 @dataclasses.dataclass(frozen=True)
