@@ -202,9 +202,10 @@ class DecodeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-    encode: tuple[str, ...] = setting((), "encode service address(es) host:port")
-    prefill: tuple[str, ...] = setting((), "prefill service address(es) host:port")
-    decode: tuple[str, ...] = setting((), "decode service address(es) host:port")
+    encode: tuple[str, ...] = setting((), "encode service address(es) host:port, or k8s://NAMESPACE/SERVICE[:PORT] "
+                                          "to follow a Kubernetes Service's EndpointSlices")
+    prefill: tuple[str, ...] = setting((), "prefill service address(es) host:port, or k8s://NAMESPACE/SERVICE[:PORT]")
+    decode: tuple[str, ...] = setting((), "decode service address(es) host:port, or k8s://NAMESPACE/SERVICE[:PORT]")
     default_max_tokens: int = setting(16, "max_tokens when a request does not set it")
     max_prompt_bytes: int = setting(1 * MiB, "largest prompt text accepted (UTF-8 bytes)")
     max_images_per_request: int = setting(16, "most images in one request")
@@ -240,8 +241,12 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         for stage in ("encode", "prefill", "decode"):
-            if not getattr(self, stage):
+            addresses = getattr(self, stage)
+            if not addresses:
                 raise ValueError(f"router needs at least one --{stage} address")
+            if any(a.startswith("k8s://") for a in addresses) and len(addresses) > 1:
+                raise ValueError(f"--{stage}: a k8s://NAMESPACE/SERVICE address is the whole pool (found "
+                                 f"{len(addresses)} addresses)")
         if not 0.0 < self.image_keep_ratio <= 1.0:
             raise ValueError(f"image_keep_ratio must be in (0, 1] (got {self.image_keep_ratio})")
 

@@ -86,7 +86,7 @@ class BatchRunner:
                     plan.lower_bound_s)
 
     async def _slot(self, slot: Slot, jobs, costs, requests, tenant, timeout_s, queue: asyncio.Queue) -> None:
-        replica = self.orchestrator.decode.replicas[slot.replica]
+        replica = self.orchestrator.decode.get(slot.replica)
         try:
             for index in jobs:
                 queue.put_nowait(await self._one(index, requests[index], replica, tenant, timeout_s))

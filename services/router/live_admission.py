@@ -59,8 +59,8 @@ class LiveAdmission:
         self.prefill, self.decode, self.defaults = prefill, decode, defaults
         self.inflight: dict[int, Admitted] = {}
         self.lengths: collections.deque[int] = collections.deque(maxlen=HISTORY)
-        self._step_models = [ServiceTimeModel() for _ in decode.replicas]
-        self._seen_reports: list[float] = [0.0] * len(decode.replicas)
+        self._step_models: collections.defaultdict[int, ServiceTimeModel] = collections.defaultdict(ServiceTimeModel)
+        self._seen_reports: dict[int, float] = {}  # replica index -> reported_at of the last report learned
         self._ids = itertools.count()
 
     def admit(self, prompt_tokens: int, uncached_tokens: int, max_tokens: int) -> int:
@@ -151,7 +151,7 @@ class LiveAdmission:
         replica's step-time fit."""
         for replica in self.decode.replicas:
             load = replica.load
-            if load is None or replica.reported_at <= self._seen_reports[replica.index]:
+            if load is None or replica.reported_at <= self._seen_reports.get(replica.index, 0.0):
                 continue
             self._seen_reports[replica.index] = replica.reported_at
             if load.step_ms > 0 and load.running_requests > 0:

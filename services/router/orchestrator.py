@@ -32,6 +32,7 @@ from epdserve.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
+from services.router.discovery import EndpointSliceWatcher, ServiceRef, is_discovered
 from services.router.live_admission import LiveAdmission
 from services.router.placement import (
     CostDefaults,
@@ -71,13 +72,10 @@ class Orchestrator:
         self.prefixes = PrefixView(config.cache_redis_url, config.cache_namespace) if config.cache_redis_url else None
         self.max_context = prompts.spec.decoder.max_context
         self.stop_token_ids = prompts.eos_token_ids()
-        interval = config.health_interval_s
-        self.encode = ReplicaPool("encode", _service_name(encode_pb2, "EncodeService"), config.encode,
-                                  encode_pb2_grpc.EncodeServiceStub, interval_s=interval)
-        self.prefill = ReplicaPool("prefill", _service_name(prefill_pb2, "PrefillService"), config.prefill,
-                                   prefill_pb2_grpc.PrefillServiceStub, interval_s=interval)
-        self.decode = ReplicaPool("decode", _service_name(decode_pb2, "DecodeService"), config.decode,
-                                  decode_pb2_grpc.DecodeServiceStub, interval_s=interval)
+        self._watchers: list[EndpointSliceWatcher] = []
+        self.encode = self._pool("encode", encode_pb2, "EncodeService", encode_pb2_grpc.EncodeServiceStub)
+        self.prefill = self._pool("prefill", prefill_pb2, "PrefillService", prefill_pb2_grpc.PrefillServiceStub)
+        self.decode = self._pool("decode", decode_pb2, "DecodeService", decode_pb2_grpc.DecodeServiceStub)
         early_rejection = config.slo_ttft_s > 0 or config.slo_tpot_s > 0
         self.admission = LiveAdmission(config, self.prefill, self.decode, self.defaults) if early_rejection else None
         self.paths: collections.Counter[str] = collections.Counter()  # requests per path taken
@@ -85,9 +83,27 @@ class Orchestrator:
         # what the load reports cannot see (RPCs, embedding and prefix fetches, KV hand-off)
         self.ttft_residual_s = {"prefill": 0.0, "local": 0.0}
 
+    def _pool(self, stage: str, module, service: str, stub_cls) -> ReplicaPool:
+        """A static pool, or an empty one that a Kubernetes EndpointSlice watcher fills (k8s://)."""
+        addresses = getattr(self.config, stage)
+        discovered = is_discovered(addresses)
+        pool = ReplicaPool(stage, _service_name(module, service), () if discovered else addresses, stub_cls,
+                           interval_s=self.config.health_interval_s)
+        if discovered:
+            self._watchers.append(EndpointSliceWatcher(ServiceRef.parse(addresses[0]), pool.set_addresses))
+        return pool
+
     async def start(self) -> None:
-        """Start watching the replicas (health and load); call once inside the serving event loop."""
+        """Start watching the replicas (health and load, and EndpointSlices for k8s:// pools); call
+        once inside the serving event loop. Raises FailedPreconditionError when a k8s:// pool needs
+        the `kubernetes` client and it is not installed."""
         await asyncio.gather(self.encode.start(), self.prefill.start(), self.decode.start())
+        for watcher in self._watchers:
+            try:
+                watcher.start()
+            except ImportError:
+                raise FailedPreconditionError("k8s:// addresses need the kubernetes client: "
+                                              "pip install 'epdserve[kubernetes]'") from None
 
     def tokenize(self, req: GenerationRequest) -> PromptTokens:
         per_image = kept_tokens(self.prompts.tokens_per_image, req.image_keep_ratio)
@@ -226,7 +242,7 @@ class Orchestrator:
             return []
         shards = shard_images(self.encode.healthy(), len(req.images), self.defaults)
         t0 = time.perf_counter()
-        responses = await asyncio.gather(*(self._encode_shard(req, self.encode.replicas[index], positions, deadline,
+        responses = await asyncio.gather(*(self._encode_shard(req, self.encode.get(index), positions, deadline,
                                                               skip_lookup) for index, positions in shards.items()))
         timings["encode_rpc_ms"] = (time.perf_counter() - t0) * 1000.0
         timings["encode_replicas"] = float(len(shards))
@@ -373,6 +389,8 @@ class Orchestrator:
         self.ttft_residual_s[path] = 0.8 * self.ttft_residual_s[path] + 0.2 * residual
 
     async def close(self) -> None:
+        for watcher in self._watchers:
+            watcher.stop()
         await asyncio.gather(self.encode.close(), self.prefill.close(), self.decode.close())
         if self.prefixes is not None:
             await self.prefixes.close()

@@ -30,7 +30,7 @@ MIN_PROBE_TIMEOUT_S = 1.0
 
 @dataclasses.dataclass
 class Replica:
-    index: int
+    index: int                   # stable id within its pool (never reused)
     address: str
     channel: grpc.aio.Channel
     stub: object
@@ -39,26 +39,34 @@ class Replica:
     reported_at: float = 0.0     # time.monotonic() of `load`
     outstanding: int = 0         # requests this router sent and has not seen finish
     outstanding_work: int = 0    # their work units (images, prompt tokens)
+    removed: bool = False        # no longer a member (discovery dropped it); closed once idle
+    health_stub: object = None
+    load_stub: object = None
 
 
 class ReplicaPool:
     """One stage's replicas. `start()` begins polling health (grpc.health.v1, the stage's service
-    name) and load (LoadService.GetLoad) every `interval_s`; `close()` stops it and closes the
-    channels."""
+    name) and load (LoadService.GetLoad) every `interval_s`; `set_addresses` changes the members
+    (service discovery); `close()` stops polling and closes the channels."""
 
     def __init__(self, stage: str, service_name: str, addresses: Sequence[str], stub_cls, *,
                  interval_s: float = 0.5) -> None:
         self.stage, self.service_name, self.interval_s = stage, service_name, interval_s
+        self.stub_cls = stub_cls
         self.replicas: list[Replica] = []
-        for i, address in enumerate(addresses):
-            channel = aio_channel(address)
-            self.replicas.append(Replica(i, address, channel, stub_cls(channel)))
-        self._health = [health_pb2_grpc.HealthStub(r.channel) for r in self.replicas]
-        self._load = [load_pb2_grpc.LoadServiceStub(r.channel) for r in self.replicas]
+        self._by_index: dict[int, Replica] = {}
+        self._next_index = 0
         self._poller: asyncio.Task | None = None
+        self._closers: set[asyncio.Task] = set()
+        for address in addresses:
+            self._add(address, healthy=True)
 
     def __len__(self) -> int:
         return len(self.replicas)
+
+    def get(self, index: int) -> Replica:
+        """The replica with this id (also a removed one, while requests still hold it)."""
+        return self._by_index[index]
 
     def healthy(self, exclude: Sequence[Replica] = ()) -> list[Replica]:
         """The replicas that may take new work (minus `exclude`); raises UnavailableError if none."""
@@ -83,9 +91,52 @@ class ReplicaPool:
             replica.outstanding -= 1
             replica.outstanding_work -= work
 
+    # ---- membership ----------------------------------------------------------------------------------
+    def set_addresses(self, addresses: Sequence[str]) -> None:
+        """Make `addresses` the members: new ones join unhealthy until their first probe answers
+        SERVING (probed at once when polling runs); gone ones stop taking work at once and their
+        channel closes when their last request has finished."""
+        wanted = list(dict.fromkeys(addresses))
+        for replica in [r for r in self.replicas if r.address not in wanted]:
+            self.replicas.remove(replica)
+            replica.removed, replica.healthy = True, False
+            log.warning("%s replica %d (%s) left the pool", self.stage, replica.index, replica.address)
+            self._close_when_idle(replica)
+        current = {r.address for r in self.replicas}
+        for address in wanted:
+            if address not in current:
+                replica = self._add(address, healthy=False)
+                log.warning("%s replica %d (%s) joined the pool", self.stage, replica.index, address)
+                if self._poller is not None:
+                    self._spawn(self._probe(replica))
+
+    def _add(self, address: str, *, healthy: bool) -> Replica:
+        channel = aio_channel(address)
+        replica = Replica(self._next_index, address, channel, self.stub_cls(channel), healthy=healthy)
+        replica.health_stub = health_pb2_grpc.HealthStub(channel)
+        replica.load_stub = load_pb2_grpc.LoadServiceStub(channel)
+        self._next_index += 1
+        self.replicas.append(replica)
+        self._by_index[replica.index] = replica
+        return replica
+
+    def _close_when_idle(self, replica: Replica) -> None:
+        async def close() -> None:
+            while replica.outstanding:
+                await asyncio.sleep(self.interval_s)
+            await replica.channel.close()
+            self._by_index.pop(replica.index, None)
+
+        self._spawn(close())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
     # ---- polling ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._poller is None and self.replicas:
+        if self._poller is None:
             await self.poll_once()
             self._poller = asyncio.create_task(self._poll_forever(), name=f"{self.stage}-replica-poller")
 
@@ -100,23 +151,24 @@ class ReplicaPool:
     async def _probe(self, replica: Replica) -> None:
         timeout = max(self.interval_s, MIN_PROBE_TIMEOUT_S)
         try:
-            status = await self._health[replica.index].Check(
+            status = await replica.health_stub.Check(
                 health_pb2.HealthCheckRequest(service=self.service_name), timeout=timeout)
             if status.status != health_pb2.HealthCheckResponse.SERVING:
                 self.mark_down(replica, f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)}")
                 return
-            load = await self._load[replica.index].GetLoad(load_pb2.GetLoadRequest(), timeout=timeout)
+            load = await replica.load_stub.GetLoad(load_pb2.GetLoadRequest(), timeout=timeout)
         except grpc.RpcError as exc:
             self.mark_down(replica, f"probe failed: {exc.code().name}")
             return
         replica.load, replica.reported_at = load, time.monotonic()
-        if not replica.healthy:
+        if not replica.healthy and not replica.removed:
             log.warning("%s replica %d (%s) re-admitted", self.stage, replica.index, replica.address)
             replica.healthy = True
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-            self._poller = None
-        await asyncio.gather(*(r.channel.close() for r in self.replicas))
+        tasks = [*self._closers, *([self._poller] if self._poller is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._poller = None
+        await asyncio.gather(*(r.channel.close() for r in self._by_index.values()))

@@ -106,3 +106,27 @@ async def test_no_healthy_replica_is_unavailable(replicas, pool):
     with pytest.raises(UnavailableError, match="no healthy prefill replica"):
         pool.healthy()
     await _until(lambda: all(r.healthy for r in pool.replicas), 3 * INTERVAL + 1.0)  # probes re-admit them
+
+
+async def test_discovery_changes_the_members_probing_newcomers_and_closing_leavers(replicas):
+    pool = ReplicaPool("prefill", SERVICE, [], prefill_pb2_grpc.PrefillServiceStub, interval_s=INTERVAL)
+    await pool.start()
+    try:
+        with pytest.raises(UnavailableError):
+            pool.healthy()
+        pool.set_addresses([r.address for r in replicas])
+        assert [r.healthy for r in pool.replicas] == [False, False]  # until a probe says SERVING
+        await _until(lambda: sum(r.healthy for r in pool.replicas) == 2, 2.0)
+        leaving = pool.replicas[0]
+        with pool.track(leaving, 10):  # a request still running there
+            pool.set_addresses([replicas[1].address])
+            assert pool.healthy() == [pool.replicas[0]] and pool.replicas[0].address == replicas[1].address
+            assert leaving.removed and pool.get(leaving.index) is leaving
+            await asyncio.sleep(3 * INTERVAL)
+            assert pool.get(leaving.index) is leaving  # not closed under a running request
+        await _until(lambda: leaving.index not in pool._by_index, 2.0)
+        pool.set_addresses([r.address for r in replicas])  # it comes back under a new id
+        await _until(lambda: len([r for r in pool.replicas if r.healthy]) == 2, 2.0)
+        assert {r.index for r in pool.replicas} == {1, 2}
+    finally:
+        await pool.close()
