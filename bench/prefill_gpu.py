@@ -90,15 +90,16 @@ def hf_prefill(hf, ids, keep: int):
         return out.logits[0, -1].argmax().item()
 
 
-def mom_prefill(ours, ids, plan=None, collect=None):
-    from services.prefill.layer_kv import CollectedLayers, OffloadingKV
+def mom_prefill(ours, ids, plan=None, collect=None, allocate=None):
+    from services.prefill.layer_kv import CollectedLayers, OffloadingKV, pinned_empty
     from services.prefill.minisequence import MiniSequenceConfig
     from services.prefill.prefill import forward_prompt
 
     collected = collect if collect is not None else CollectedLayers()
     with torch.inference_mode():
         embeds = ours.embed(ids)[0]
-        logits = forward_prompt(ours, embeds, OffloadingKV("cuda", collected), MiniSequenceConfig(), plan)
+        kv = OffloadingKV("cuda", collected, allocate=allocate or pinned_empty)
+        logits = forward_prompt(ours, embeds, kv, MiniSequenceConfig(), plan)
         layers = collected.layers()  # the host copies are complete: the KV has left the GPU
     return int(logits[0].argmax()), layers
 
@@ -183,6 +184,7 @@ def main() -> int:
     parser.add_argument("--agree-length", type=int, default=32768)
     parser.add_argument("--probe", type=int, nargs="*", default=[])
     parser.add_argument("--skip-hf-full", action="store_true")
+    parser.add_argument("--probe-only", action="store_true", help="only run the --probe lengths")
     parser.add_argument("--fastkv-decode-only", type=int, default=0, metavar="LENGTH",
                         help="only measure decode tok/s from FastKV-compressed vs full KV at LENGTH")
     args = parser.parse_args()
@@ -194,6 +196,14 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
         print(json.dumps(result), flush=True)
+        return 0
+    if args.probe_only:
+        report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "probe": []}
+        for length in args.probe:
+            report["probe"].append(probe(ours, length))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2))
         return 0
     weights = torch.cuda.memory_allocated()
     report = {"benchmark": "prefill stage", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -242,22 +252,37 @@ def main() -> int:
 
 
 def probe(ours, length: int) -> dict:
-    """Prefill `length` tokens with MOM (KV to host), reload it, decode 16 tokens."""
+    """Prefill `length` tokens with MOM (KV to page-locked host memory of exactly its size), reload
+    it, decode 16 tokens."""
+    from epdserve.engine.offloaded_kv import unpin
     from epdserve.engine.sampler import SamplingParams
     from services.decode.decoder import TokenDecoder
 
     ids = _ids(length)
     started = time.perf_counter()
+    pinned: list[int] = []
+
+    def exact_pinned(shape, dtype):  # pin_memory=True would round each layer up to a power of two
+        tensor = torch.empty(shape, dtype=dtype)
+        if int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.nbytes, 0)):
+            raise RuntimeError(f"cannot page-lock {tensor.nbytes / GIB:.1f} GiB")
+        pinned.append(tensor.data_ptr())
+        return tensor
+
     try:
-        seconds, peak, (first, layers) = _measure(lambda: mom_prefill(ours, ids))
+        seconds, peak, (first, layers) = _measure(lambda: mom_prefill(ours, ids, allocate=exact_pinned))
+        print("probe prefill", length, seconds, "s, host KV GiB", sum(t.nbytes for t in layers) / GIB, flush=True)
         decoder = TokenDecoder(ours)
         seq = decoder.load(layers, first, 16, SamplingParams(temperature=0.0), length)
+        unpin(pinned)
+        pinned.clear()
         del layers
         tokens = [first] + [decoder.step(seq) for _ in range(15)]
         result = {"length": length, "completed": True, "ttft_s": seconds, "prefill_peak_gib": peak / GIB,
                   "decode_peak_gib": torch.cuda.max_memory_allocated() / GIB, "tokens": len(tokens)}
     except (torch.OutOfMemoryError, RuntimeError, TypeError) as exc:
         result = {"length": length, "completed": False, "error": str(exc)[:200]}
+    unpin(pinned)
     result["wall_s"] = time.perf_counter() - started
     print("probe", result, flush=True)
     torch.cuda.empty_cache()

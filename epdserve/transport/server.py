@@ -69,12 +69,16 @@ class ServiceServer:
         log.info("serving %s on %s", ", ".join(self.service_names), self.address)
         return self.address
 
+    def ready_info(self) -> dict:
+        """What the ready file says (subclasses add their own keys)."""
+        return {"address": self.address, "pid": os.getpid()}
+
     def _write_ready_file(self) -> None:
         if not self.config.ready_file:
             return
         path = pathlib.Path(self.config.ready_file)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"address": self.address, "pid": os.getpid()}))
+        tmp.write_text(json.dumps(self.ready_info()))
         tmp.replace(path)
 
     async def stop(self) -> None:

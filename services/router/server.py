@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import pathlib
 import time
 from collections.abc import AsyncIterator
@@ -213,16 +211,11 @@ class RouterServer(ServiceServer):
             self.http_address = await self.http.start()
         return await super().start()
 
-    def _write_ready_file(self) -> None:
-        if not self.config.ready_file:
-            return
-        info = {"address": self.address, "pid": os.getpid()}
+    def ready_info(self) -> dict:
+        info = super().ready_info()
         if self.http_address:
             info["http_address"] = self.http_address
-        path = pathlib.Path(self.config.ready_file)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(path)
+        return info
 
     async def stop(self) -> None:
         if self.http is None:
