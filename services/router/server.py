@@ -89,7 +89,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.active[req.request_id] = producer
         completion_tokens = 0
         try:
-            while (event := await queue.get()) is not _DONE:
+            async for event in _coalesced(queue):
                 completion_tokens += len(event.token_ids) if isinstance(event, TextChunk) else 0
                 yield event
             if req.request_id in self.aborted:
@@ -130,6 +130,24 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     @unary_errors
     async def GetModelInfo(self, request, context) -> router_pb2.ModelInfo:
         return self.model_info
+
+
+async def _coalesced(queue: asyncio.Queue) -> AsyncIterator:
+    """The producer's events until _DONE, with the text chunks already waiting merged into one: a
+    consumer slower than token production gets fewer, larger messages, never a later one."""
+    held = None
+    while True:
+        event = held if held is not None else await queue.get()
+        held = None
+        if event is _DONE:
+            return
+        while isinstance(event, TextChunk) and not queue.empty():
+            following = queue.get_nowait()
+            if not isinstance(following, TextChunk):
+                held = following
+                break
+            event = TextChunk(event.text + following.text, event.token_ids + following.token_ids)
+        yield event
 
 
 @dataclasses.dataclass(frozen=True)
