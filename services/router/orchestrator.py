@@ -360,7 +360,7 @@ class Orchestrator:
         replica = first_choice
         while True:
             if replica is None:
-                replica = choose_decode(self.decode.healthy(exclude=tried), reserve, self.defaults).replica
+                replica = choose_decode(self._decode_candidates(request, tried), reserve, self.defaults).replica
             with self.decode.track(replica, len(request.prompt.token_ids)):
                 if run is not None and run.admission is not None:
                     self.admission.started(run.admission, replica)
@@ -379,6 +379,18 @@ class Orchestrator:
                     call.cancel()
             tried.append(replica)
             replica = None
+
+    def _decode_candidates(self, request: decode_pb2.DecodeRequest, tried: list[Replica]) -> list[Replica]:
+        """Healthy decode replicas not tried yet; for a local prompt (E -> PD), only those that
+        prefill prompts that long. Raises UnavailableError when none is left."""
+        healthy = self.decode.healthy(exclude=tried)
+        if not request.HasField("prompt"):
+            return healthy
+        tokens = len(request.prompt.token_ids)
+        able = [r for r in healthy if r.load is not None and r.load.local_prefill_max_tokens >= tokens]
+        if not able:
+            raise UnavailableError("no healthy decode replica left that prefills this prompt")
+        return able
 
     def _learn_ttft(self, timings: dict[str, float]) -> None:
         path = "local" if timings.get("local_prefill") else "prefill"
