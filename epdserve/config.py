@@ -32,10 +32,15 @@ class ServerConfig:
     max_message_bytes: int = setting(64 * MiB, "largest gRPC message accepted or sent")
     max_concurrent_rpcs: int = setting(256, "RPCs beyond this are rejected with RESOURCE_EXHAUSTED")
     reflection: bool = setting(False, "enable gRPC server reflection (for grpcurl)")
+    metrics_port: int = setting(-1, "serve Prometheus GET /metrics on this port; -1 = off, 0 = a free port "
+                                    "(reported as metrics_address in --ready-file)")
+    metrics_host: str = setting("127.0.0.1", "bind address of the metrics endpoint")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535] (got {self.port})")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be -1 (off) or in [0, 65535] (got {self.metrics_port})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -127,6 +127,11 @@ class LocalCluster:
             time.sleep(0.05)
         raise FailedPreconditionError(f"{child.name} service not ready after {self.config.start_timeout_s:.0f} s")
 
+    def metrics_address(self, name: str) -> str:
+        """The host:port of a child's Prometheus `/metrics` endpoint (started with --metrics-port);
+        "" when it serves none. Raises KeyError for an unknown child."""
+        return json.loads(self.children[name].ready_file.read_text()).get("metrics_address", "")
+
     def log_tail(self, name: str, lines: int = 30) -> str:
         child = self.children.get(name)
         if child is None or not child.log_file.is_file():

@@ -57,19 +57,32 @@ class LoadTracker:
         self.model = ServiceTimeModel()
         self._lock = threading.Lock()
         self._in_flight = self._running = self._queued_work = 0
+        self.on_finish: Callable[[BaseException | None], None] | None = None  # per request: how it ended (metrics)
 
     @contextlib.contextmanager
     def request(self, work: int) -> Iterator[None]:
-        """Count one accepted request carrying `work` units until the block exits."""
+        """Count one accepted request carrying `work` units until the block exits; then call
+        `on_finish` with the exception that ended it (None when it succeeded)."""
         with self._lock:
             self._in_flight += 1
             self._queued_work += work
+        error = None
         try:
             yield
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             with self._lock:
                 self._in_flight -= 1
                 self._queued_work -= work
+            if self.on_finish is not None:
+                self.on_finish(error)
+
+    def counts(self) -> tuple[int, int]:
+        """(waiting, running) requests right now."""
+        with self._lock:
+            return max(self._in_flight - self._running, 0), self._running
 
     def running(self, work: int, fn: Callable[[], T]) -> Callable[[], T]:
         """`fn` wrapped to count as running while it executes and, when it returns, to add

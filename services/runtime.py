@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from epdserve.transport.server import ServiceServer
     from mmcache.client import MMCache
     from services.load import LoadTracker
+    from services.metrics import StageMetrics
 
 T = TypeVar("T")
 
@@ -73,6 +74,7 @@ class StageContext:
     cache: "MMCache"
     executor: ModelExecutor
     load: "LoadTracker"  # the stage's load report (LoadService); set load.extra for stage-specific fields
+    metrics: "StageMetrics"  # requests by outcome, waiting / running; stage metrics go in metrics.registry
 
 
 async def run_stage(stage: str, service_name: str, server_config: ServerConfig, cache_config: CacheConfig,
@@ -84,13 +86,16 @@ async def run_stage(stage: str, service_name: str, server_config: ServerConfig, 
     from epdserve.v1 import cache_pb2_grpc, load_pb2_grpc
     from mmcache.client import CacheIdentity, MMCache
     from services.load import LoadServicer, LoadTracker
+    from services.metrics import StageMetrics, registry_collector
 
     server = ServiceServer(server_config, [service_name])
     identity = CacheIdentity(new_owner_id(stage), server.bind(), server_config.host, server_config.advertise_host)
     cache = await MMCache.open(cache_config, identity)
     executor = ModelExecutor(f"{stage}-model")
     load = LoadTracker(stage, identity.owner_id)
-    register(StageContext(server, cache, executor, load))
+    metrics = StageMetrics(server.registry, stage, load)
+    server.registry.register(registry_collector(cache.metrics.registry))
+    register(StageContext(server, cache, executor, load, metrics))
     cache_pb2_grpc.add_CacheControlServicer_to_server(cache.servicer(), server.server)
     load_pb2_grpc.add_LoadServiceServicer_to_server(LoadServicer(load), server.server)
 

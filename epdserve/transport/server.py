@@ -2,6 +2,9 @@
 
 start: bind (port 0 = free port), register the standard health service ("" = liveness, plus
 one name per service = readiness), optional reflection, mark SERVING, write the ready file.
+With --metrics-port >= 0, Prometheus `GET /metrics` serves `registry` (one per server, so
+in-process servers never share metrics) from prometheus-client's HTTP server thread, bound
+before the ready file is written (`metrics_address`).
 SIGTERM/SIGINT: health NOT_SERVING, stop accepting, give in-flight RPCs `drain_timeout_s`,
 run the service's cleanup, return (exit code 0).
 """
@@ -18,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, start_http_server
 
 from epdserve.config import ServerConfig
 
@@ -25,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class ServiceServer:
-    def __init__(self, config: ServerConfig, service_names: Sequence[str]) -> None:
+    def __init__(self, config: ServerConfig, service_names: Sequence[str],
+                 registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.service_names = tuple(service_names)
         self.server = grpc.aio.server(
@@ -41,6 +46,10 @@ class ServiceServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
+        # what GET /metrics serves (a fresh one per server by default); services register their metrics here
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics_address = ""
+        self._metrics_http = None
 
     @property
     def address(self) -> str:
@@ -63,6 +72,7 @@ class ServiceServer:
             names = (*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
             reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), self.server)
         await self.server.start()
+        self._start_metrics()
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._write_ready_file()
@@ -71,7 +81,24 @@ class ServiceServer:
 
     def ready_info(self) -> dict:
         """What the ready file says (subclasses add their own keys)."""
-        return {"address": self.address, "pid": os.getpid()}
+        info = {"address": self.address, "pid": os.getpid()}
+        if self.metrics_address:
+            info["metrics_address"] = self.metrics_address
+        return info
+
+    def _start_metrics(self) -> None:
+        if self.config.metrics_port < 0 or self._metrics_http is not None:
+            return
+        httpd, _ = start_http_server(self.config.metrics_port, self.config.metrics_host, self.registry)
+        self._metrics_http = httpd
+        self.metrics_address = f"{self.config.metrics_host}:{httpd.server_port}"
+        log.info("metrics on http://%s/metrics", self.metrics_address)
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
 
     def _write_ready_file(self) -> None:
         if not self.config.ready_file:
@@ -84,6 +111,7 @@ class ServiceServer:
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.drain_timeout_s)
+        await asyncio.to_thread(self._stop_metrics)
 
 
 async def run_until_signalled(server: ServiceServer, cleanup: Callable[[], Awaitable[None]] | None = None) -> None:

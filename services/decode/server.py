@@ -25,6 +25,7 @@ from services.decode.local_prefill import PromptJob
 from services.decode.loop import EngineLoop
 from services.decode.setup import build_engine, place_experts
 from services.load import LoadTracker
+from services.metrics import register_decode_metrics
 from services.runtime import StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 from services.wire import sampling_from_proto
 
@@ -192,6 +193,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
     def register(ctx: StageContext) -> None:
         servicer = DecodeServicer(engine, EngineLoop(engine, ctx.executor), ctx.cache, decode_config, ctx.load)
         decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, ctx.server.server)
+        register_decode_metrics(ctx.metrics.registry, engine, experts)
 
     try:
         await run_stage("decode", SERVICE_NAME, server_config, cache_config, register)

@@ -17,6 +17,7 @@ from services.encode.batcher import EncodeBatcher
 from services.encode.encoder import ImageEncoder, RecentKeys
 from services.encode.images import decode_image
 from services.encode.sparsify import build_scorer
+from services.metrics import EncodeMetrics
 from services.runtime import StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,10 @@ SERVICE_NAME = encode_pb2.DESCRIPTOR.services_by_name["EncodeService"].full_name
 
 
 class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
-    def __init__(self, encoder: ImageEncoder, batcher: EncodeBatcher, cache: MMCache, config: EncodeConfig) -> None:
+    def __init__(self, encoder: ImageEncoder, batcher: EncodeBatcher, cache: MMCache, config: EncodeConfig,
+                 metrics: EncodeMetrics | None = None) -> None:
         self.encoder, self.batcher, self.cache, self.config = encoder, batcher, cache, config
+        self.metrics = metrics
         self.recent = RecentKeys()
 
     @unary_errors
@@ -53,6 +56,8 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
         hits = [ref is not None for ref in refs]
         await self._encode_misses(images, keys, refs, keep, watch)
         watch.timings_ms["images_cached"] = float(sum(hits))
+        if self.metrics is not None:
+            self.metrics.images(sum(hits), len(hits) - sum(hits))
         return encode_pb2.EncodeResponse(
             images=[
                 encode_pb2.ImageEmbedding(embedding=ref, num_tokens=ref.shape[0], cache_hit=hit)
@@ -128,7 +133,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         batcher = EncodeBatcher(encoder, ctx.executor, max_batch=encode_config.max_batch_size,
                                 max_wait_ms=encode_config.max_batch_wait_ms, to_host=not cache_config.device_tier,
                                 load=ctx.load)
-        servicer = EncodeServicer(encoder, batcher, ctx.cache, encode_config)
+        servicer = EncodeServicer(encoder, batcher, ctx.cache, encode_config, EncodeMetrics(ctx.metrics.registry))
         encode_pb2_grpc.add_EncodeServiceServicer_to_server(servicer, ctx.server.server)
 
     await run_stage("encode", SERVICE_NAME, server_config, cache_config, register)

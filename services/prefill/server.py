@@ -18,6 +18,7 @@ from epdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from mmcache.client import MMCache
 from mmcache.keys import kv_layer_key, new_kv_prefix
 from services.load import LoadTracker
+from services.metrics import PrefillMetrics
 from services.prefill.fastkv import FastKVConfig
 from services.prefill.minisequence import MiniSequenceConfig
 from services.prefill.prefill import PromptPrefiller
@@ -31,8 +32,9 @@ SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_na
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, prefiller: PromptPrefiller, cache: MMCache, executor: ModelExecutor, config: PrefillConfig,
-                 prefixes: PrefixCache, load: LoadTracker | None = None) -> None:
+                 prefixes: PrefixCache, load: LoadTracker | None = None, metrics: PrefillMetrics | None = None) -> None:
         self.prefiller, self.cache, self.executor, self.config = prefiller, cache, executor, config
+        self.metrics = metrics
         self.prefixes = prefixes
         self.load = load or LoadTracker("prefill", "")
         self.fastkv_default = _fastkv_default(config)
@@ -69,6 +71,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         watch.timings_ms["prefix_hit_tokens"] = float(result.length - result.computed_tokens)
         watch.timings_ms["computed_tokens"] = float(result.computed_tokens)
         watch.timings_ms["kv_tokens_stored"] = float(sum(layer.shape[2] for layer in result.kv_layers))
+        if self.metrics is not None:
+            self.metrics.prefilled(len(token_ids), result.length - result.computed_tokens)
         return prefill_pb2.PrefillResponse(
             first_token_id=result.first_token_id,
             kv=common_pb2.KVHandle(layers=refs, length=result.length),
@@ -145,7 +149,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         mini = MiniSequenceConfig(prefill_config.chunk_tokens, prefill_config.min_chunk_tokens,
                                   prefill_config.last_position_only)
         servicer = PrefillServicer(PromptPrefiller(spec, decoder, mini), ctx.cache, ctx.executor, prefill_config,
-                                   prefixes, ctx.load)
+                                   prefixes, ctx.load, PrefillMetrics(ctx.metrics.registry))
         ctx.load.extra = functools.partial(_prefix_fields, prefixes, ctx.cache.owner.host_id)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, ctx.server.server)
 

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from epdserve.config import ModelConfig, RouterConfig, ServerConfig
 from epdserve.errors import (
@@ -36,6 +37,7 @@ from epdserve.transport.errors import INTERNAL_MESSAGE, status_code, stream_erro
 from epdserve.transport.server import ServiceServer, run_until_signalled
 from epdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.router.batch import BatchRunner
+from services.router.metrics import RequestRecord, RouterMetrics
 from services.router.orchestrator import Finished, Orchestrator, TextChunk
 from services.router.requests import parse_request, tenant_salt
 from services.runtime import parse_configs, resolve_model_dir, run_service, service_arg_parser
@@ -51,8 +53,9 @@ TENANT_METADATA = "x-epdserve-tenant"
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, config: RouterConfig, orchestrator: Orchestrator, model_info: router_pb2.ModelInfo,
-                 salt_secret: bytes = b"") -> None:
+                 salt_secret: bytes = b"", metrics: RouterMetrics | None = None) -> None:
         self.config, self.orchestrator, self.model_info = config, orchestrator, model_info
+        self.metrics = metrics or RouterMetrics()
         self.salt_secret = salt_secret
         self.active: dict[str, asyncio.Task] = {}
         self.aborted: set[str] = set()
@@ -76,9 +79,24 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         unexpected exception) before the first chunk. An empty `request.request_id` is filled in
         with the id the router assigned. A consumer that stops early must close the generator
         (`contextlib.aclosing`): closing it cancels the producer and with it every downstream call.
+        Each request is counted once in `self.metrics` and logged in one line when it ends.
         """
+        record = self.metrics.begin()
+        try:
+            async with contextlib.aclosing(self._events(request, tenant, timeout_s, decode_replica, record)) as events:
+                async for event in events:
+                    _note(record, event)
+                    yield event
+        except BaseException as exc:
+            record.end(exc)
+            raise
+        record.end(None)
+
+    async def _events(self, request: router_pb2.GenerateRequest, tenant: str, timeout_s: float | None,
+                      decode_replica, record: RequestRecord) -> AsyncIterator[TextChunk | Finished | Failed]:
         req = parse_request(request, self.config, tenant_salt(self.salt_secret, tenant))
         request.request_id = req.request_id
+        record.request_id, record.images = req.request_id, len(req.images)
         if req.request_id in self.active:
             raise AlreadyExistsError(f"request_id {req.request_id!r} is already running")
         prompt = self.orchestrator.tokenize(req)
@@ -130,6 +148,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     @unary_errors
     async def GetModelInfo(self, request, context) -> router_pb2.ModelInfo:
         return self.model_info
+
+
+def _note(record: RequestRecord, event: TextChunk | Finished | Failed) -> None:
+    if isinstance(event, TextChunk):
+        record.chunk(len(event.token_ids))
+    elif isinstance(event, Finished):
+        record.finished(event)
+    else:
+        record.failed(event.error.code)
 
 
 async def _coalesced(queue: asyncio.Queue) -> AsyncIterator:
@@ -203,13 +230,15 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, router_c
     revision = model_config.revision or model_revision(model_dir)
     orchestrator = Orchestrator(router_config, prompts)
     secret = read_secret(router_config.tenant_salt_file)
-    servicer = RouterServicer(router_config, orchestrator, build_model_info(model_dir, spec, prompts, revision), secret)
+    metrics = RouterMetrics()  # its registry is the one the server's /metrics serves
+    servicer = RouterServicer(router_config, orchestrator, build_model_info(model_dir, spec, prompts, revision), secret,
+                              metrics)
     http = None
     if router_config.http_port >= 0:
         from services.router.openai_http import OpenAIHttpServer  # aiohttp is imported only when enabled
 
         http = OpenAIHttpServer(router_config, server_config, servicer, prompts)
-    server = RouterServer(server_config, [SERVICE_NAME], http)
+    server = RouterServer(server_config, [SERVICE_NAME], http, metrics.registry)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server.server)
     await orchestrator.start()
     await run_until_signalled(server, orchestrator.close)
@@ -219,8 +248,9 @@ class RouterServer(ServiceServer):
     """The router's gRPC server with the HTTP front door beside it (when enabled): the HTTP server
     starts first, so the ready file also holds `http_address`, and both drain together."""
 
-    def __init__(self, config: ServerConfig, service_names, http: OpenAIHttpServer | None = None) -> None:
-        super().__init__(config, service_names)
+    def __init__(self, config: ServerConfig, service_names, http: OpenAIHttpServer | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        super().__init__(config, service_names, registry)
         self.http = http
         self.http_address = ""
 
