@@ -78,16 +78,21 @@ class ModuleRecorder:
             handle.remove()
 
 
+def _records(make_recorder, decoder, prompt, feed, steps: int) -> list:
+    """The records of one resident decode run (prompt + `steps` fed steps) with a recorder active."""
+    recorder = make_recorder()
+    try:
+        decode_run(decoder, prompt, feed, steps, 0)
+    finally:
+        recorder.close()
+    return recorder.records
+
+
 def localize(decoder, prompt, feed, steps: int, runs: int) -> list[dict]:
     """Run the resident decoder `runs` times over the prompt and `steps` decode steps; report, per
     repeat, the first module call whose inputs equal the first run's but whose output does not."""
     def one_run():
-        recorder = ModuleRecorder(decoder)
-        try:
-            decode_run(decoder, prompt, feed, steps, 0)
-        finally:
-            recorder.close()
-        return recorder.records
+        return _records(lambda: ModuleRecorder(decoder), decoder, prompt, feed, steps)
 
     reference, found = one_run(), []
     for repeat in range(1, runs):
@@ -138,12 +143,7 @@ def localize_sdpa(decoder, prompt, feed, steps: int, runs: int) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def one_run():
-        recorder = SdpaRecorder()
-        try:
-            decode_run(decoder, prompt, feed, steps, 0)
-        finally:
-            recorder.close()
-        return recorder.records
+        return _records(SdpaRecorder, decoder, prompt, feed, steps)
 
     reference, found = one_run(), []
     for repeat in range(1, runs):
