@@ -254,7 +254,7 @@ def main() -> int:
 def probe(ours, length: int) -> dict:
     """Prefill `length` tokens with MOM (KV to page-locked host memory of exactly its size), reload
     it, decode 16 tokens."""
-    from epdserve.engine.offloaded_kv import unpin
+    from epdserve.engine.offloaded_kv import page_locked, unpin
     from epdserve.engine.sampler import SamplingParams
     from services.decode.decoder import TokenDecoder
 
@@ -263,9 +263,7 @@ def probe(ours, length: int) -> dict:
     pinned: list[int] = []
 
     def exact_pinned(shape, dtype):  # pin_memory=True would round each layer up to a power of two
-        tensor = torch.empty(shape, dtype=dtype)
-        if int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.nbytes, 0)):
-            raise RuntimeError(f"cannot page-lock {tensor.nbytes / GIB:.1f} GiB")
+        tensor = page_locked(torch.empty(shape, dtype=dtype))
         pinned.append(tensor.data_ptr())
         return tensor
 

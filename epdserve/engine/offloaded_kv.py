@@ -115,12 +115,17 @@ def pinned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero-filled CPU tensor page-locked in place (cudaHostRegister: exactly its size, where
     `pin_memory()` rounds up to a power of two). The caller unregisters it (`unpin`) before
     dropping it. Raises RuntimeError when the memory cannot be locked."""
-    tensor = torch.zeros(shape, dtype=dtype)
+    return page_locked(torch.zeros(shape, dtype=dtype))
+
+
+def page_locked(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (CPU, contiguous) page-locked in place, exactly its size; the caller unregisters
+    it (`unpin([tensor.data_ptr()])`) before dropping it. Raises RuntimeError when it cannot be."""
     if tensor.numel():
         error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.nbytes, 0))
         if error:
-            raise RuntimeError(f"cannot page-lock {tensor.nbytes / 2**30:.1f} GiB of host memory for offloaded KV "
-                               f"(cudaHostRegister error {error}): lower the host KV size or raise the memlock limit")
+            raise RuntimeError(f"cannot page-lock {tensor.nbytes / 2**30:.1f} GiB of host memory "
+                               f"(cudaHostRegister error {error}): use less host memory or raise the memlock limit")
     return tensor
 
 

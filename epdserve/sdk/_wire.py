@@ -9,8 +9,9 @@ from typing import Any, Union
 
 import grpc
 
-from epdserve.errors import RETRY_AFTER_METADATA, EpdserveError, InvalidArgumentError, error_for_code
+from epdserve.errors import EpdserveError, InvalidArgumentError, error_for_code
 from epdserve.sdk.types import BatchItem, BatchSummary, GenerationChunk, GenerationResult, ModelInfo, Usage
+from epdserve.transport.errors import retry_after
 from epdserve.v1 import common_pb2, router_pb2
 
 ImageLike = Union[bytes, bytearray, str, "os.PathLike[str]", Any]  # Any: a PIL.Image.Image
@@ -64,20 +65,8 @@ def typed_error(exc: grpc.RpcError) -> EpdserveError:
     """The typed error of a failed call, with the server's retry hint (RESOURCE_EXHAUSTED) if any."""
     code = exc.code()
     error = error_for_code(code.name if code is not None else "UNKNOWN", exc.details() or str(code))
-    for key, value in _trailing(exc):
-        if key == RETRY_AFTER_METADATA:
-            try:
-                error.retry_after_s = float(value)
-            except ValueError:
-                pass
+    error.retry_after_s = retry_after(exc)
     return error
-
-
-def _trailing(exc: grpc.RpcError):
-    try:
-        return exc.trailing_metadata() or ()
-    except Exception:  # not every RpcError carries metadata
-        return ()
 
 
 def error_event(error: router_pb2.Error) -> EpdserveError:

@@ -28,11 +28,12 @@ def from_rpc_error(exc: grpc.RpcError, *, peer: str = "") -> EpdserveError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and peer:
         return UnavailableError(f"{peer} stage unavailable: {details}")
     error = error_for_code(code.name, details or code.name)
-    error.retry_after_s = _retry_after(exc)
+    error.retry_after_s = retry_after(exc)
     return error
 
 
-def _retry_after(exc: grpc.RpcError) -> float | None:
+def retry_after(exc: grpc.RpcError) -> float | None:
+    """The server's retry hint (trailing metadata `retry-after-s`) of a failed call, if any."""
     try:
         trailing = exc.trailing_metadata() or ()
     except Exception:  # not every RpcError carries metadata

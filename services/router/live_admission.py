@@ -31,7 +31,7 @@ from services.router.admission import (
     PrefillState,
     RunningSeq,
 )
-from services.router.placement import CostDefaults
+from services.router.placement import CostDefaults, queued, service_rate
 from services.router.pools import Replica, ReplicaPool
 
 HISTORY = 512           # completed output lengths the length model looks at
@@ -108,12 +108,10 @@ class LiveAdmission:
         return OutputLengthModel.from_observations(list(self.lengths), still)
 
     def _prefill_state(self, replica: Replica) -> PrefillState:
-        load = replica.load
-        rate = load.work_per_s if load is not None and load.work_per_s > 0 else self.defaults.prefill_tokens_per_s
-        overhead = load.overhead_ms / 1000.0 if load is not None else 0.0
-        queued_work = max(load.queued_work if load is not None else 0, replica.outstanding_work)
-        queued = max(load.queued_requests + load.running_requests if load is not None else 0, replica.outstanding)
-        return PrefillState(PrefillModel(overhead, 1.0 / rate), queued, queued_work)
+        rate = service_rate(replica, self.defaults.prefill_tokens_per_s)
+        overhead = replica.load.overhead_ms / 1000.0 if replica.load is not None else 0.0
+        work, requests = queued(replica)
+        return PrefillState(PrefillModel(overhead, 1.0 / rate), requests, work)
 
     def _decode_state(self, replica: Replica, lengths: OutputLengthModel | None, now: float) -> DecodeState:
         running, incoming = [], []

@@ -10,7 +10,6 @@ without the cache lookup, at most `stage_retries` times.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import itertools
 import time
@@ -78,7 +77,6 @@ class Orchestrator:
         self.decode = self._pool("decode", decode_pb2, "DecodeService", decode_pb2_grpc.DecodeServiceStub)
         early_rejection = config.slo_ttft_s > 0 or config.slo_tpot_s > 0
         self.admission = LiveAdmission(config, self.prefill, self.decode, self.defaults) if early_rejection else None
-        self.paths: collections.Counter[str] = collections.Counter()  # requests per path taken
         # observed TTFT minus the replica-level prediction, per first-token path (moving averages):
         # what the load reports cannot see (RPCs, embedding and prefix fetches, KV hand-off)
         self.ttft_residual_s = {"prefill": 0.0, "local": 0.0}
@@ -185,9 +183,7 @@ class Orchestrator:
                 local = local and self._local_prefill_replica(req, prompt, timings, cached)
                 timings["local_prefill"] = 1.0 if local else 0.0
                 if local:
-                    self.paths["E->PD" if req.images else "PD"] += 1
                     return _Started(None, self._local_request(req, prompt, refs), local)
-                self.paths["E->P->D" if req.images else "P->D"] += 1
                 return _Started(await self._prefill(req, prompt, refs, deadline, timings, cached), None, None)
             except FailedPreconditionError:
                 if attempt >= self.config.stage_retries or not req.images:

@@ -33,12 +33,13 @@ class Choice:
     cached_tokens: int = 0  # prefill: leading prompt tokens it would load from the prefix cache
 
 
-def _rate(replica: Replica, default: float) -> float:
+def service_rate(replica: Replica, default: float) -> float:
+    """The replica's fitted rate (work units per second), `default` before it measured one."""
     load = replica.load
     return load.work_per_s if load is not None and load.work_per_s > 0 else default
 
 
-def _queued(replica: Replica) -> tuple[int, int]:
+def queued(replica: Replica) -> tuple[int, int]:
     """(work units, requests) in front of a new request: the replica's report or, when this
     router has sent more since, its own count."""
     load = replica.load
@@ -50,9 +51,9 @@ def _queued(replica: Replica) -> tuple[int, int]:
 def finish_time_s(replica: Replica, work: int, default_rate: float) -> float:
     """Predicted time until `work` more units would be done on `replica`: everything queued there
     first, at the replica's fitted rate and per-request overhead."""
-    queued_work, queued_requests = _queued(replica)
+    queued_work, queued_requests = queued(replica)
     overhead = replica.load.overhead_ms / 1000.0 if replica.load is not None else 0.0
-    return (queued_work + work) / _rate(replica, default_rate) + overhead * (queued_requests + 1)
+    return (queued_work + work) / service_rate(replica, default_rate) + overhead * (queued_requests + 1)
 
 
 def choose_prefill(replicas: Sequence[Replica], tokens: int, defaults: CostDefaults,
@@ -122,7 +123,7 @@ def prefill_rate(replicas: Sequence[Replica], defaults: CostDefaults) -> float:
 def local_prefill_time_s(decode: Replica, tokens: int, rate: float, step_s: float) -> float:
     """Predicted TTFT of E -> PD on `decode`: the step in progress (if it is decoding), the local
     prompts queued there, then this prompt at the model's prefill rate."""
-    queued_work, _ = _queued(decode)
+    queued_work, _ = queued(decode)
     in_progress = step_s if decode_batch(decode) > 0 else 0.0
     return in_progress + (queued_work + tokens) / rate
 
