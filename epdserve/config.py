@@ -43,6 +43,36 @@ class ServerConfig:
             raise ValueError(f"metrics_port must be -1 (off) or in [0, 65535] (got {self.metrics_port})")
 
 
+TRACE_EXPORTERS = ("none", "otlp", "file")
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceConfig:
+    trace_exporter: str = setting("none", "OpenTelemetry tracing: none (off, costs nothing), otlp (to a collector) "
+                                          "or file (spans as JSON lines); otlp needs pip install 'epdserve[otlp]'")
+    trace_endpoint: str = setting("", "OTLP gRPC endpoint (default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                                      "$OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4317)")
+    trace_file: str = setting("", "with --trace-exporter file: append finished spans to this file, one JSON "
+                                  "object per line (processes may share it)")
+    trace_sample_ratio: float = setting(1.0, "fraction of requests traced, decided at the router; stages follow "
+                                             "their caller's decision")
+
+    def __post_init__(self) -> None:
+        if self.trace_exporter not in TRACE_EXPORTERS:
+            raise ValueError(f"trace_exporter must be one of {', '.join(TRACE_EXPORTERS)} "
+                             f"(got {self.trace_exporter!r})")
+        if (self.trace_exporter == "file") != bool(self.trace_file):
+            raise ValueError("trace_file goes with trace_exporter file, and file needs it")
+        if self.trace_endpoint and self.trace_exporter != "otlp":
+            raise ValueError("trace_endpoint goes with trace_exporter otlp")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError(f"trace_sample_ratio must be in [0, 1] (got {self.trace_sample_ratio})")
+
+    @property
+    def enabled(self) -> bool:
+        return self.trace_exporter != "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis holding the mmcache index")

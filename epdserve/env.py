@@ -16,6 +16,8 @@ class Env:
     cache_dir: pathlib.Path        # where built demo checkpoints and other caches live
     log_level: str                 # default logging level for services and CLI
     redis_server_bin: str          # redis-server binary used for a private Redis
+    otlp_endpoint: str             # OpenTelemetry's standard OTLP endpoint (traces-specific one first); "" = unset
+    otel_service_name: str         # OpenTelemetry's standard service name; "" = epdserve-<stage>
 
 
 def read_env(environ: os._Environ[str] | dict[str, str] | None = None) -> Env:
@@ -26,4 +28,6 @@ def read_env(environ: os._Environ[str] | dict[str, str] | None = None) -> Env:
         cache_dir=cache_dir,
         log_level=env.get("EPDSERVE_LOG_LEVEL", "INFO").upper(),
         redis_server_bin=env.get("EPDSERVE_REDIS_SERVER", "redis-server"),
+        otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+        otel_service_name=env.get("OTEL_SERVICE_NAME", ""),
     )

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
-from epdserve.config import CacheConfig, ModelConfig, ServerConfig, add_config_args, config_from_args
+from epdserve.config import CacheConfig, ModelConfig, ServerConfig, TraceConfig, add_config_args, config_from_args
 from epdserve.env import read_env
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ def service_arg_parser(stage: str, stage_config: type | None, *, with_cache: boo
         add_config_args(parser, CacheConfig)
     if stage_config is not None:
         add_config_args(parser, stage_config)
+    add_config_args(parser, TraceConfig)
     parser.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING | ERROR")
     return parser
 
@@ -58,14 +59,14 @@ def parse_configs(parser: argparse.ArgumentParser, argv: list[str] | None, *clas
 def stage_main(stage: str, stage_config: type, serve, argv: list[str] | None) -> int:
     """`main` of an encode / prefill / decode process: parse flags, run `serve(server, model, cache, stage)`."""
     parser = service_arg_parser(stage, stage_config)
-    configs = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, stage_config)
+    *configs, trace = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, stage_config, TraceConfig)
     if configs[1].zero_work:
         import functools
 
         from services.zero_work import serve_zero_work
 
         serve = functools.partial(serve_zero_work, stage)
-    return run_service(serve, configs)
+    return run_service(serve, tuple(configs), stage, trace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,19 +107,24 @@ async def run_stage(stage: str, service_name: str, server_config: ServerConfig, 
     await run_until_signalled(server, cleanup)
 
 
-def run_service(serve, configs: tuple) -> int:
-    """Run a service's `serve(*configs)` coroutine; after it returns (drained on SIGTERM), further
-    SIGTERMs are ignored so interpreter teardown finishes and the exit code stays 0."""
+def run_service(serve, configs: tuple, stage: str, trace: TraceConfig = TraceConfig()) -> int:
+    """Run a service's `serve(*configs)` coroutine with tracing as `trace` says; after it returns
+    (drained on SIGTERM) further SIGTERMs are ignored, so the last spans are exported, interpreter
+    teardown finishes and the exit code stays 0."""
     import signal
 
+    from epdserve import tracing
     from epdserve.errors import EpdserveError
 
     try:
+        tracing.setup(trace, stage, read_env())
         asyncio.run(serve(*configs))
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except EpdserveError as exc:
         logging.getLogger("epdserve").error("cannot start: %s", exc.message)
         return 1
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    finally:
+        tracing.shutdown()
     return 0
 
 

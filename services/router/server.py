@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import grpc
 from prometheus_client import CollectorRegistry
 
-from epdserve.config import ModelConfig, RouterConfig, ServerConfig
+from epdserve.config import ModelConfig, RouterConfig, ServerConfig, TraceConfig
 from epdserve.errors import (
     AlreadyExistsError,
     EpdserveError,
@@ -286,5 +286,5 @@ def read_secret(path: str) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = service_arg_parser("router", RouterConfig, with_cache=False)
-    configs = parse_configs(parser, argv, ServerConfig, ModelConfig, RouterConfig)
-    return run_service(serve, configs)
+    *configs, trace = parse_configs(parser, argv, ServerConfig, ModelConfig, RouterConfig, TraceConfig)
+    return run_service(serve, tuple(configs), "router", trace)
