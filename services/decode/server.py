@@ -91,7 +91,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     async def _stream(self, request, events, watch: Stopwatch):
         """DecodeResponses from the engine's events; None marks "inputs no longer needed"."""
-        queued, start, largest_batch = time.perf_counter(), None, 0
+        queued, start, largest_batch, batch_sum, steps = time.perf_counter(), None, 0, 0, 0
         while True:
             event = await events.get()
             if event.kind == "inputs_done":
@@ -103,6 +103,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 return
             elif not event.finish:
                 largest_batch = max(largest_batch, event.batch_size)
+                batch_sum, steps = batch_sum + event.batch_size, steps + 1
                 if start is None:
                     start = time.perf_counter()
                     watch.timings_ms["queue_ms"] = (start - queued) * 1000.0
@@ -110,6 +111,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             else:
                 watch.timings_ms["decode_ms"] = (time.perf_counter() - (start or queued)) * 1000.0
                 watch.timings_ms["decode_batch_max"] = float(max(largest_batch, event.batch_size))
+                watch.timings_ms["decode_steps"] = float(steps + 1)
+                watch.timings_ms["decode_batch_mean"] = (batch_sum + event.batch_size) / (steps + 1)
                 yield decode_pb2.DecodeResponse(token_ids=[event.token], finish_reason=event.finish,
                                                 timings_ms=watch.timings_ms)
                 return

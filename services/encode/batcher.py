@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import functools
 import time
+from typing import NamedTuple
 
 from services.encode.encoder import ImageEncoder
 from services.load import LoadTracker
@@ -24,6 +25,15 @@ class _Job:
     keep_ratio: float
     future: asyncio.Future
     queued_at: float
+
+
+class Encoded(NamedTuple):
+    """One image's embedding and how it was produced."""
+    tensor: object
+    batch_size: int        # images in the tower call that produced it
+    shared: bool           # deduplicated: another request's in-flight encoding of the same image
+    wait_s: float          # from queued to the start of its tower call
+    tower_s: float         # the tower call's duration
 
 
 @dataclasses.dataclass
@@ -46,21 +56,19 @@ class EncodeBatcher:
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
 
-    async def encode(self, key: str, image, keep_ratio: float):
-        """The embedding for one image; (tensor, batch size it ran in, whether it was deduplicated)."""
+    async def encode(self, key: str, image, keep_ratio: float) -> Encoded:
+        """The embedding for one image, with the batch it ran in."""
         if self._worker is None:
             self._worker = asyncio.create_task(self._run())
         shared = self._inflight.get(key)
         if shared is not None:
             self.stats.deduplicated += 1
-            tensor, batch = await asyncio.shield(shared)
-            return tensor, batch, True
+            return (await asyncio.shield(shared))._replace(shared=True)
         future = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         self._queue.append(_Job(key, image, keep_ratio, future, time.monotonic()))
         self._arrived.set()
-        tensor, batch = await asyncio.shield(future)
-        return tensor, batch, False
+        return await asyncio.shield(future)
 
     async def _run(self) -> None:
         while True:
@@ -81,6 +89,7 @@ class EncodeBatcher:
             await asyncio.sleep(min(left, 0.002))
 
     async def _encode(self, batch: list[_Job]) -> None:
+        started = time.monotonic()
         try:
             tensors = await self.executor.run(self.load.running(len(batch), functools.partial(
                 self.encoder.encode, [j.image for j in batch], [j.keep_ratio for j in batch], to_host=self.to_host)))
@@ -91,8 +100,9 @@ class EncodeBatcher:
         self.stats.batches += 1
         self.stats.images += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        tower_s = time.monotonic() - started
         for job, tensor in zip(batch, tensors):
-            self._finish(job, result=(tensor, len(batch)))
+            self._finish(job, result=Encoded(tensor, len(batch), False, started - job.queued_at, tower_s))
 
     def _finish(self, job: _Job, *, result=None, exc: BaseException | None = None) -> None:
         self._inflight.pop(job.key, None)

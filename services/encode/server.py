@@ -105,12 +105,14 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
             return
         with watch.section("encode_ms"):
             done = await asyncio.gather(*(self.batcher.encode(k, image, keep) for k, image in missing.items()))
-        watch.timings_ms["batch_size"] = float(max(batch for _, batch, _ in done))
-        watch.timings_ms["images_deduplicated"] = float(sum(shared for _, _, shared in done))
-        watch.timings_ms["images_encoded"] = float(sum(not shared for _, _, shared in done))
+        watch.timings_ms["batch_size"] = float(max(e.batch_size for e in done))
+        watch.timings_ms["batch_wait_ms"] = max(e.wait_s for e in done) * 1000.0
+        watch.timings_ms["tower_ms"] = max(e.tower_s for e in done) * 1000.0
+        watch.timings_ms["images_deduplicated"] = float(sum(e.shared for e in done))
+        watch.timings_ms["images_encoded"] = float(sum(not e.shared for e in done))
         with watch.section("cache_put_ms"):
             published = await self.cache.put_many(
-                [(key, tensor) for key, (tensor, _, _) in zip(missing, done)], ttl_s=self.config.embedding_ttl_s,
+                [(key, e.tensor) for key, e in zip(missing, done)], ttl_s=self.config.embedding_ttl_s,
                 lease_s=self.config.handoff_lease_s,
             )
         by_key = dict(zip(missing.keys(), published))

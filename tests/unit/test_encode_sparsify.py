@@ -170,7 +170,7 @@ def test_batcher_batches_across_callers_and_runs_one_tower_call_per_key(tiny_che
 
     results, stats = asyncio.run(run())
     assert calls == [4, 1]                      # max_batch respected, one call per batch
-    assert stats.deduplicated == 1 and results[-1][2] is True
+    assert stats.deduplicated == 1 and results[-1].shared is True
     assert torch.equal(results[-1][0], results[0][0])
     with torch.inference_mode():
         alone = real([images[3]], [1.0])[0]
