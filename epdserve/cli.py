@@ -22,8 +22,9 @@ import signal
 import sys
 
 from epdserve.cliutil import run_subcommand
+from epdserve.config import TraceConfig, add_config_args, config_from_args
 from epdserve.env import read_env
-from epdserve.errors import EpdserveError
+from epdserve.errors import EpdserveError, InvalidArgumentError
 
 STAGES = ("encode", "prefill", "decode", "router")
 
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="router bind address (default: loopback)")
     up.add_argument("--port", type=int, default=50051, help="router port (0 = a free port)")
     up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_config_args(up, TraceConfig)
     up.set_defaults(run=_up)
 
     demo = sub.add_parser("demo", help="start a local cluster, send one image+text request, stop")
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", type=pathlib.Path, default=None, help="image file (default: a generated picture)")
     demo.add_argument("--max-tokens", type=int, default=24)
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of the streamed text")
+    add_config_args(demo, TraceConfig)
     demo.set_defaults(run=_demo)
 
     gen = sub.add_parser("generate", help="send one request to a running router")
@@ -168,7 +171,8 @@ def _up(args: argparse.Namespace) -> int:
 
     env = read_env()
     config = ClusterConfig(model_dir=_default_model(args.model), redis_url=args.redis_url, router_host=args.host,
-                           router_port=args.port, device=args.device, redis_server_bin=env.redis_server_bin)
+                           router_port=args.port, device=args.device, redis_server_bin=env.redis_server_bin,
+                           trace=_trace_config(args))
     cluster = LocalCluster(config)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -195,7 +199,14 @@ def _demo(args: argparse.Namespace) -> int:
         print("preparing the model (the tiny demo checkpoint is built once and cached)...", flush=True)
     image = args.image.read_bytes() if args.image else None
     return run_demo(_default_model(args.model), prompt=args.prompt or DEMO_PROMPT, image=image,
-                    max_tokens=args.max_tokens, as_json=args.json)
+                    max_tokens=args.max_tokens, as_json=args.json, trace=_trace_config(args))
+
+
+def _trace_config(args: argparse.Namespace) -> TraceConfig:
+    try:
+        return config_from_args(TraceConfig, args)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import sys
 import time
 from typing import TextIO
 
+from epdserve.config import TraceConfig
 from epdserve.launcher import ClusterConfig, LocalCluster
 
 DEMO_PROMPT = "What is in this picture?"
@@ -47,12 +48,13 @@ def demo_image_png(size: int = 96) -> bytes:
 
 
 def run_demo(model_dir: pathlib.Path, *, prompt: str = DEMO_PROMPT, image: bytes | None = None,
-             max_tokens: int = 24, as_json: bool = False, out: TextIO = sys.stdout) -> int:
+             max_tokens: int = 24, as_json: bool = False, out: TextIO = sys.stdout,
+             trace: TraceConfig = TraceConfig()) -> int:
     from epdserve.sdk import Client
 
     image = image if image is not None else demo_image_png()
     started = time.perf_counter()
-    cluster = LocalCluster(ClusterConfig(model_dir=model_dir))
+    cluster = LocalCluster(ClusterConfig(model_dir=model_dir, trace=trace))
     try:
         address = cluster.start()
         startup_s = time.perf_counter() - started

@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 
+from epdserve.config import TraceConfig, config_to_args
 from epdserve.errors import FailedPreconditionError
 from epdserve.procutil import spawn, stop_process, stop_processes
 from epdserve.redis_server import PrivateRedis
@@ -40,6 +41,7 @@ class ClusterConfig:
     redis_server_bin: str = "redis-server"
     stage_args: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # extra flags per stage
     replicas: dict[str, int] = dataclasses.field(default_factory=dict)  # processes per stage (default 1)
+    trace: TraceConfig = TraceConfig()  # tracing of every service (a --trace-file is shared by all of them)
 
     def names(self, stage: str) -> list[str]:
         """Child names of a stage's replicas: "encode", "encode-1", ..."""
@@ -90,8 +92,9 @@ class LocalCluster:
 
     def _common_args(self, name: str) -> list[str]:
         c = self.config
+        trace = config_to_args(c.trace) if c.trace.enabled else []
         return ["--model", str(c.model_dir), "--log-level", c.log_level, "--port", "0",
-                "--ready-file", str(self.workdir / f"{name}.ready")]
+                "--ready-file", str(self.workdir / f"{name}.ready"), *trace]
 
     def _stage_args(self, stage: str, name: str) -> list[str]:
         c = self.config

@@ -17,6 +17,7 @@ spans get an explicit parent and are ended by their owner (`start_span` / `end_s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -140,12 +141,39 @@ def span(name: str, attributes: Mapping[str, Any] | None = None, *, parent=None,
                                                 attributes=attributes)
 
 
+def detached_span(name: str, attributes: Mapping[str, Any] | None = None, *, parent=None, kind: str = "internal"):
+    """Context manager yielding a span that is not made current (safe around the `yield`s of an
+    async generator): a child of `parent` (None = the current span), ended at the block's end with
+    any exception recorded (a cancellation or a closed generator noted, not an error)."""
+    if _active is None:
+        return NO_SPAN
+    return _ending(start_span(name, attributes, parent=parent, kind=kind))
+
+
+@contextlib.contextmanager
+def _ending(span):
+    try:
+        yield span
+    except BaseException as exc:
+        end_span(span, exc)
+        raise
+    end_span(span)
+
+
 def start_span(name: str, attributes: Mapping[str, Any] | None = None, *, parent=None, kind: str = "internal"):
     """A span that is not made current: a child of `parent` (None = the current span); the caller
     ends it with `end_span`."""
     if _active is None:
         return NO_SPAN
     return _active.tracer.start_span(name, context=_context(parent), kind=_kind(kind), attributes=attributes)
+
+
+def use(span):
+    """Context manager making `span` (from `start_span`) current inside the block, without ending
+    it, e.g. for the task that does a request's work."""
+    if _active is None or isinstance(span, NoSpan):
+        return NO_SPAN
+    return _active.api.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
 
 
 def end_span(span, error: BaseException | None = None, attributes: Mapping[str, Any] | None = None) -> None:

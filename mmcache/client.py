@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from epdserve import tracing
 from epdserve.config import CacheConfig
 from epdserve.errors import UnavailableError
 from epdserve.transport.channels import aio_channel
@@ -120,7 +121,16 @@ class MMCache:
                        ephemeral: bool = False) -> list[common_pb2.TensorRef]:
         """Hold tensors under keys and index them (one pipeline). With lease_s, each ref carries a
         lease for its consumer; an ephemeral entry is freed when that lease ends. The store takes
-        ownership of the tensors. Index trouble is logged, never raised: the refs still work."""
+        ownership of the tensors. Index trouble is logged, never raised: the refs still work.
+        Traced as one `mmcache.put` span (entries, bytes, tier)."""
+        with tracing.span("mmcache.put") as span:
+            refs = await self._put_many(items, ttl_s=ttl_s, lease_s=lease_s, ephemeral=ephemeral)
+            if span.is_recording():
+                span.set_attributes(_span_attributes(refs))
+            return refs
+
+    async def _put_many(self, items: Sequence[tuple[str, object]], *, ttl_s: float, lease_s: float | None,
+                        ephemeral: bool) -> list[common_pb2.TensorRef]:
         options = dict(ttl_s=ttl_s, ephemeral=ephemeral, lease_s=lease_s)
         puts: list = [None] * len(items)
         fills = []  # (position, key, meta, reservation, source bytes)
@@ -281,7 +291,17 @@ class MMCache:
         """Tensors for refs, in order; None for an entry that is gone or fails verification.
         Leased same-host entries are zero-copy views valid until `release`; anything else is a copy.
         In-place bytes are verified in parallel; what fails (or is not on this host) comes from the
-        owner's data channel."""
+        owner's data channel (an `mmcache.transfer` span each). Traced as one `mmcache.get` span
+        (entries, bytes and tier of the refs, misses)."""
+        if not refs:
+            return []
+        with tracing.span("mmcache.get") as span:
+            results = await self._get_many(refs)
+            if span.is_recording():
+                span.set_attributes({**_span_attributes(refs), "mmcache.misses": results.count(None)})
+            return results
+
+    async def _get_many(self, refs: Sequence[common_pb2.TensorRef]) -> list:
         results: list = [None] * len(refs)
         views: dict[int, object] = {}
         for i, ref in enumerate(refs):
@@ -345,7 +365,9 @@ class MMCache:
     async def _read_remote(self, ref: common_pb2.TensorRef):
         if not ref.data_address or ref.owner == self.owner.owner_id:
             return None
-        fetched = await self.data_client.fetch(ref.data_address, ref.key, ref.lease_id)
+        attributes = {"mmcache.bytes": ref.nbytes, "mmcache.tier": ref.tier, "mmcache.peer": ref.data_address}
+        with tracing.span("mmcache.transfer", attributes):
+            fetched = await self.data_client.fetch(ref.data_address, ref.key, ref.lease_id)
         if fetched is None:
             return None
         header, data = fetched
@@ -423,7 +445,9 @@ class MMCache:
     # ---- readiness (layer-wise publishing) -----------------------------------------------------------
 
     async def publish_ready(self, prefix: str, event: dict[str, str], *, ttl_s: float) -> None:
-        await self.ready.publish(prefix, event, ttl_s=ttl_s)
+        """Append `event`; with tracing on it also carries the publisher's traceparent, so a follower
+        can make its spans children of the publisher's (`tracing.remote_span(event)`)."""
+        await self.ready.publish(prefix, tracing.inject(dict(event)), ttl_s=ttl_s)
 
     def follow_ready(self, prefix: str, *, timeout_s: float):
         return self.ready.follow(prefix, timeout_s=timeout_s)
@@ -485,6 +509,12 @@ def _build_store(config: CacheConfig, store_dir: pathlib.Path, owner_id: str) ->
         base = pathlib.Path(config.disk_dir) if config.disk_dir else store_dir
         disk = DiskTier(disk_dir(base, owner_id), config.disk_capacity_bytes)
     return TieredStore(host, device, disk)
+
+
+def _span_attributes(refs: Sequence[common_pb2.TensorRef | None]) -> dict:
+    present = [ref for ref in refs if ref is not None]
+    return {"mmcache.entries": len(refs), "mmcache.bytes": sum(ref.nbytes for ref in present),
+            "mmcache.tier": ",".join(sorted({ref.tier for ref in present}))}
 
 
 def _on_device(tensor, store: TieredStore) -> bool:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 
+from epdserve import tracing
 from epdserve.config import CacheConfig, DecodeConfig, ModelConfig, ServerConfig
 from epdserve.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from epdserve.models.loader import load_decoder
@@ -52,11 +53,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     @stream_errors
     async def Decode(self, request: decode_pb2.DecodeRequest, context):
         work = len(request.prompt.token_ids) if request.HasField("prompt") else 0
-        with self.load.request(work):
-            async for response in self._decode(request):
+        attributes = {"epdserve.request_id": request.request_id, "epdserve.max_new_tokens": request.max_new_tokens,
+                      "epdserve.local_prefill": request.HasField("prompt")}
+        with (self.load.request(work),  # a generator: the span is not made current
+              tracing.detached_span("decode.Decode", attributes, parent=tracing.caller_span(context),
+                                    kind="server") as span):
+            async for response in self._decode(request, span):
                 yield response
 
-    async def _decode(self, request: decode_pb2.DecodeRequest):
+    async def _decode(self, request: decode_pb2.DecodeRequest, span=tracing.NO_SPAN):
         local = request.HasField("prompt")
         if local:
             self._validate_prompt(request)
@@ -70,11 +75,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         watch = Stopwatch()
         released = finished = False
         try:
-            with watch.section("prompt_fetch_ms" if local else "kv_fetch_ms"):
+            with (watch.section("prompt_fetch_ms" if local else "kv_fetch_ms"),
+                  tracing.span("decode.prompt_fetch" if local else "decode.kv_pull", parent=span)):
                 job = await (self._prompt_job(request, refs) if local else self._job(request, refs))
             events = self.loop.submit(job)
+            responses = self._stream(request, events, watch)
             try:
-                async for response in self._stream(request, events, watch):
+                async for response in _traced(responses, span) if span.is_recording() else responses:
                     if response is None:  # the engine no longer reads the leased layers
                         await self.cache.release(refs)
                         released = True
@@ -184,6 +191,26 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     @unary_errors
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortResponse:
         return common_pb2.AbortResponse(found=self.loop.abort(request.request_id))
+
+
+async def _traced(responses, parent):
+    """`responses` with their phases as children of `parent`: decode.queue from submission to the
+    first token (an E -> PD prompt's prefill included), then decode.stream to the end (one span and
+    one first_token event per request, nothing per token)."""
+    phase, tokens, error = tracing.start_span("decode.queue", parent=parent), 0, None
+    try:
+        async for response in responses:
+            if response is not None and response.token_ids and not tokens:
+                tracing.end_span(phase)
+                parent.add_event("first_token")
+                phase = tracing.start_span("decode.stream", parent=parent)
+            tokens += len(response.token_ids) if response is not None else 0
+            yield response
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        tracing.end_span(phase, error, {"epdserve.tokens": tokens})
 
 
 async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from epdserve import tracing
 from epdserve.config import CacheConfig, EncodeConfig, ModelConfig, ServerConfig
 from epdserve.errors import InvalidArgumentError, ResourceExhaustedError
 from epdserve.models.checkpoint import model_revision
@@ -33,7 +34,8 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
 
     @unary_errors
     async def Encode(self, request: encode_pb2.EncodeRequest, context) -> encode_pb2.EncodeResponse:
-        with self.batcher.load.request(len(request.images)):
+        attributes = {"epdserve.request_id": request.request_id, "epdserve.images": len(request.images)}
+        with self.batcher.load.request(len(request.images)), tracing.server_span("encode.Encode", context, attributes):
             return await self._encode(request)
 
     async def _encode(self, request: encode_pb2.EncodeRequest) -> encode_pb2.EncodeResponse:
@@ -49,9 +51,11 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
         keys, images = [key for key, _ in identified], [image for _, image in identified]
         refs = [None] * len(keys)
         if not request.skip_cache_lookup:
-            with watch.section("cache_lookup_ms"):
+            with watch.section("cache_lookup_ms"), tracing.span("encode.cache_lookup") as lookup:
                 refs = await self.cache.lookup_many(keys, ttl_s=self.config.embedding_ttl_s,
                                                     lease_s=self.config.handoff_lease_s)
+                misses = refs.count(None)
+                lookup.set_attributes({"epdserve.hits": len(refs) - misses, "epdserve.misses": misses})
         await self._decode_undecoded_misses(request, images, refs)
         hits = [ref is not None for ref in refs]
         await self._encode_misses(images, keys, refs, keep, watch)
@@ -103,7 +107,7 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
                 missing.setdefault(keys[i], images[i])
         if not missing:
             return
-        with watch.section("encode_ms"):
+        with watch.section("encode_ms"), tracing.span("encode.tower", {"epdserve.images": len(missing)}):
             done = await asyncio.gather(*(self.batcher.encode(k, image, keep) for k, image in missing.items()))
         watch.timings_ms["batch_size"] = float(max(e.batch_size for e in done))
         watch.timings_ms["batch_wait_ms"] = max(e.wait_s for e in done) * 1000.0

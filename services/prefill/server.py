@@ -8,6 +8,7 @@ import functools
 import logging
 import time
 
+from epdserve import tracing
 from epdserve.config import CacheConfig, ModelConfig, PrefillConfig, ServerConfig
 from epdserve.errors import FailedPreconditionError, InvalidArgumentError
 from epdserve.models.checkpoint import model_revision
@@ -42,7 +43,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     @unary_errors
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
-        with self.load.request(len(request.token_ids)):
+        attributes = {"epdserve.request_id": request.request_id, "epdserve.prompt_tokens": len(request.token_ids),
+                      "epdserve.images": len(request.image_embeddings)}
+        with self.load.request(len(request.token_ids)), tracing.server_span("prefill.Prefill", context, attributes):
             return await self._prefill(request)
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
@@ -52,12 +55,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         watch = Stopwatch()
         hit = PrefixHit([], [], [])
         try:
-            with watch.section("cache_get_ms"):
+            with watch.section("cache_get_ms"), tracing.span("prefill.fetch_inputs") as fetch:
                 embeddings = await self._fetch_embeddings(request.image_embeddings)
                 self.prefiller.validate(token_ids, embeddings)
                 self._check_fastkv(fastkv)
                 if fastkv is None:  # FastKV's KV depends on the whole prompt: no prefix reuse
                     hit = await self.prefixes.lookup(token_ids, request.image_embeddings, request.cache_salt)
+                fetch.set_attribute("epdserve.prefix_blocks_cached", hit.blocks_cached)
             publish_upto = len(token_ids) // self.config.prefix_block_tokens
             publish_upto = publish_upto if self.config.prefix_cache and fastkv is None else 0
             computed = len(token_ids) - hit.blocks_cached * self.config.prefix_block_tokens
@@ -111,7 +115,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         publisher = asyncio.ensure_future(self._publish_layers(arrived, published))
         try:
             timed = self.load.running(computed_tokens, functools.partial(run, on_layer=on_layer))
-            result = await self.executor.run(timed)
+            with tracing.span("prefill.forward", {"epdserve.computed_tokens": computed_tokens}):
+                result = await self.executor.run(timed)
             started = time.perf_counter()
             await asyncio.shield(publisher)
             watch.timings_ms["kv_publish_ms"] = (time.perf_counter() - started) * 1000.0
@@ -123,9 +128,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise
 
     async def _publish_layers(self, arrived: asyncio.Queue, published: list) -> None:
+        layers = self.prefiller.spec.decoder.num_layers
+        with tracing.span("prefill.kv_publish", {"epdserve.layers": layers}) as span:
+            await self._publish_each(arrived, published, layers, span)
+
+    async def _publish_each(self, arrived: asyncio.Queue, published: list, layers: int, span) -> None:
         prefix = new_kv_prefix()
-        for _ in range(self.prefiller.spec.decoder.num_layers):
+        for _ in range(layers):
             layer, tensor, ready = await arrived.get()
+            span.add_event("layer_ready", {"epdserve.layer": layer})
             await asyncio.to_thread(ready)
             put = asyncio.ensure_future(self.cache.put_many(
                 [(kv_layer_key(prefix, layer), tensor)], ttl_s=self.config.kv_ttl_s, lease_s=self.config.kv_ttl_s,

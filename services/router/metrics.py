@@ -61,6 +61,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     local_prefill: bool | None = None  # None: the path is unknown (no Complete)
     failed_code: str = ""
+    trace_id: str = ""  # the request's trace when tracing is on and it is sampled
 
     def chunk(self, tokens: int) -> None:
         self._first()
@@ -107,9 +108,10 @@ class RequestRecord:
         ttft = (self.first_at or now) - self.start
         if outcome == "ok":
             self._observe_ok(now, ttft)
-        log.info("request id=%s outcome=%s code=%s path=%s images=%d prompt_tokens=%d completion_tokens=%d "
-                 "ttft_ms=%.1f e2e_ms=%.1f", self.request_id or "-", outcome, code, self.path or "-", self.images,
-                 self.prompt_tokens, self.completion_tokens, ttft * 1000.0, (now - self.start) * 1000.0)
+        log.info("request id=%s trace_id=%s outcome=%s code=%s path=%s images=%d prompt_tokens=%d "
+                 "completion_tokens=%d ttft_ms=%.1f e2e_ms=%.1f", self.request_id or "-", self.trace_id or "-",
+                 outcome, code, self.path or "-", self.images, self.prompt_tokens, self.completion_tokens,
+                 ttft * 1000.0, (now - self.start) * 1000.0)
         return outcome, code
 
     def _observe_ok(self, now: float, ttft: float) -> None:

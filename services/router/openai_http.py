@@ -19,6 +19,7 @@ import aiohttp
 import jinja2
 from aiohttp import web
 
+from epdserve import tracing
 from epdserve.config import MiB, RouterConfig, ServerConfig
 from epdserve.errors import (
     EpdserveError,
@@ -109,7 +110,8 @@ class OpenAIHttpServer:
                               placeholder=self.prompts.placeholder)
             names = chat.field_names
             generate = generate_request(chat, self._render(chat.messages), await self._images(chat.images))
-            events = self.servicer.events(generate, request.headers.get(TENANT_METADATA, ""))
+            events = self.servicer.events(generate, request.headers.get(TENANT_METADATA, ""),
+                                          caller=tracing.remote_span(request.headers))
             async with contextlib.aclosing(events) as events:
                 if chat.stream:
                     return await self._stream(request, chat, events)

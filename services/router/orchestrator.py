@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from epdserve import tracing
 from epdserve.config import RouterConfig
 from epdserve.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError
 from epdserve.models.prompt import PromptBuilder, PromptTokens
@@ -118,7 +119,8 @@ class Orchestrator:
         run = _Run(_TextStream(self.prompts.tokenizer, prompt.token_ids, req.stop), [])
         if self.admission is not None:  # early rejection: raises RESOURCE_EXHAUSTED before any stage runs
             tokens = len(prompt.token_ids)
-            run.admission = self.admission.admit(tokens, tokens, req.max_tokens)
+            with tracing.span("router.admission"):
+                run.admission = self.admission.admit(tokens, tokens, req.max_tokens)
         try:
             async for event in self._generate(req, prompt, deadline, timings, run, start, decode_replica):
                 yield event
@@ -179,8 +181,10 @@ class Orchestrator:
         for attempt in itertools.count():
             try:
                 refs = await self._encode(req, deadline, timings, skip_lookup)
-                cached = await self._cached_prefixes(req, prompt, refs)
-                local = local and self._local_prefill_replica(req, prompt, timings, cached)
+                with tracing.span("router.placement") as placement:
+                    cached = await self._cached_prefixes(req, prompt, refs)
+                    local = local and self._local_prefill_replica(req, prompt, timings, cached)
+                    placement.set_attribute("epdserve.local_prefill", bool(local))
                 timings["local_prefill"] = 1.0 if local else 0.0
                 if local:
                     return _Started(None, self._local_request(req, prompt, refs), local)
@@ -260,9 +264,11 @@ class Orchestrator:
         )
         tried: list[Replica] = []
         while True:
-            with self.encode.track(replica, len(positions)):
+            attributes = {"epdserve.replica": replica.address, "epdserve.images": len(positions)}
+            with self.encode.track(replica, len(positions)), tracing.span("router.encode", attributes):
                 try:
-                    return await _call("encode", replica.stub.Encode(request, timeout=_remaining(deadline)))
+                    call = replica.stub.Encode(request, timeout=_remaining(deadline), metadata=tracing.grpc_metadata())
+                    return await _call("encode", call)
                 except UnavailableError as exc:
                     self.encode.mark_down(replica, exc.message)
             tried.append(replica)
@@ -283,9 +289,12 @@ class Orchestrator:
         t0 = time.perf_counter()
         while True:
             choice = choose_prefill(self.prefill.healthy(exclude=tried), tokens, self.defaults, cached)
-            with self.prefill.track(choice.replica, tokens):
+            attributes = {"epdserve.replica": choice.replica.address, "epdserve.prompt_tokens": tokens,
+                          "epdserve.predicted_ms": choice.predicted_s * 1000.0}
+            with self.prefill.track(choice.replica, tokens), tracing.span("router.prefill", attributes):
                 try:
-                    call = choice.replica.stub.Prefill(request, timeout=_remaining(deadline))
+                    call = choice.replica.stub.Prefill(request, timeout=_remaining(deadline),
+                                                       metadata=tracing.grpc_metadata())
                     response = await _call("prefill", call)
                     break
                 except UnavailableError as exc:
@@ -357,10 +366,12 @@ class Orchestrator:
         while True:
             if replica is None:
                 replica = choose_decode(self._decode_candidates(request, tried), reserve, self.defaults).replica
-            with self.decode.track(replica, len(request.prompt.token_ids)):
+            attributes = {"epdserve.replica": replica.address}  # a generator: the span is not made current
+            with (self.decode.track(replica, len(request.prompt.token_ids)),
+                  tracing.detached_span("router.decode", attributes) as span):
                 if run is not None and run.admission is not None:
                     self.admission.started(run.admission, replica)
-                call = replica.stub.Decode(request, timeout=_remaining(deadline))
+                call = replica.stub.Decode(request, timeout=_remaining(deadline), metadata=tracing.grpc_metadata(span))
                 answered = False
                 try:
                     async for response in _stream("decode", call):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import grpc
 from prometheus_client import CollectorRegistry
 
+from epdserve import tracing
 from epdserve.config import ModelConfig, RouterConfig, ServerConfig, TraceConfig
 from epdserve.errors import (
     AlreadyExistsError,
@@ -63,12 +64,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     @stream_errors
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         tenant = dict(context.invocation_metadata() or ()).get(TENANT_METADATA, "")
-        async with contextlib.aclosing(self.events(request, tenant, context.time_remaining())) as events:
+        caller = tracing.caller_span(context)
+        async with contextlib.aclosing(self.events(request, tenant, context.time_remaining(), caller=caller)) as events:
             async for event in events:
                 yield _to_proto(event, request.request_id)
 
     async def events(self, request: router_pb2.GenerateRequest, tenant: str = "", timeout_s: float | None = None,
-                     decode_replica=None) -> AsyncIterator[TextChunk | Finished | Failed]:
+                     decode_replica=None, caller=None) -> AsyncIterator[TextChunk | Finished | Failed]:
         """One request, whichever front door it came through: validate (`parse_request`), refuse a
         duplicate request id, tokenize, run the pipeline in a producer task until the deadline
         (`timeout_s`, default `request_timeout_s`).
@@ -79,21 +81,27 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         unexpected exception) before the first chunk. An empty `request.request_id` is filled in
         with the id the router assigned. A consumer that stops early must close the generator
         (`contextlib.aclosing`): closing it cancels the producer and with it every downstream call.
-        Each request is counted once in `self.metrics` and logged in one line when it ends.
+        Each request is counted once in `self.metrics`, logged in one line when it ends and, with
+        tracing on, is the root span `epdserve.request` of its trace (a child of `caller`, the
+        client's span, when it sent one).
         """
         record = self.metrics.begin()
+        root = tracing.start_span("epdserve.request", {"epdserve.model": self.model_info.model}, parent=caller,
+                                  kind="server")
+        record.trace_id = tracing.trace_id(root)
         try:
-            async with contextlib.aclosing(self._events(request, tenant, timeout_s, decode_replica, record)) as events:
+            async with contextlib.aclosing(self._events(request, tenant, timeout_s, decode_replica, record,
+                                                        root)) as events:
                 async for event in events:
-                    _note(record, event)
+                    _note(record, event, root)
                     yield event
         except BaseException as exc:
-            record.end(exc)
+            _end(record, root, exc)
             raise
-        record.end(None)
+        _end(record, root, None)
 
     async def _events(self, request: router_pb2.GenerateRequest, tenant: str, timeout_s: float | None,
-                      decode_replica, record: RequestRecord) -> AsyncIterator[TextChunk | Finished | Failed]:
+                      decode_replica, record: RequestRecord, root) -> AsyncIterator[TextChunk | Finished | Failed]:
         req = parse_request(request, self.config, tenant_salt(self.salt_secret, tenant))
         request.request_id = req.request_id
         record.request_id, record.images = req.request_id, len(req.images)
@@ -102,7 +110,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         prompt = self.orchestrator.tokenize(req)
         deadline = time.monotonic() + (timeout_s or self.config.request_timeout_s)
         queue: asyncio.Queue = asyncio.Queue()
-        producer = asyncio.create_task(self._produce(req, prompt, deadline, queue, decode_replica))
+        producer = asyncio.create_task(self._produce(req, prompt, deadline, queue, decode_replica, root))
         producer.add_done_callback(lambda _: queue.put_nowait(_DONE))
         self.active[req.request_id] = producer
         completion_tokens = 0
@@ -121,9 +129,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             self.active.pop(req.request_id, None)
             self.aborted.discard(req.request_id)
 
-    async def _produce(self, req, prompt, deadline: float, queue: asyncio.Queue, decode_replica=None) -> None:
-        async for event in self.orchestrator.generate(req, prompt, deadline, decode_replica):
-            queue.put_nowait(event)
+    async def _produce(self, req, prompt, deadline: float, queue: asyncio.Queue, decode_replica=None,
+                       root=tracing.NO_SPAN) -> None:
+        with tracing.use(root):  # the request's spans (stage calls, placement) are children of its root
+            async for event in self.orchestrator.generate(req, prompt, deadline, decode_replica):
+                queue.put_nowait(event)
 
     @stream_errors
     async def GenerateBatch(self, request: router_pb2.BatchRequest, context: grpc.aio.ServicerContext):
@@ -150,8 +160,22 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return self.model_info
 
 
-def _note(record: RequestRecord, event: TextChunk | Finished | Failed) -> None:
+def _end(record: RequestRecord, root, exc: BaseException | None) -> None:
+    """The request ended: count and log it, end its root span with how it went."""
+    outcome, code = record.end(exc)
+    attributes = None
+    if root.is_recording():
+        attributes = {"epdserve.request_id": record.request_id, "epdserve.outcome": outcome, "epdserve.code": code,
+                      "epdserve.path": record.path or "-", "epdserve.images": record.images,
+                      "epdserve.prompt_tokens": record.prompt_tokens,
+                      "epdserve.completion_tokens": record.completion_tokens}
+    tracing.end_span(root, exc, attributes)
+
+
+def _note(record: RequestRecord, event: TextChunk | Finished | Failed, root) -> None:
     if isinstance(event, TextChunk):
+        if record.first_at is None:
+            root.add_event("first_token")
         record.chunk(len(event.token_ids))
     elif isinstance(event, Finished):
         record.finished(event)
