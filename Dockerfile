@@ -1,5 +1,6 @@
 # GPU image of epdserve (the chart's default image): CUDA runtime, the package with its CUDA torch,
-# the kubernetes client for k8s:// discovery; runs as a non-root user. Build from the repository root:
+# the kubernetes client for k8s:// discovery, the OTLP exporter for tracing; runs as a non-root
+# user. Build from the repository root:
 #   docker build -t ghcr.io/epdserve/epdserve:0.1.0 .
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
@@ -22,7 +23,7 @@ COPY protos ./protos
 # name), with the CUDA build of the pinned torch.
 # hadolint ignore=DL3013
 RUN pip install --index-url https://download.pytorch.org/whl/cu130 "torch==2.13.0" \
-    && pip install ".[kubernetes]" \
+    && pip install ".[kubernetes,otlp]" \
     && epdserve --help > /dev/null
 
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin epdserve

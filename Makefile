@@ -1,6 +1,6 @@
 # The two commands of README.md: `make demo` and `make test`. Each does all set-up on a fresh
 # machine: redis-server (Debian package, when missing and we are root), a virtualenv in .venv,
-# the package with its test extra.
+# the package with its test and otlp extras.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +18,7 @@ setup: redis $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,otlp]'
 	touch $@
 
 redis:

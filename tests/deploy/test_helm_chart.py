@@ -154,7 +154,8 @@ def test_the_images_lint_clean_and_run_as_the_charts_non_root_user(dockerfile):
 
     text = (ROOT / dockerfile).read_text()
     assert "USER 10001:10001" in text and 'ENTRYPOINT ["epdserve"]' in text
-    assert 'pip install ".[kubernetes]"' in text and '"torch==2.13.0"' in text  # the pinned torch, as CI
+    # k8s:// discovery and tracing.enabled need these extras; the pinned torch, as CI
+    assert 'pip install ".[kubernetes,otlp]"' in text and '"torch==2.13.0"' in text
     beside = pathlib.Path(sys.executable).parent / "hadolint"  # installed into this virtualenv
     hadolint = str(beside) if beside.exists() else shutil.which("hadolint")
     if hadolint is None:

@@ -51,6 +51,16 @@ app.kubernetes.io/component: {{ .stage }}
 - --metrics-port
 - {{ .Values.metrics.port | quote }}
 {{- end }}
+{{- if .Values.tracing.enabled }}
+- --trace-exporter
+- otlp
+{{- with .Values.tracing.endpoint }}
+- --trace-endpoint
+- {{ . }}
+{{- end }}
+- --trace-sample-ratio
+- {{ .Values.tracing.sampleRatio | quote }}
+{{- end }}
 {{- end }}
 
 {{/* Native gRPC probes against the standard health service (the stage's own service name for
