@@ -105,6 +105,9 @@ class ModelConfig:
     dtype: str = setting("auto", "auto | float32 | float16 | bfloat16 (auto: stored dtype on GPU, float32 on CPU)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     revision: str = setting("", "model revision used in cache keys (default: a fingerprint of the files)")
+    threads: int = setting(0, "CPU threads for model work (torch intra-op); 0 = torch's default, one per core. Set "
+                              "it when several model services share a machine's cores (oversubscribed OpenMP "
+                              "threads spin against each other)")
     zero_work: bool = setting(False, "encode / prefill / decode benchmark mode: speak the real protocol but load no "
                                      "model and compute nothing (for `epdserve bench router`)")
     zero_work_delay_ms: float = setting(0.0, "with --zero-work: simulated service time per encode or prefill call, "

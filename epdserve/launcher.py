@@ -41,6 +41,7 @@ class ClusterConfig:
     redis_server_bin: str = "redis-server"
     stage_args: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # extra flags per stage
     replicas: dict[str, int] = dataclasses.field(default_factory=dict)  # processes per stage (default 1)
+    threads: int = -1                # torch threads per model service; -1 = auto (on CPU: the cores shared out)
     trace: TraceConfig = TraceConfig()  # tracing of every service (a --trace-file is shared by all of them)
 
     def names(self, stage: str) -> list[str]:
@@ -98,9 +99,19 @@ class LocalCluster:
 
     def _stage_args(self, stage: str, name: str) -> list[str]:
         c = self.config
-        return [*self._common_args(name), "--dtype", c.dtype, "--device", c.device,
+        return [*self._common_args(name), "--dtype", c.dtype, "--device", c.device, "--threads", str(self._threads()),
                 "--redis-url", self.redis_url, "--shm-dir", str(self.shm_root / name),
                 *self.config.stage_args.get(stage, ())]
+
+    def _threads(self) -> int:
+        """Model services on one machine's CPU share its cores (each with torch's default of one
+        thread per core they would spin against each other: tail latency grows ~10x on 2 cores)."""
+        if self.config.threads >= 0:
+            return self.config.threads
+        if self.config.device not in ("auto", "cpu") or (self.config.device == "auto" and _has_cuda()):
+            return 0
+        services = sum(len(self.config.names(stage)) for stage in STAGES)
+        return max(1, (os.cpu_count() or 1) // services)
 
     def _router_args(self) -> list[str]:
         args = [*self._common_args("router"), "--host", self.config.router_host, "--cache-redis-url", self.redis_url]
@@ -174,6 +185,12 @@ class LocalCluster:
 def _shm_root() -> pathlib.Path:
     shm = pathlib.Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else pathlib.Path(tempfile.gettempdir())
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _child_env() -> dict[str, str]:

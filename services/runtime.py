@@ -60,6 +60,10 @@ def stage_main(stage: str, stage_config: type, serve, argv: list[str] | None) ->
     """`main` of an encode / prefill / decode process: parse flags, run `serve(server, model, cache, stage)`."""
     parser = service_arg_parser(stage, stage_config)
     *configs, trace = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, stage_config, TraceConfig)
+    if configs[1].threads > 0:
+        import torch
+
+        torch.set_num_threads(configs[1].threads)
     if configs[1].zero_work:
         import functools
 
