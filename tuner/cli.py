@@ -8,6 +8,12 @@
                                                     any readable trace -> canonical JSONL; --spec draws the
                                                     images Azure LMM only counts (and with --add-images,
                                                     images for text-only requests); --rate rescales arrivals
+  tuner profile --router ADDR --out profile.json    sweep a running deployment, fit per-stage service times
+  tuner optimize --slo ttft=2s [--slo tpot=50ms] [--slo e2e:p99=20s] [--trace FILE | --synthetic SPEC]
+                 [--rate R] [--profile P] [--gpus N] [--trials N] [--storage URL] [--pareto] --out DIR
+                                                    the cheapest E/P/D deployment meeting the SLOs
+  tuner validate --candidate K --from DIR --router ADDR [--trace FILE | --synthetic SPEC] [--rate R]
+                                                    replay against a live deployment: predicted vs measured
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--add-images", action="store_true", help="give text-only requests images per --spec")
     convert.add_argument("--rate", type=float, help="rescale arrivals to this mean rate (req/s)")
     convert.set_defaults(run=_convert)
+    _add_profile(sub)
+    _add_optimize(sub)
+    _add_validate(sub)
     return run_subcommand(parser, argv, (OSError, ValueError))
 
 
@@ -110,6 +119,218 @@ def _summary_line(path: str, requests) -> str:
     if stats.prefix_reuse is not None:
         parts.append(f"prefix reuse {stats.prefix_reuse:.1%}")
     return f"{path}: " + ", ".join(parts)
+
+
+def _add_profile(sub) -> None:
+    profile = sub.add_parser("profile", help="sweep a running deployment through its router and fit a profile")
+    profile.add_argument("--router", required=True, help="router address host:port")
+    profile.add_argument("--out", required=True, help="profile JSON to write")
+    profile.add_argument("--shared-host-cores", type=int, default=0,
+                         help="all replicas share this many CPU cores (a local deployment); 0: each has its own GPU")
+    profile.add_argument("--max-running", type=int, default=64, help="the decode replicas' --max-running")
+    profile.add_argument("--kv-capacity-tokens", type=int, default=1 << 20, help="KV rows per decode replica")
+    profile.add_argument("--prefix-block-tokens", type=int, default=32, help="the prefill replicas' setting")
+    profile.add_argument("--measured-on", default="", help='hardware, e.g. "1x H200" (recorded in the profile)')
+    profile.add_argument("--repeats", type=int, default=3, help="samples per sweep point")
+    profile.add_argument("--seed", type=int, default=0)
+    profile.set_defaults(run=_profile)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from epdserve.sdk import AsyncClient
+    from tuner.profiler import Deployment, Profiler, SweepConfig, summary_rows
+
+    deployment = Deployment(args.prefix_block_tokens, args.max_running, args.kv_capacity_tokens,
+                            args.shared_host_cores, args.measured_on)
+
+    async def run():
+        async with AsyncClient(args.router) as client:
+            sweep = SweepConfig(repeats=args.repeats, seed=args.seed)
+            return await Profiler(client, sweep, progress=lambda text: print(f"  {text}", flush=True)).run(deployment)
+
+    profile = asyncio.run(run())
+    profile.save(args.out)
+    print(f"{args.out}: {profile.model}")
+    for name, fit in summary_rows(profile):
+        terms = " + ".join(f"{c:.4g}*{t}" if t != "const" else f"{c:.4g}" for t, c in zip(fit.terms, fit.coef) if c)
+        print(f"  {name:<28} {terms or '0'}   (n={fit.samples}, MAPE {fit.mape:.0%})")
+    return 0
+
+
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--trace", help="workload trace (.jsonl Mooncake/canonical, .csv Azure/BurstGPT/Vidur)")
+    source.add_argument("--synthetic", help='synthetic trace spec, e.g. "rate=4,requests=1000,images=0.6"')
+    parser.add_argument("--rate", type=float, help="rescale the trace's arrivals to this mean rate (req/s)")
+    parser.add_argument("--profile", default="", help="profile JSON (tuner profile) or a bundled profile name")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _workload(args: argparse.Namespace):
+    """(requests, profile, description) from the workload arguments, with the defaults said aloud."""
+    from tuner.profile import bundled_profiles, load_profile
+    from tuner.synth import parse_spec, rescale, synthesize
+    from tuner.traces import read_trace
+
+    notes = []
+    if not args.profile:
+        args.profile = DEFAULT_PROFILE
+        notes.append(f"no --profile: using the bundled profile {DEFAULT_PROFILE!r} "
+                     f"({sorted(bundled_profiles())} ship with the package)")
+    profile = load_profile(args.profile)
+    if args.trace:
+        requests, source = read_trace(args.trace), args.trace
+    else:
+        spec = parse_spec(args.synthetic or "", base=default_synthetic(profile.max_context))
+        requests = synthesize(dataclasses.replace(spec, seed=spec.seed + args.seed))
+        source = f"synthetic({args.synthetic or 'default'})"
+        if not args.synthetic:
+            notes.append("no --trace: using a synthetic multimodal trace (tuner trace synth; lengths fitted to the "
+                         f"model's {profile.max_context}-token context)")
+    if args.rate:
+        requests = rescale(requests, args.rate)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return requests, profile, source
+
+
+DEFAULT_PROFILE = "cpu-tiny"
+
+
+def default_synthetic(max_context: int):
+    """The default synthetic workload, its lengths scaled to fit the model's context."""
+    from tuner.synth import SynthSpec
+
+    base = SynthSpec()
+    if max_context >= 32768:
+        return base
+    return dataclasses.replace(base, requests=1000, text_median=max(16, max_context // 10), text_max=max_context // 2,
+                               output_median=max(8, max_context // 40), output_max=max_context // 4,
+                               prefix_share=0.0 if max_context < 4096 else base.prefix_share, system_blocks=1)
+
+
+def _add_optimize(sub) -> None:
+    optimize = sub.add_parser("optimize", help="search replicas and settings that meet SLOs at the lowest cost")
+    optimize.add_argument("--slo", action="append", required=True,
+                          help="METRIC[:pNN]=DURATION, METRIC in ttft, tpot, e2e; default percentile p90; repeatable")
+    _add_workload_arguments(optimize)
+    optimize.add_argument("--gpus", type=int, default=0, help="GPU budget (0 = none)")
+    optimize.add_argument("--gpu-price", type=float, default=0.0, help="$ per GPU-hour: minimise $/h instead of GPUs")
+    optimize.add_argument("--max-replicas", type=int, default=8, help="most replicas per stage")
+    optimize.add_argument("--min-keep-ratio", type=float, default=1.0,
+                          help="allow Dynamic-LLaVA image-token sparsification down to this keep ratio (1 = lossless)")
+    optimize.add_argument("--trials", type=int, default=200)
+    optimize.add_argument("--storage", default=None, help="Optuna storage, e.g. sqlite:///tuner.db (resumable)")
+    optimize.add_argument("--pareto", action="store_true", help="two objectives: cost and the first SLO's metric")
+    optimize.add_argument("--top", type=int, default=5, help="candidates to refine and report")
+    optimize.add_argument("--out", required=True, help="output directory")
+    optimize.add_argument("--no-progress", action="store_true")
+    optimize.set_defaults(run=_optimize)
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from tuner.optimize import Objective, SearchSpace, parse_slo, run_study
+    from tuner.report import print_table, write_outputs
+    from tuner.sim import simulate
+
+    slos = [parse_slo(text) for text in args.slo]
+    if not 0 < args.min_keep_ratio <= 1:
+        raise ValueError(f"--min-keep-ratio must be in (0, 1] (got {args.min_keep_ratio})")
+    requests, profile, source = _workload(args)
+    keep = tuple(r for r in (1.0, 0.75, 0.5, 0.25) if r >= args.min_keep_ratio - 1e-9)
+    space = SearchSpace(max_replicas=args.max_replicas, gpus=args.gpus, gpu_hour_price=args.gpu_price,
+                        image_keep_ratio=keep)
+    objective = Objective(requests, profile, slos, space, seed=args.seed)
+    _check_reachable(objective, slos)
+    outcome = run_study(objective, trials=args.trials, storage=args.storage, pareto=args.pareto, seed=args.seed,
+                        top=args.top, progress=not args.no_progress)
+    context = {"profile": f"{args.profile} ({profile.model}; measured on {profile.measured_on or '?'}, "
+                          f"{profile.measured_at or '?'})",
+               "trace": f"{source}: {len(requests)} requests at {objective.bounds.rate_rps:.2f} req/s",
+               "study": outcome.study.study_name, "storage": args.storage or "in memory"}
+    out = pathlib.Path(args.out)
+    best = None
+    if outcome.ranked:
+        result = simulate(requests, profile, outcome.ranked[0].candidate, seed=args.seed)
+        best = {m: result.values(m).tolist() for m in ("ttft", "tpot", "e2e")}
+    written = write_outputs(out, outcome, slos, context=context, gpus_per_replica=space.gpus_per_replica,
+                            best_latencies=best)
+    if outcome.ranked:
+        print_table(outcome.ranked)
+        print(f"wrote {', '.join(str(p) for p in written)}")
+        return 0
+    print("no candidate met every SLO; closest (see report.md):", file=sys.stderr)
+    for s in outcome.closest:
+        print(f"  {s.candidate.label()}: " + ", ".join(f"{k} slack {v:+.0%}" for k, v in s.slack.items()),
+              file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 2
+
+
+def _check_reachable(objective, slos) -> None:
+    """Refuse SLOs no deployment can meet (even alone, with the most aggressive settings allowed)."""
+    import numpy as np
+
+    from tuner.sim import Candidate
+
+    best = Candidate(image_keep_ratio=min(objective.space.image_keep_ratio))
+    alone = objective.bounds.unloaded(best)
+    for slo in slos:
+        floor = float(np.percentile(alone[slo.metric], slo.percentile)) if len(alone[slo.metric]) else 0.0
+        if floor > slo.target_s:
+            raise ValueError(f"--slo {slo.label()}: unreachable on this profile and workload: even a request "
+                             f"alone in the deployment has {slo.metric} p{slo.percentile:g} = {floor * 1000:.0f} ms")
+
+
+def _add_validate(sub) -> None:
+    validate = sub.add_parser("validate", help="replay a trace against a live deployment: predicted vs measured")
+    validate.add_argument("--router", required=True, help="router address host:port of the deployed candidate")
+    validate.add_argument("--from", dest="from_dir", required=True, help="the optimize output directory")
+    validate.add_argument("--candidate", type=int, default=1, help="candidate rank in candidates.json (1 = best)")
+    _add_workload_arguments(validate)
+    validate.add_argument("--out", default="", help="write validation.json here (default: the --from directory)")
+    validate.set_defaults(run=_validate)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    import asyncio
+    import pathlib
+
+    from epdserve.sdk import AsyncClient
+    from tuner.live import PromptMaker, replay
+    from tuner.report import load_candidate
+    from tuner.sim import simulate
+    from tuner.validate import compare, comparison_json, verdict
+
+    candidate, _ = load_candidate(pathlib.Path(args.from_dir) / "candidates.json", args.candidate)
+    requests, profile, source = _workload(args)
+    predicted = simulate(requests, profile, candidate, seed=args.seed)
+
+    async def run():
+        async with AsyncClient(args.router) as client:
+            prompts = PromptMaker(seed=args.seed)
+            await prompts.calibrate(client)
+            return await replay(client, requests, prompts)
+
+    print(f"replaying {len(requests)} requests ({source}) against {args.router} as {candidate.label()} ...")
+    measured = asyncio.run(run())
+    rows = compare(predicted, measured)
+    failed = sum(1 for m in measured if m.error)
+    print(f"{'metric':<6} {'stat':<5} {'predicted ms':>13} {'measured ms':>12} {'error':>7}")
+    for r in rows:
+        print(f"{r.metric:<6} {r.statistic:<5} {r.predicted_s * 1000:13.1f} {r.measured_s * 1000:12.1f} "
+              f"{r.error:+7.0%}{'' if r.within else '  (beyond ' + format(r.bound, '.0%') + ')'}")
+    label = verdict(rows, failed)
+    print(f"candidate {args.candidate}: {label}")
+    out = pathlib.Path(args.out or args.from_dir) / "validation.json"
+    out.write_text(json.dumps({"candidate": args.candidate, "label": candidate.label(), "trace": source,
+                               "requests": len(requests), "failed": failed, "verdict": label,
+                               "comparison": comparison_json(rows)}, indent=1) + "\n")
+    return 0 if label == "VERIFIED" else 3
 
 
 if __name__ == "__main__":

@@ -1,0 +1,383 @@
+"""`tuner optimize`: the cheapest E/P/D deployment that meets percentile SLOs on a trace.
+
+An Optuna study searches replicas per stage and per-stage settings. Each trial is scored on the
+discrete-event simulation (`tuner.sim`) of the whole trace; every SLO is one Optuna constraint
+(predicted percentile - target <= 0); the objective is the deployment's cost (GPUs, or $/h with a
+GPU price), or, in Pareto mode, cost and the first SLO's percentile together. A closed-form
+pre-filter (a stage that cannot keep up with the trace's work even fully batched, or a percentile
+that misses the SLO even with no queueing at all) scores hopeless trials without simulating them.
+The best candidates are then simulated again under several noise seeds (the uncertainty band)
+and at rising rates (the headroom: the largest rate multiple that still meets every SLO).
+
+Invariant: a candidate is reported feasible only if its simulated percentiles meet every SLO; a
+trial that raises is recorded as FAIL with its reason and the study goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from tuner.profile import Profile
+from tuner.sim import TRACE_BLOCK_TOKENS, Candidate, SimResult, simulate
+from tuner.synth import rescale
+from tuner.traces import TraceRequest
+
+METRICS = ("ttft", "tpot", "e2e")
+_DURATION = re.compile(r"^([0-9]*\.?[0-9]+)\s*(ms|s)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Slo:
+    metric: str          # ttft | tpot | e2e
+    percentile: float    # 50, 90, 99, ...
+    target_s: float
+
+    def label(self) -> str:
+        return f"{self.metric}:p{self.percentile:g}<={_fmt_s(self.target_s)}"
+
+    def key(self) -> str:
+        return f"{self.metric}_p{self.percentile:g}"
+
+
+def parse_slo(text: str) -> Slo:
+    """"ttft=2s", "tpot=50ms", "e2e:p99=20s" (percentile defaults to p90)."""
+    name, sep, value = text.partition("=")
+    metric, _, pct = name.strip().lower().partition(":")
+    if not sep or metric not in METRICS:
+        raise ValueError(f"--slo {text!r}: expected METRIC[:pNN]=DURATION with METRIC one of {', '.join(METRICS)}")
+    percentile = 90.0
+    if pct:
+        if not re.fullmatch(r"p[0-9]+(\.[0-9]+)?", pct) or not 0 < float(pct[1:]) < 100:
+            raise ValueError(f"--slo {text!r}: percentile must look like p50, p90 or p99 (got {pct!r})")
+        percentile = float(pct[1:])
+    match = _DURATION.match(value.strip().lower())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"--slo {text!r}: duration must be positive, like 2s or 50ms (got {value!r})")
+    seconds = float(match.group(1)) / (1000.0 if match.group(2) == "ms" else 1.0)
+    return Slo(metric, percentile, seconds)
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    max_replicas: int = 8                         # per stage
+    gpus: int = 0                                 # total GPU budget (0 = no budget)
+    gpus_per_replica: tuple[int, int, int] = (1, 1, 1)  # encode, prefill, decode
+    gpu_hour_price: float = 0.0                   # > 0: the objective is $/h instead of GPUs
+    encode_max_batch: tuple[int, ...] = (8, 16, 32, 64)
+    encode_max_wait_ms: tuple[float, ...] = (0.0, 2.0, 5.0, 10.0)
+    decode_max_running: tuple[int, ...] = (16, 32, 64, 128, 256)
+    image_keep_ratio: tuple[float, ...] = (1.0,)  # lossless unless the user allows sparsification
+
+    def cost(self, candidate: Candidate) -> float:
+        gpus = candidate.gpus(self.gpus_per_replica)
+        return gpus * self.gpu_hour_price if self.gpu_hour_price > 0 else float(gpus)
+
+
+@dataclasses.dataclass
+class Scored:
+    """A candidate's predicted metrics (seconds), feasibility and diagnosis."""
+    candidate: Candidate
+    cost: float
+    metrics: dict[str, float]
+    slack: dict[str, float]        # SLO label -> (target - predicted) / target (>= 0 meets it)
+    bottleneck: str
+    utilization: dict[str, float]
+    prefiltered: str = ""          # why the simulator was skipped
+    spread: dict[str, float] = dataclasses.field(default_factory=dict)   # metric -> half-range over noise seeds
+    headroom: float = math.nan     # largest rate multiple meeting every SLO
+
+    @property
+    def feasible(self) -> bool:
+        return not self.prefiltered and all(v >= 0 for v in self.slack.values())
+
+
+def summarize_result(result: SimResult) -> dict[str, float]:
+    metrics = {}
+    for metric in METRICS:
+        for q in (50, 90, 99):
+            metrics[f"{metric}_p{q}"] = result.percentile(metric, q)
+        metrics[f"{metric}_mean"] = result.mean(metric)
+    metrics["rejected"] = float(result.rejected)
+    return metrics
+
+
+def _metric(metrics: dict[str, float], slo: Slo) -> float:
+    key = slo.key()
+    return metrics[key] if key in metrics else math.inf
+
+
+class Objective:
+    """Scores candidates for one (trace, profile, SLOs, search space)."""
+
+    def __init__(self, requests: Sequence[TraceRequest], profile: Profile, slos: Sequence[Slo],
+                 space: SearchSpace, *, seed: int = 0) -> None:
+        if not slos:
+            raise ValueError("at least one SLO is needed (e.g. --slo ttft=2s)")
+        self.requests, self.profile, self.slos, self.space, self.seed = list(requests), profile, list(slos), space, seed
+        self.bounds = WorkloadBounds(self.requests, profile)
+
+    def score(self, candidate: Candidate, *, simulate_hopeless: bool = False) -> Scored:
+        cost = self.space.cost(candidate)
+        reason = "" if simulate_hopeless else self.bounds.hopeless(candidate, self.slos)
+        if reason:
+            return Scored(candidate, cost, {}, {s.label(): -1.0 for s in self.slos}, reason.split(":")[0], {}, reason)
+        result = simulate(self.requests, self.profile, candidate, seed=self.seed)
+        metrics = summarize_result(result)
+        slack = {s.label(): (s.target_s - _metric(metrics, s)) / s.target_s for s in self.slos}
+        return Scored(candidate, cost, metrics, slack, result.bottleneck(), result.utilization())
+
+    def refine(self, scored: Scored, *, seeds: int = 5, max_multiple: float = 8.0) -> Scored:
+        """The noise band (half-range of each metric over `seeds` simulations) and the headroom."""
+        runs = [summarize_result(simulate(self.requests, self.profile, scored.candidate, seed=self.seed + k))
+                for k in range(seeds)]
+        scored.spread = {key: (max(r[key] for r in runs) - min(r[key] for r in runs)) / 2.0 for key in runs[0]}
+        scored.headroom = self.headroom(scored.candidate, max_multiple)
+        return scored
+
+    def meets(self, candidate: Candidate, requests: Sequence[TraceRequest]) -> bool:
+        metrics = summarize_result(simulate(requests, self.profile, candidate, seed=self.seed))
+        return all(_metric(metrics, s) <= s.target_s for s in self.slos)
+
+    def headroom(self, candidate: Candidate, max_multiple: float) -> float:
+        """Bisection on the arrival-rate multiple (the trace time-compressed) that still meets every
+        SLO; 0 when even the trace's own rate misses."""
+        if not self.meets(candidate, self.requests):
+            return 0.0
+        rate = self.bounds.rate_rps
+        low, high = 1.0, max_multiple
+        if self.meets(candidate, rescale(self.requests, rate * high)):
+            return high
+        for _ in range(6):
+            mid = math.sqrt(low * high)
+            if self.meets(candidate, rescale(self.requests, rate * mid)):
+                low = mid
+            else:
+                high = mid
+        return low
+
+
+class WorkloadBounds:
+    """Closed-form facts about a trace on a profile: each stage's total service work if perfectly
+    batched (a lower bound), and each request's latency with no queueing at all."""
+
+    def __init__(self, requests: Sequence[TraceRequest], profile: Profile) -> None:
+        self.profile = profile
+        arrivals = [r.arrival_s for r in requests]
+        self.duration_s = max(max(arrivals) - min(arrivals), 1e-9) if requests else 1e-9
+        self.rate_rps = len(requests) / self.duration_s if requests else 0.0
+        self.requests = list(requests)
+        distinct = {i.hash: i.width * i.height / 1e6 for r in requests for i in r.images}
+        self.distinct_images, self.distinct_megapixels = len(distinct), sum(distinct.values())
+        self.output_tokens = sum(max(r.generated_tokens - 1, 0) for r in requests)
+        self.prefix_hits = _prefix_hits(requests)
+
+    def utilization(self, candidate: Candidate) -> dict[str, float]:
+        """Lower bounds of each stage's utilization (fully batched, unlimited caches)."""
+        p, c = self.profile, candidate
+        tower = p.encode.tower_ms
+        batches = math.ceil(self.distinct_images / max(1, c.encode_max_batch))
+        fixed = tower.predict(images=0, megapixels=0)
+        encode_ms = batches * fixed + tower.predict(images=self.distinct_images,
+                                                    megapixels=self.distinct_megapixels) - fixed
+        prefill_ms = sum(self._prefill_ms(r, c, hits) for r, hits in zip(self.requests, self.prefix_hits))
+        step = p.decode.step_ms
+        batch = max(1, c.decode_max_running)
+        per_token_ms = step.predict(batch=batch, context=0) / batch
+        decode_ms = self.output_tokens * per_token_ms
+        span_ms = self.duration_s * 1000.0
+        return {"encode": encode_ms / (span_ms * c.encode_replicas),
+                "prefill": prefill_ms / (span_ms * c.prefill_replicas),
+                "decode": decode_ms / (span_ms * c.decode_replicas)}
+
+    def _prefill_ms(self, r: TraceRequest, c: Candidate, hits: int) -> float:
+        prompt = r.context_tokens + r.num_images * self.profile.image_tokens(c.image_keep_ratio)
+        cached = min(hits * TRACE_BLOCK_TOKENS, prompt - 1) if c.prefix_cache else 0
+        tokens = prompt - cached
+        return self.profile.prefill.compute_ms.predict(tokens=tokens, tokens_sq=tokens * tokens / 1000.0,
+                                                       cached_tokens=cached)
+
+    def unloaded(self, candidate: Candidate) -> dict[str, np.ndarray]:
+        """Per request: TTFT, TPOT and e2e (seconds) if it were alone in the deployment."""
+        p = self.profile
+        ttft, tpot, e2e = [], [], []
+        for r, hits in zip(self.requests, self.prefix_hits):
+            prompt = r.context_tokens + r.num_images * p.image_tokens(candidate.image_keep_ratio)
+            ms = p.router_ms.predict(prompt_tokens=prompt) + self._prefill_ms(r, candidate, hits)
+            ms += p.prefill.call_ms.predict(tokens=prompt)
+            if r.images:
+                mp = sum(i.width * i.height for i in r.images) / 1e6
+                ms += p.encode.tower_ms.predict(images=r.num_images, megapixels=mp)
+                ms += p.encode.call_ms.predict(images=r.num_images, megapixels=mp)
+            step = p.decode.step_ms.predict(batch=1, context=prompt)
+            rest = p.decode.join_ms.predict(kv_tokens=prompt) + step * max(r.generated_tokens - 1, 0)
+            ttft.append(ms / 1000.0)
+            tpot.append(rest / max(r.generated_tokens - 1, 1) / 1000.0)
+            e2e.append((ms + rest) / 1000.0)
+        return {"ttft": np.array(ttft), "tpot": np.array(tpot), "e2e": np.array(e2e)}
+
+    def hopeless(self, candidate: Candidate, slos: Sequence[Slo]) -> str:
+        """Why this candidate cannot meet the SLOs, or "" when it has to be simulated."""
+        for stage, rho in self.utilization(candidate).items():
+            if rho > 1.1:  # even perfectly batched, the stage falls further behind with every request
+                return f"{stage}: needs {rho:.2f}x its capacity"
+        unloaded = self.unloaded(candidate)
+        for slo in slos:
+            alone = float(np.percentile(unloaded[slo.metric], slo.percentile)) if len(self.requests) else 0.0
+            if alone > slo.target_s:
+                return f"{slo.metric}: p{slo.percentile:g} is {_fmt_s(alone)} with no queueing at all"
+        return ""
+
+
+def _prefix_hits(requests: Sequence[TraceRequest]) -> list[int]:
+    """Leading prefix blocks of each request already seen (unbounded cache), in arrival order."""
+    seen: set[int] = set()
+    hits = []
+    for r in sorted(requests, key=lambda r: r.arrival_s):
+        count = 0
+        for block in r.prefix_blocks:
+            if block not in seen:
+                break
+            count += 1
+        hits.append(count)
+        seen.update(r.prefix_blocks)
+    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+    by_index = [0] * len(requests)
+    for position, index in enumerate(order):
+        by_index[index] = hits[position]
+    return by_index
+
+
+def rate_matched(bounds: WorkloadBounds, space: SearchSpace, target_utilization: float = 0.6) -> Candidate:
+    """The closed-form starting point: each stage's replicas so that its batched utilization is
+    about `target_utilization` (Dynamo-planner style rate matching), within the space's bounds."""
+    base = Candidate(1, 1, 1, encode_max_batch=max(space.encode_max_batch),
+                     encode_max_wait_ms=sorted(space.encode_max_wait_ms)[len(space.encode_max_wait_ms) // 2],
+                     decode_max_running=max(space.decode_max_running), image_keep_ratio=max(space.image_keep_ratio))
+    rho = bounds.utilization(base)
+    count = {stage: min(space.max_replicas, max(1, math.ceil(value / target_utilization)))
+             for stage, value in rho.items()}
+    return dataclasses.replace(base, encode_replicas=count["encode"], prefill_replicas=count["prefill"],
+                               decode_replicas=count["decode"])
+
+
+def study_name(requests: Sequence[TraceRequest], profile: Profile, slos: Sequence[Slo], space: SearchSpace,
+               pareto: bool) -> str:
+    """One study per (trace, profile, SLOs, search space, mode): resuming never mixes them."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([[r.arrival_s, r.context_tokens, r.generated_tokens, list(r.prefix_blocks),
+                               [i.hash for i in r.images]] for r in requests]).encode())
+    digest.update(json.dumps(profile.to_json(), sort_keys=True).encode())
+    digest.update(json.dumps([dataclasses.asdict(s) for s in slos]).encode())
+    digest.update(json.dumps(dataclasses.asdict(space)).encode())
+    return f"epdserve-{'pareto' if pareto else 'cost'}-{digest.hexdigest()[:12]}"
+
+
+def suggest(trial, space: SearchSpace) -> Candidate:
+    replicas = {stage: trial.suggest_int(f"{stage}_replicas", 1, space.max_replicas)
+                for stage in ("encode", "prefill", "decode")}
+    return Candidate(
+        replicas["encode"], replicas["prefill"], replicas["decode"],
+        encode_max_batch=trial.suggest_categorical("encode_max_batch", list(space.encode_max_batch)),
+        encode_max_wait_ms=trial.suggest_categorical("encode_max_wait_ms", list(space.encode_max_wait_ms)),
+        decode_max_running=trial.suggest_categorical("decode_max_running", list(space.decode_max_running)),
+        image_keep_ratio=trial.suggest_categorical("image_keep_ratio", list(space.image_keep_ratio)),
+    )
+
+
+def candidate_params(candidate: Candidate) -> dict:
+    return {"encode_replicas": candidate.encode_replicas, "prefill_replicas": candidate.prefill_replicas,
+            "decode_replicas": candidate.decode_replicas, "encode_max_batch": candidate.encode_max_batch,
+            "encode_max_wait_ms": candidate.encode_max_wait_ms, "decode_max_running": candidate.decode_max_running,
+            "image_keep_ratio": candidate.image_keep_ratio}
+
+
+@dataclasses.dataclass
+class StudyOutcome:
+    study: object
+    ranked: list[Scored]           # feasible candidates, cheapest first (refined)
+    closest: list[Scored]          # when nothing is feasible: the candidates that came closest
+    interrupted: bool = False
+
+
+def run_study(objective: Objective, *, trials: int, storage: str | None = None, pareto: bool = False,
+              seed: int = 0, top: int = 5, progress: bool = True,
+              on_trial: Callable[[Scored], None] = lambda _: None) -> StudyOutcome:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = objective.space
+    name = study_name(objective.requests, objective.profile, objective.slos, space, pareto)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
+                                directions=["minimize", "minimize"] if pareto else ["minimize"])
+    if not study.trials:
+        study.enqueue_trial(candidate_params(rate_matched(objective.bounds, space)))
+    scored: dict[int, Scored] = {}
+
+    def run_trial(trial) -> float | tuple[float, float]:
+        candidate = suggest(trial, space)
+        if space.gpus and candidate.gpus(space.gpus_per_replica) > space.gpus:
+            result = Scored(candidate, space.cost(candidate), {}, {s.label(): -1.0 for s in objective.slos}, "budget",
+                            {}, f"budget: {candidate.gpus(space.gpus_per_replica)} GPUs > {space.gpus}")
+        else:
+            result = objective.score(candidate)
+        scored[trial.number] = result
+        _record(trial, result, objective.slos)
+        on_trial(result)
+        if pareto:
+            first = objective.slos[0]
+            return result.cost, min(_metric(result.metrics, first), 1e6) if result.metrics else 1e6
+        return result.cost
+
+    remaining = max(0, trials - len(study.trials))
+    interrupted = False
+    try:
+        study.optimize(run_trial, n_trials=remaining, catch=(Exception,), show_progress_bar=progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    candidates = [_from_trial(t, objective) for t in study.trials if t.state.name == "COMPLETE"]
+    feasible = sorted((s for s in candidates if s.feasible), key=lambda s: (s.cost, -min(s.slack.values())))
+    ranked = [objective.refine(s) for s in _distinct(feasible)[:top]]
+    closest = [] if ranked else sorted((s for s in candidates if not s.prefiltered),
+                                       key=lambda s: -min(s.slack.values()))[:top]
+    return StudyOutcome(study, ranked, closest, interrupted)
+
+
+def _record(trial, result: Scored, slos: Sequence[Slo]) -> None:
+    for slo in slos:  # feasible iff every value <= 0 (Optuna's constraint convention)
+        trial.set_constraint(slo.label(), -result.slack[slo.label()])
+    trial.set_user_attr("metrics", {k: (v if math.isfinite(v) else None) for k, v in result.metrics.items()})
+    trial.set_user_attr("bottleneck", result.bottleneck)
+    trial.set_user_attr("utilization", result.utilization)
+    trial.set_user_attr("prefiltered", result.prefiltered)
+    trial.set_user_attr("cost", result.cost)
+
+
+def _from_trial(trial, objective: Objective) -> Scored:
+    """A stored trial (this run's or a resumed study's) back as a Scored candidate."""
+    candidate = Candidate(**{k: trial.params[k] for k in candidate_params(Candidate())})
+    metrics = {k: (v if v is not None else math.inf) for k, v in trial.user_attrs.get("metrics", {}).items()}
+    slack = {label: -value for label, value in (trial.constraints or {}).items()}
+    return Scored(candidate, trial.user_attrs.get("cost", objective.space.cost(candidate)), metrics, slack,
+                  trial.user_attrs.get("bottleneck", ""), trial.user_attrs.get("utilization", {}),
+                  trial.user_attrs.get("prefiltered", ""))
+
+
+def _distinct(scored: Sequence[Scored]) -> list[Scored]:
+    seen, out = set(), []
+    for s in scored:
+        if s.candidate not in seen:
+            seen.add(s.candidate)
+            out.append(s)
+    return out

@@ -1,0 +1,204 @@
+"""`tuner profile`: sweep a running deployment through its router and fit a `Profile`.
+
+Every request's `Complete.timings_ms` carries each stage's own clock (encode tower and batch
+wait, prefill compute, decode steps and mean batch), so one front-door address is enough to
+separate what occupies a replica (fitted as service time) from what only delays a request (RPC,
+cache and hand-off overheads). Sweeps, in order: prefill (prompt lengths, uncached then fully
+cached), encode (images per request x image size, then the same images again as cache hits),
+decode (concurrent streams x prompt length). Prompts start with a random word so that no run
+hits another's prefix cache unless the sweep means it to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import random
+from collections.abc import Callable, Sequence
+
+from tuner.live import Measured, PromptMaker, random_png, timed_generate
+from tuner.profile import DecodeProfile, EncodeProfile, Fit, PrefillProfile, Profile, constant, fit_linear
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    prompt_tokens: tuple[int, ...] = (32, 128, 384, 768, 1280)
+    images: tuple[int, ...] = (1, 2, 4, 8)
+    image_sides: tuple[int, ...] = (64, 512)           # square images, pixels per side
+    decode_concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    decode_prompt_tokens: tuple[int, ...] = (64, 512)
+    decode_output_tokens: int = 48
+    repeats: int = 3
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    """What the router cannot report about the profiled deployment (its flags)."""
+    prefix_block_tokens: int = 32      # prefill --prefix-block-tokens (0: prefix cache off)
+    max_running: int = 64              # decode --max-running
+    kv_capacity_tokens: int = 1 << 20  # decode KV rows (blocks x block size)
+    host_cores: int = 0                # > 0: all replicas share this many CPU cores (a local deployment)
+    measured_on: str = ""
+
+
+@dataclasses.dataclass
+class Sample:
+    images: int
+    megapixels: float
+    concurrency: int
+    measured: Measured
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.measured.prompt_tokens
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.measured.timings
+
+
+class Profiler:
+    def __init__(self, client, sweep: SweepConfig, *, progress: Callable[[str], None] = lambda _: None) -> None:
+        self.client, self.sweep, self.progress = client, sweep, progress
+        self.rng = random.Random(sweep.seed)
+        self.prompts = PromptMaker(seed=sweep.seed)
+
+    async def run(self, deployment: Deployment) -> Profile:
+        info = await self.client.model_info()
+        await self.prompts.calibrate(self.client)
+        limit = info.max_context // 2
+        await self._warm_up(limit)
+        prefill = await self._prefill_sweep([t for t in self.sweep.prompt_tokens if t <= limit])
+        encode = await self._encode_sweep()
+        decode = await self._decode_sweep([t for t in self.sweep.decode_prompt_tokens if t <= limit])
+        return build_profile(info, prefill, encode, decode, deployment)
+
+    async def _warm_up(self, limit: int) -> None:
+        """First calls pay one-time costs (lazy initialisation, allocator growth): not measured."""
+        self.progress("warm-up")
+        for side in self.sweep.image_sides:
+            for count in (1, max(self.sweep.images)):
+                images = [random_png(side, side, self.rng) for _ in range(count)]
+                await timed_generate(self.client, self.prompts.prompt(16), images, max_tokens=4)
+        for tokens in self.sweep.prompt_tokens:
+            if tokens <= limit:
+                await timed_generate(self.client, self.prompts.prompt(tokens), max_tokens=4)
+
+    async def _one(self, prompt: str, images: Sequence[bytes] = (), sides: Sequence[int] = (), *,
+                   max_tokens: int = 1, concurrency: int = 1) -> Sample:
+        measured = await timed_generate(self.client, prompt, images, max_tokens=max_tokens)
+        return Sample(len(images), sum(s * s for s in sides) / 1e6, concurrency, measured)
+
+    async def _prefill_sweep(self, lengths: Sequence[int]) -> list[Sample]:
+        samples = []
+        for tokens in lengths:
+            self.progress(f"prefill: {tokens} prompt tokens")
+            for _ in range(self.sweep.repeats):
+                prompt = self.prompts.prompt(tokens)
+                samples.append(await self._one(prompt))
+                samples.append(await self._one(prompt))  # again: its full blocks now come from the prefix cache
+        return samples
+
+    async def _encode_sweep(self) -> list[Sample]:
+        samples = []
+        for side in self.sweep.image_sides:
+            for count in self.sweep.images:
+                self.progress(f"encode: {count} x {side}px images")
+                for _ in range(self.sweep.repeats):
+                    images = [random_png(side, side, self.rng) for _ in range(count)]
+                    samples.append(await self._one(self.prompts.prompt(16), images, [side] * count))
+                    samples.append(await self._one(self.prompts.prompt(16), images, [side] * count))  # cache hits
+        return samples
+
+    async def _decode_sweep(self, lengths: Sequence[int]) -> list[Sample]:
+        samples = []
+        for tokens in lengths:
+            for concurrency in self.sweep.decode_concurrency:
+                self.progress(f"decode: {concurrency} streams x {tokens} prompt tokens")
+                for _ in range(self.sweep.repeats if concurrency == 1 else 1):
+                    runs = [self._one(self.prompts.prompt(tokens), max_tokens=self.sweep.decode_output_tokens,
+                                      concurrency=concurrency) for _ in range(concurrency)]
+                    samples.extend(await asyncio.gather(*runs))
+        return samples
+
+
+def build_profile(info, prefill: Sequence[Sample], encode: Sequence[Sample], decode: Sequence[Sample],
+                  deployment: Deployment) -> Profile:
+    alone = [s for s in (*prefill, *encode, *decode) if s.concurrency == 1]
+    return Profile(
+        model=f"{info.model}@{info.revision}",
+        max_context=info.max_context,
+        router_ms=fit_linear([_router_row(s) for s in alone], "ms", ("const", "prompt_tokens")),
+        encode=_encode_profile(encode, info.image_tokens_per_image),
+        prefill=PrefillProfile(
+            compute_ms=fit_linear([_prefill_row(s) for s in alone], "compute_ms",
+                                  ("const", "tokens", "tokens_sq", "cached_tokens")),
+            call_ms=fit_linear([_prefill_row(s) for s in alone], "call_ms", ("const", "tokens")),
+            block_tokens=deployment.prefix_block_tokens),
+        decode=DecodeProfile(
+            step_ms=fit_linear([_step_row(s) for s in decode if s.timings.get("decode.decode_steps", 0) > 1],
+                               "ms", ("const", "batch", "context")),
+            join_ms=fit_linear([_join_row(s) for s in decode if s.concurrency == 1], "ms", ("const", "kv_tokens")),
+            max_running=deployment.max_running, kv_capacity_tokens=deployment.kv_capacity_tokens),
+        measured_on=deployment.measured_on,
+        measured_at=datetime.date.today().isoformat(),
+        host_cores=deployment.host_cores,
+    )
+
+
+def _router_row(s: Sample) -> dict[str, float]:
+    t = s.timings
+    client_ttft_ms = s.measured.ttft_s * 1000.0
+    return {"ms": max(client_ttft_ms - t.get("encode_rpc_ms", 0.0) - t["prefill_rpc_ms"], 0.0),
+            "prompt_tokens": float(s.prompt_tokens)}
+
+
+def _prefill_row(s: Sample) -> dict[str, float]:
+    t = s.timings
+    compute = t["prefill.prefill_ms"] - t.get("prefill.kv_publish_ms", 0.0)
+    tokens = t["prefill.computed_tokens"]
+    return {"compute_ms": compute, "call_ms": max(t["prefill_rpc_ms"] - compute, 0.0), "tokens": tokens,
+            "tokens_sq": tokens * tokens / 1000.0, "cached_tokens": t.get("prefill.prefix_hit_tokens", 0.0)}
+
+
+def _encode_profile(samples: Sequence[Sample], tokens_per_image: int) -> EncodeProfile:
+    misses = [s for s in samples if s.timings.get("encode.images_encoded", 0) > 0]
+    hits = [s for s in samples if s.images and s.timings.get("encode.images_cached", 0) == s.images]
+    tower = [{"ms": s.timings["encode.tower_ms"], "images": float(s.images), "megapixels": s.megapixels}
+             for s in misses]
+    call = [{"ms": max(s.timings["encode_rpc_ms"] - s.timings["encode.tower_ms"]
+                       - s.timings.get("encode.batch_wait_ms", 0.0), 0.0), "images": float(s.images),
+             "megapixels": s.megapixels} for s in misses]
+    hit = [{"ms": s.timings["encode_rpc_ms"], "images": float(s.images)} for s in hits]
+    return EncodeProfile(
+        tower_ms=fit_linear(tower, "ms", ("const", "images", "megapixels")) if tower else constant(0.0),
+        call_ms=fit_linear(call, "ms", ("const", "images", "megapixels")) if call else constant(0.0),
+        hit_call_ms=fit_linear(hit, "ms", ("const", "images")) if hit else constant(0.0),
+        tokens_per_image=tokens_per_image)
+
+
+def _step_row(s: Sample) -> dict[str, float]:
+    t = s.timings
+    steps, batch = t["decode.decode_steps"], t["decode.decode_batch_mean"]
+    return {"ms": t["decode.decode_ms"] / (steps - 1), "batch": batch,
+            "context": batch * (s.prompt_tokens + steps / 2.0)}
+
+
+def _join_row(s: Sample) -> dict[str, float]:
+    t = s.timings
+    after_first_ms = (s.measured.e2e_s - s.measured.ttft_s) * 1000.0
+    return {"ms": max(after_first_ms - t["decode.decode_ms"], 0.0), "kv_tokens": float(s.prompt_tokens)}
+
+
+def summary_rows(profile: Profile) -> list[tuple[str, Fit]]:
+    """(name, fit) of every fitted curve, for printing."""
+    return [("router (ms)", profile.router_ms),
+            ("encode tower (ms/batch)", profile.encode.tower_ms),
+            ("encode call overhead (ms)", profile.encode.call_ms),
+            ("encode all-hit call (ms)", profile.encode.hit_call_ms),
+            ("prefill compute (ms)", profile.prefill.compute_ms),
+            ("prefill call overhead (ms)", profile.prefill.call_ms),
+            ("decode step (ms)", profile.decode.step_ms),
+            ("decode join (ms)", profile.decode.join_ms)]

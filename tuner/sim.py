@@ -1,0 +1,513 @@
+"""Discrete-event simulation of an E -> P -> D deployment on a workload trace.
+
+Mirrors what the services do: the router's overhead, then one request's images spread over encode
+replicas (least outstanding first), each replica batching images across requests (a batch starts
+when full or when its oldest image has waited max_wait, one batch at a time), an embedding cache
+keyed by image hash; prefill replicas one request at a time, chosen by predicted finish, with a
+prefix cache over the trace's block hashes; then the KV hand-off and a decode replica (fewest
+sequences first) that steps every running sequence together (continuous batching: joins at the
+next step, admission bounded by max_running and KV rows reserved for prompt + output). Service
+times come from the profile's fits times a draw from each fit's residuals. With a shared-host
+profile (`host_cores` > 0) every busy replica shares those cores (processor sharing), as the
+replicas of a local deployment do.
+
+Invariant: every request that arrives either completes (TTFT, TPOT and e2e recorded) or is
+counted as rejected (prompt + output beyond the context or the KV capacity); simulated time only
+moves forward, and the same trace, candidate, profile and seed give identical results.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from tuner.profile import Fit, Profile
+from tuner.traces import TraceRequest
+
+TRACE_BLOCK_TOKENS = 512  # Mooncake hash_ids: one id per 512 prompt tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One deployment the tuner can recommend: replicas per stage and per-stage settings."""
+    encode_replicas: int = 1
+    prefill_replicas: int = 1
+    decode_replicas: int = 1
+    encode_max_batch: int = 32          # encode --max-batch-size
+    encode_max_wait_ms: float = 5.0     # encode --max-batch-wait-ms
+    decode_max_running: int = 64        # decode --max-running
+    image_keep_ratio: float = 1.0       # router --image-keep-ratio (Dynamic-LLaVA; 1 = lossless)
+    prefix_cache: bool = True           # prefill --prefix-cache
+    encoder_cache_images: int = 100_000  # embeddings the mmcache keeps (LRU)
+    prefix_cache_blocks: int = 100_000   # trace blocks the prefix cache keeps (LRU)
+
+    def gpus(self, per_replica: Sequence[int] = (1, 1, 1)) -> int:
+        e, p, d = per_replica
+        return self.encode_replicas * e + self.prefill_replicas * p + self.decode_replicas * d
+
+    def label(self) -> str:
+        return f"E{self.encode_replicas}P{self.prefill_replicas}D{self.decode_replicas}"
+
+
+@dataclasses.dataclass
+class RequestOutcome:
+    arrival_s: float
+    ttft_s: float = math.nan
+    e2e_s: float = math.nan
+    tpot_s: float = math.nan
+    rejected: str = ""
+
+
+@dataclasses.dataclass
+class SimResult:
+    outcomes: list[RequestOutcome]
+    busy_s: dict[str, float]       # stage -> busy seconds summed over its replicas
+    replicas: dict[str, int]
+    makespan_s: float
+
+    def values(self, metric: str) -> np.ndarray:
+        data = np.array([getattr(o, f"{metric}_s") for o in self.outcomes if not o.rejected], dtype=float)
+        return data[~np.isnan(data)]
+
+    def percentile(self, metric: str, q: float) -> float:
+        data = self.values(metric)
+        return float(np.percentile(data, q)) if len(data) else math.inf
+
+    def mean(self, metric: str) -> float:
+        data = self.values(metric)
+        return float(data.mean()) if len(data) else math.inf
+
+    @property
+    def rejected(self) -> int:
+        return sum(1 for o in self.outcomes if o.rejected)
+
+    def utilization(self) -> dict[str, float]:
+        return {stage: self.busy_s[stage] / (self.replicas[stage] * self.makespan_s) if self.makespan_s > 0 else 0.0
+                for stage in self.busy_s}
+
+    def bottleneck(self) -> str:
+        used = self.utilization()
+        return max(used, key=used.get)
+
+
+class _Noise:
+    """Multiplicative service-time noise drawn from a fit's residual quantiles."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def draw(self, fit: Fit, ms: float) -> float:
+        r = fit.residuals
+        if len(r) == 1:
+            return ms * r[0]
+        u = self.rng.random() * (len(r) - 1)
+        i = int(u)
+        return ms * (r[i] + (r[min(i + 1, len(r) - 1)] - r[i]) * (u - i))
+
+
+class _Clock:
+    """The event queue."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._queue: list = []
+        self._order = itertools.count()
+
+    def at(self, time_s: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, (max(time_s, self.now), next(self._order), action))
+
+    def after(self, delay_s: float, action: Callable[[], None]) -> None:
+        self.at(self.now + delay_s, action)
+
+    def run(self) -> None:
+        while self._queue:
+            self.now, _, action = heapq.heappop(self._queue)
+            action()
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    total_ms: float            # stand-alone service time
+    remaining_ms: float
+    done: Callable[[], None]
+    version: int = 0
+
+
+class _Cpu:
+    """Runs jobs (ms of stand-alone service time) for replicas. Without shared cores every job runs
+    at full speed; with `cores` > 0 the busy jobs share them (processor sharing): each runs at
+    min(1, cores / busy) and finish times are recomputed whenever that changes. A job's work can be
+    shortened while it runs (a decode segment cut by an arrival)."""
+
+    def __init__(self, clock: _Clock, cores: int) -> None:
+        self.clock, self.cores = clock, cores
+        self._jobs: set[_Job] = set()
+        self._speed, self._since = 1.0, 0.0
+
+    def run(self, work_ms: float, done: Callable[[], None]) -> _Job:
+        self._advance()
+        job = _Job(work_ms, work_ms, done)
+        self._jobs.add(job)
+        self._reschedule(all_jobs=self.cores > 0)
+        if self.cores <= 0:
+            self._schedule(job)
+        return job
+
+    def progress_ms(self, job: _Job) -> float:
+        self._advance()
+        return job.total_ms - job.remaining_ms
+
+    def shorten(self, job: _Job, total_ms: float) -> None:
+        self._advance()
+        job.remaining_ms = max(job.remaining_ms - (job.total_ms - total_ms), 0.0)
+        job.total_ms = total_ms
+        self._schedule(job)
+
+    def _speed_now(self) -> float:
+        return min(1.0, self.cores / len(self._jobs)) if self.cores > 0 and self._jobs else 1.0
+
+    def _advance(self) -> None:
+        elapsed_ms = (self.clock.now - self._since) * 1000.0 * self._speed
+        if elapsed_ms > 0:
+            for job in self._jobs:
+                job.remaining_ms = max(job.remaining_ms - elapsed_ms, 0.0)
+        self._since = self.clock.now
+
+    def _reschedule(self, all_jobs: bool) -> None:
+        self._speed = self._speed_now()
+        if all_jobs:
+            for job in self._jobs:
+                self._schedule(job)
+
+    def _schedule(self, job: _Job) -> None:
+        job.version += 1
+        self.clock.after(job.remaining_ms / 1000.0 / self._speed, functools_partial(self._finish, job, job.version))
+
+    def _finish(self, job: _Job, version: int) -> None:
+        if job.version != version or job not in self._jobs:
+            return
+        self._advance()
+        self._jobs.discard(job)
+        self._reschedule(all_jobs=self.cores > 0)
+        job.done()
+
+
+def functools_partial(fn, *args):
+    return lambda: fn(*args)
+
+
+class _Lru:
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self._keys = capacity, collections.OrderedDict()
+
+    def hit(self, key) -> bool:
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return True
+        return False
+
+    def add(self, key) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        while len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+
+
+@dataclasses.dataclass
+class _Req:
+    index: int
+    trace: TraceRequest
+    prompt_tokens: int
+    pending_shards: int = 0
+    first_token_s: float = 0.0
+
+
+class _EncodeReplica:
+    def __init__(self, sim: Simulation) -> None:
+        self.sim, self.queue, self.running, self.outstanding = sim, collections.deque(), False, 0
+        self._timer = 0  # version of the pending "start a batch" timer
+
+    def submit(self, job: tuple) -> None:   # job: (queued_s, megapixels, done callback)
+        self.queue.append(job)
+        self.outstanding += 1
+        if not self.running:
+            self._arm()
+
+    def _arm(self) -> None:
+        candidate = self.sim.candidate
+        self._timer += 1
+        if len(self.queue) >= candidate.encode_max_batch:
+            self._start()
+            return
+        version = self._timer
+        start = self.queue[0][0] + candidate.encode_max_wait_ms / 1000.0
+        self.sim.clock.at(start, lambda: self._start() if version == self._timer and not self.running else None)
+
+    def _start(self) -> None:
+        self._timer += 1
+        size = self.sim.candidate.encode_max_batch
+        batch = [self.queue.popleft() for _ in range(min(size, len(self.queue)))]
+        self.running = True
+        fit = self.sim.profile.encode.tower_ms
+        ms = self.sim.noise.draw(fit, fit.predict(images=len(batch), megapixels=sum(j[1] for j in batch)))
+        self.sim.busy["encode"] += ms / 1000.0
+        self.sim.cpu.run(ms, lambda: self._finish(batch))
+
+    def _finish(self, batch: list) -> None:
+        self.running = False
+        self.outstanding -= len(batch)
+        for job in batch:
+            job[2]()
+        if self.queue:
+            self._arm()
+
+
+class _PrefillReplica:
+    def __init__(self, sim: Simulation) -> None:
+        self.sim, self.queue, self.busy_until_s, self.running = sim, collections.deque(), 0.0, False
+
+    def predicted_finish(self, ms: float) -> float:
+        return max(self.busy_until_s, self.sim.clock.now) + ms / 1000.0
+
+    def submit(self, ms: float, done: Callable[[], None]) -> None:
+        self.busy_until_s = self.predicted_finish(ms)
+        self.queue.append((ms, done))
+        if not self.running:
+            self._next()
+
+    def _next(self) -> None:
+        if not self.queue:
+            self.running = False
+            return
+        self.running = True
+        ms, done = self.queue.popleft()
+        self.sim.busy["prefill"] += ms / 1000.0
+
+        def finished() -> None:
+            done()
+            self._next()
+        self.sim.cpu.run(ms, finished)
+
+
+@dataclasses.dataclass
+class _Seq:
+    req: _Req
+    remaining: int
+    context: int
+    reserved: int
+
+
+class _DecodeReplica:
+    """Continuous batching. Between changes of the batch (a sequence finishing, one joining) every
+    step costs a + b*batch + c*context with context growing by `batch` rows a step, so a run of k
+    steps is planned as one segment (closed-form duration); an arrival cuts the segment at the end
+    of the step in progress, where the newcomer joins."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim, self.waiting, self.running = sim, collections.deque(), []
+        self.stepping, self.reserved = False, 0
+        self._segment = (0.0, 0, 0.0, 0.0)   # (start, steps, first step ms, ms added per step)
+        self._version = 0
+        self._job: _Job | None = None
+
+    @property
+    def load(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def submit(self, seq: _Seq) -> None:
+        self.waiting.append(seq)
+        if not self.stepping:
+            self._plan()
+        else:
+            self._cut()
+
+    def _admit(self) -> None:
+        candidate, capacity = self.sim.candidate, self.sim.profile.decode.kv_capacity_tokens
+        while self.waiting and len(self.running) < candidate.decode_max_running:
+            if self.reserved + self.waiting[0].reserved > capacity:
+                break
+            seq = self.waiting.popleft()
+            self.reserved += seq.reserved
+            self.running.append(seq)
+
+    def _plan(self) -> None:
+        self._admit()
+        if not self.running:
+            self.stepping = False
+            return
+        self.stepping = True
+        fit, batch = self.sim.profile.decode.step_ms, len(self.running)
+        first_ms = fit.predict(batch=batch, context=sum(s.context for s in self.running))
+        growth_ms = fit.predict(batch=0, context=batch) - fit.predict(batch=0, context=0)
+        steps = min(s.remaining for s in self.running)
+        self._segment = (self.sim.clock.now, steps, first_ms, growth_ms)
+        self._version += 1
+        version = self._version
+        self._job = self.sim.cpu.run(_segment_ms(steps, first_ms, growth_ms), lambda: self._stepped(version))
+
+    def _cut(self) -> None:
+        """Shorten the running segment to end with the step in progress."""
+        start, steps, first_ms, growth_ms = self._segment
+        done = _steps_within(self.sim.cpu.progress_ms(self._job), first_ms, growth_ms)
+        if done + 1 >= steps:
+            return
+        self._segment = (start, done + 1, first_ms, growth_ms)
+        self.sim.cpu.shorten(self._job, _segment_ms(done + 1, first_ms, growth_ms))
+
+    def _stepped(self, version: int) -> None:
+        if version != self._version:
+            return
+        start, steps, first_ms, growth_ms = self._segment
+        self.sim.busy["decode"] += _segment_ms(steps, first_ms, growth_ms) / 1000.0
+        now, still = self.sim.clock.now, []
+        for seq in self.running:
+            seq.remaining -= steps
+            seq.context += steps
+            if seq.remaining > 0:
+                still.append(seq)
+            else:
+                self.reserved -= seq.reserved
+                self.sim.finish(seq.req, now)
+        self.running = still
+        self._plan()
+
+
+def _segment_ms(steps: int, first_ms: float, growth_ms: float) -> float:
+    return steps * first_ms + growth_ms * steps * (steps - 1) / 2.0
+
+
+def _steps_within(elapsed_ms: float, first_ms: float, growth_ms: float) -> int:
+    """Whole steps of a segment finished `elapsed_ms` after it started."""
+    if growth_ms <= 0:
+        return int(elapsed_ms // first_ms) if first_ms > 0 else 0
+    half = first_ms - growth_ms / 2.0
+    steps = int((-half + math.sqrt(half * half + 2.0 * growth_ms * elapsed_ms)) / growth_ms)
+    while steps > 0 and _segment_ms(steps, first_ms, growth_ms) > elapsed_ms:
+        steps -= 1
+    return steps
+
+
+class Simulation:
+    def __init__(self, profile: Profile, candidate: Candidate, *, seed: int = 0) -> None:
+        self.profile, self.candidate = profile, candidate
+        self.clock = _Clock()
+        self.cpu = _Cpu(self.clock, profile.host_cores)
+        self.noise = _Noise(seed)
+        self.busy = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
+        self.encoders = [_EncodeReplica(self) for _ in range(candidate.encode_replicas)]
+        self.prefills = [_PrefillReplica(self) for _ in range(candidate.prefill_replicas)]
+        self.decoders = [_DecodeReplica(self) for _ in range(candidate.decode_replicas)]
+        self.embeddings = _Lru(candidate.encoder_cache_images)
+        self.prefixes = _Lru(candidate.prefix_cache_blocks)
+        self.outcomes: list[RequestOutcome] = []
+
+    def run(self, requests: Sequence[TraceRequest]) -> SimResult:
+        image_tokens = self.profile.image_tokens(self.candidate.image_keep_ratio)
+        for i, trace in enumerate(sorted(requests, key=lambda r: r.arrival_s)):
+            self.outcomes.append(RequestOutcome(trace.arrival_s))
+            req = _Req(i, trace, trace.context_tokens + trace.num_images * image_tokens)
+            self.clock.at(trace.arrival_s, functools_partial(self._arrive, req))
+        self.clock.run()
+        last = max((o.arrival_s + o.e2e_s for o in self.outcomes if not math.isnan(o.e2e_s)), default=0.0)
+        first = min((o.arrival_s for o in self.outcomes), default=0.0)
+        return SimResult(self.outcomes, self.busy, {"encode": len(self.encoders), "prefill": len(self.prefills),
+                                                    "decode": len(self.decoders)}, last - first)
+
+    def _arrive(self, req: _Req) -> None:
+        trace = req.trace
+        if req.prompt_tokens + trace.generated_tokens > self.profile.max_context:
+            self.outcomes[req.index].rejected = "context"
+            return
+        if req.prompt_tokens + trace.generated_tokens > self.profile.decode.kv_capacity_tokens:
+            self.outcomes[req.index].rejected = "kv capacity"
+            return
+        fit = self.profile.router_ms
+        delay = self.noise.draw(fit, fit.predict(prompt_tokens=req.prompt_tokens)) / 1000.0
+        self.clock.after(delay, functools_partial(self._encode if trace.images else self._prefill, req))
+
+    def _encode(self, req: _Req) -> None:
+        shards: dict[int, list] = {}
+        for image in req.trace.images:
+            replica = min(range(len(self.encoders)), key=lambda i: (self.encoders[i].outstanding
+                                                                     + len(shards.get(i, ())), i))
+            shards.setdefault(replica, []).append(image)
+        req.pending_shards = len(shards)
+        for replica, images in shards.items():
+            self._encode_shard(req, self.encoders[replica], images)
+
+    def _encode_shard(self, req: _Req, replica: _EncodeReplica, images: list) -> None:
+        misses = [image for image in images if not self.embeddings.hit(image.hash)]
+        megapixels = sum(image.width * image.height for image in images) / 1e6
+        enc = self.profile.encode
+        if not misses:
+            delay = self.noise.draw(enc.hit_call_ms, enc.hit_call_ms.predict(images=len(images))) / 1000.0
+            self.clock.after(delay, functools_partial(self._shard_done, req))
+            return
+        overhead = self.noise.draw(enc.call_ms, enc.call_ms.predict(images=len(images), megapixels=megapixels))
+        left = [len(misses)]
+
+        def one_done(image) -> None:
+            self.embeddings.add(image.hash)
+            left[0] -= 1
+            if left[0] == 0:
+                self.clock.after(overhead / 1000.0, functools_partial(self._shard_done, req))
+        for image in misses:
+            replica.submit((self.clock.now, image.width * image.height / 1e6, functools_partial(one_done, image)))
+
+    def _shard_done(self, req: _Req) -> None:
+        req.pending_shards -= 1
+        if req.pending_shards == 0:
+            self._prefill(req)
+
+    def _cached_tokens(self, req: _Req) -> int:
+        if not self.candidate.prefix_cache or not req.trace.prefix_blocks:
+            return 0
+        hits = 0
+        for block in req.trace.prefix_blocks:
+            if not self.prefixes.hit(block):
+                break
+            hits += 1
+        for block in req.trace.prefix_blocks:
+            self.prefixes.add(block)
+        return min(hits * TRACE_BLOCK_TOKENS, req.prompt_tokens - 1)
+
+    def _prefill(self, req: _Req) -> None:
+        pre = self.profile.prefill
+        cached = self._cached_tokens(req)
+        tokens = req.prompt_tokens - cached
+        ms = self.noise.draw(pre.compute_ms, pre.compute_ms.predict(tokens=tokens, tokens_sq=tokens * tokens / 1000.0,
+                                                                    cached_tokens=cached))
+        call = self.noise.draw(pre.call_ms, pre.call_ms.predict(tokens=tokens)) / 1000.0
+        replica = min(self.prefills, key=lambda r: r.predicted_finish(ms))
+        replica.submit(ms, lambda: self.clock.after(call, functools_partial(self._first_token, req)))
+
+    def _first_token(self, req: _Req) -> None:
+        now = self.clock.now
+        req.first_token_s = now
+        outcome = self.outcomes[req.index]
+        outcome.ttft_s = now - req.trace.arrival_s
+        if req.trace.generated_tokens <= 1:
+            outcome.e2e_s = outcome.ttft_s
+            return
+        fit = self.profile.decode.join_ms
+        delay = self.noise.draw(fit, fit.predict(kv_tokens=req.prompt_tokens)) / 1000.0
+        replica = min(self.decoders, key=lambda r: r.load)
+        total = req.prompt_tokens + req.trace.generated_tokens
+        seq = _Seq(req, req.trace.generated_tokens - 1, req.prompt_tokens, total)
+        self.clock.after(delay, functools_partial(replica.submit, seq))
+
+    def finish(self, req: _Req, now: float) -> None:
+        outcome = self.outcomes[req.index]
+        outcome.e2e_s = now - req.trace.arrival_s
+        outcome.tpot_s = (now - req.first_token_s) / (req.trace.generated_tokens - 1)
+
+
+def simulate(requests: Sequence[TraceRequest], profile: Profile, candidate: Candidate, *, seed: int = 0) -> SimResult:
+    return Simulation(profile, candidate, seed=seed).run(requests)

@@ -1,0 +1,81 @@
+"""`tuner validate`: replay a trace against a live deployment and compare what the simulator
+predicted for it with what a client measured.
+
+A candidate counts as verified only when every compared statistic is within its error bound
+(default: 15% for p50 / p90 / mean, 25% for p99); otherwise it is labelled UNVERIFIED with the
+statistics that missed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from tuner.live import Measured
+from tuner.sim import SimResult
+
+COMPARED = (("ttft", "p50"), ("ttft", "p90"), ("ttft", "p99"), ("tpot", "mean"), ("tpot", "p50"), ("tpot", "p90"),
+            ("e2e", "p50"), ("e2e", "p90"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    central: float = 0.15   # p50, p90 and means
+    tail: float = 0.25      # p99
+
+    def of(self, statistic: str) -> float:
+        return self.tail if statistic == "p99" else self.central
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    metric: str
+    statistic: str
+    predicted_s: float
+    measured_s: float
+    bound: float
+
+    @property
+    def error(self) -> float:
+        """Signed relative error of the prediction."""
+        if not math.isfinite(self.measured_s) or self.measured_s <= 0:
+            return math.inf
+        return (self.predicted_s - self.measured_s) / self.measured_s
+
+    @property
+    def within(self) -> bool:
+        return abs(self.error) <= self.bound
+
+
+def statistic(values: Sequence[float], name: str) -> float:
+    data = np.array([v for v in values if math.isfinite(v)], dtype=float)
+    if not len(data):
+        return math.nan
+    return float(data.mean()) if name == "mean" else float(np.percentile(data, float(name[1:])))
+
+
+def compare(predicted: SimResult, measured: Sequence[Measured], bounds: Bounds = Bounds(),
+            compared: Sequence[tuple[str, str]] = COMPARED) -> list[Comparison]:
+    ok = [m for m in measured if not m.error]
+    rows = []
+    for metric, name in compared:
+        simulated = statistic(predicted.values(metric).tolist(), name)
+        live = statistic([getattr(m, f"{metric}_s") for m in ok], name)
+        rows.append(Comparison(metric, name, simulated, live, bounds.of(name)))
+    return rows
+
+
+def verdict(rows: Sequence[Comparison], failed_requests: int) -> str:
+    missed = [f"{r.metric} {r.statistic} ({r.error:+.0%})" for r in rows if not r.within]
+    if failed_requests:
+        missed.append(f"{failed_requests} requests failed")
+    return "VERIFIED" if not missed else "UNVERIFIED: " + ", ".join(missed)
+
+
+def comparison_json(rows: Sequence[Comparison]) -> list[dict]:
+    return [{"metric": r.metric, "statistic": r.statistic, "predicted_ms": r.predicted_s * 1000,
+             "measured_ms": r.measured_s * 1000, "error": r.error if math.isfinite(r.error) else None,
+             "bound": r.bound, "within": r.within} for r in rows]
