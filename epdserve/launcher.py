@@ -111,7 +111,7 @@ class LocalCluster:
         if self.config.device not in ("auto", "cpu") or (self.config.device == "auto" and _has_cuda()):
             return 0
         services = sum(len(self.config.names(stage)) for stage in STAGES)
-        return max(1, (os.cpu_count() or 1) // services)
+        return max(1, len(os.sched_getaffinity(0)) // services)
 
     def _router_args(self) -> list[str]:
         args = [*self._common_args("router"), "--host", self.config.router_host, "--cache-redis-url", self.redis_url]

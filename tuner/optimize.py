@@ -340,7 +340,8 @@ def run_study(objective: Objective, *, trials: int, storage: str | None = None, 
             return result.cost, min(_metric(result.metrics, first), 1e6) if result.metrics else 1e6
         return result.cost
 
-    remaining = max(0, trials - len(study.trials))
+    done = [t for t in study.trials if t.state.is_finished()]
+    remaining = max(0, trials - len(done))
     interrupted = False
     try:
         study.optimize(run_trial, n_trials=remaining, catch=(Exception,), show_progress_bar=progress)

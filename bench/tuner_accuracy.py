@@ -1,0 +1,156 @@
+"""Tuner accuracy: does the simulator predict what a live local deployment does?
+
+Profiles a local E1/P1/D1 deployment of the tiny model (`tuner profile`'s sweep), then for each
+configuration (replicas per stage, started as real local processes) and each request rate replays
+a synthetic multimodal trace open-loop against it (`tuner validate`'s replay) and compares the
+measured client-side percentiles with the simulator's prediction for the same trace, configuration
+and profile. Writes JSON and a markdown table.
+
+    python bench/tuner_accuracy.py [--configs "1,1,1;1,2,1;2,1,2"] [--rates 2,6] [--requests 200]
+                                   [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SPEC = ("requests={requests},rate={rate},text_median=200,text_max=900,output_median=24,output_max=96,"
+        "sizes=224x224|448x336,prefix=0.3,system_blocks=1,seed={seed}")
+REPORTED = (("ttft", "p50"), ("ttft", "p90"), ("ttft", "p99"), ("tpot", "mean"), ("e2e", "p50"), ("e2e", "p90"))
+
+
+def _cluster(model_dir, replicas):
+    from epdserve.launcher import ClusterConfig, LocalCluster
+
+    stages = dict(zip(("encode", "prefill", "decode"), replicas))
+    return LocalCluster(ClusterConfig(model_dir=model_dir, replicas=stages))
+
+
+async def _profile(address: str, cores: int, repeats: int):
+    from epdserve.sdk import AsyncClient
+    from tuner.profiler import Deployment, Profiler, SweepConfig
+
+    async with AsyncClient(address) as client:
+        deployment = Deployment(host_cores=cores, measured_on=f"{cores}-core CPU ({platform.processor() or 'x86_64'})")
+        return await Profiler(client, SweepConfig(repeats=repeats)).run(deployment)
+
+
+async def _replay(address: str, trace):
+    from epdserve.sdk import AsyncClient
+    from tuner.live import PromptMaker, replay
+
+    async with AsyncClient(address) as client:
+        prompts = PromptMaker()
+        await prompts.calibrate(client)
+        return await replay(client, trace, prompts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="1,1,1;1,2,1;2,1,2", help="E,P,D replicas; ';'-separated")
+    parser.add_argument("--rates", default="2,6", help="request rates (req/s), comma-separated")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=4, help="profile samples per sweep point")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+
+    from epdserve.env import read_env
+    from epdserve.models.tiny import cached_tiny_checkpoint
+    from tuner.sim import Candidate, simulate
+    from tuner.synth import parse_spec, synthesize
+    from tuner.validate import compare, comparison_json
+
+    configs = [tuple(int(x) for x in item.split(",")) for item in args.configs.split(";")]
+    rates = [float(x) for x in args.rates.split(",")]
+    cores = len(os.sched_getaffinity(0))
+    model_dir = cached_tiny_checkpoint(read_env().cache_dir)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    cluster = _cluster(model_dir, (1, 1, 1))
+    try:
+        started = time.perf_counter()
+        profile = asyncio.run(_profile(cluster.start(), cores, args.repeats))
+        print(f"profiled in {time.perf_counter() - started:.0f} s", flush=True)
+    finally:
+        cluster.stop()
+    profile.save(out / "tuner-accuracy-profile.json")
+
+    rows = []
+    for replicas in configs:
+        cluster = _cluster(model_dir, replicas)
+        try:
+            address = cluster.start()
+            for rate in rates:
+                trace = synthesize(parse_spec(SPEC.format(requests=args.requests, rate=rate, seed=args.seed)))
+                measured = asyncio.run(_replay(address, trace))
+                started = time.perf_counter()
+                predicted = simulate(trace, profile, Candidate(*replicas), seed=args.seed)
+                sim_s = time.perf_counter() - started
+                comparison = compare(predicted, measured)
+                row = {"replicas": list(replicas), "rate_rps": rate, "requests": len(trace),
+                       "failed": sum(1 for m in measured if m.error), "simulate_s": sim_s,
+                       "comparison": comparison_json(comparison)}
+                rows.append(row)
+                print(json.dumps({"replicas": replicas, "rate": rate, **{
+                    f"{c.metric}_{c.statistic}": [round(c.predicted_s * 1000, 1), round(c.measured_s * 1000, 1),
+                                                  f"{c.error:+.0%}"] for c in comparison}}), flush=True)
+        finally:
+            cluster.stop()
+
+    speed = _simulator_speed(profile)
+    result = {"date": datetime.date.today().isoformat(), "hardware": f"{cores}-core CPU, {platform.platform()}",
+              "model": profile.model, "spec": SPEC, "rows": rows, "simulator_configs_per_s_1000_requests": speed}
+    (out / "tuner-accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "tuner-accuracy.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def _simulator_speed(profile) -> float:
+    """Configurations simulated per second on a 1,000-request trace (the default synthetic one)."""
+    import dataclasses
+
+    from tuner.cli import default_synthetic
+    from tuner.sim import Candidate, simulate
+    from tuner.synth import synthesize
+
+    trace = synthesize(dataclasses.replace(default_synthetic(profile.max_context), requests=1000))
+    candidates = [Candidate(e, p, d) for e in (1, 2) for p in (1, 2) for d in (1, 2, 4)]
+    started = time.perf_counter()
+    for candidate in candidates:
+        simulate(trace, profile, candidate)
+    return len(candidates) / (time.perf_counter() - started)
+
+
+def markdown(result: dict) -> str:
+    head = "| E/P/D | rate | " + " | ".join(f"{m} {s} pred / meas (err)" for m, s in REPORTED) + " |"
+    lines = [f"Tuner accuracy on {result['hardware']} ({result['date']}), model {result['model']}", "", head,
+             "|" + "---|" * (2 + len(REPORTED))]
+    for row in result["rows"]:
+        cells = {(c["metric"], c["statistic"]): c for c in row["comparison"]}
+        text = []
+        for key in REPORTED:
+            c = cells[key]
+            err = f"{c['error']:+.0%}" if c["error"] is not None else "-"
+            text.append(f"{c['predicted_ms']:.1f} / {c['measured_ms']:.1f} ({err})")
+        lines.append(f"| {'/'.join(map(str, row['replicas']))} | {row['rate_rps']:g} | " + " | ".join(text) + " |")
+    lines += ["", f"Simulator speed: {result['simulator_configs_per_s_1000_requests']:.1f} configurations/s "
+              "on a 1,000-request trace."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
