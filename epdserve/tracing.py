@@ -81,8 +81,10 @@ def enabled() -> bool:
 def setup(config: TraceConfig, stage: str, env: Env, *, exporter=None) -> None:
     """Turn tracing on for this process as `config` says (nothing when its exporter is none).
     `exporter` (a SpanExporter, e.g. the SDK's InMemorySpanExporter in tests) replaces the
-    configured one. Raises FailedPreconditionError when the OpenTelemetry packages are missing."""
+    configured one; a previous setup is flushed and replaced. Raises FailedPreconditionError when
+    the OpenTelemetry packages are missing."""
     global _active
+    shutdown()
     if not config.enabled and exporter is None:
         return
     try:
@@ -118,7 +120,7 @@ def _exporter(config: TraceConfig, env: Env) -> tuple[Any, tuple]:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         # line-buffered append: one write per span, so several processes can share the file
-        out = open(config.trace_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed by shutdown
+        out = open(config.trace_file, "a", buffering=1, encoding="utf-8")  # closed by shutdown()
         return ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n"), (out,)
     try:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -134,7 +136,7 @@ def _exporter(config: TraceConfig, env: Env) -> tuple[Any, tuple]:
 def span(name: str, attributes: Mapping[str, Any] | None = None, *, parent=None, kind: str = "internal"):
     """Context manager yielding a span that is current inside the block: a child of `parent` (a
     span; None = the current one), ended at the block's end with any exception recorded. Never
-    around a `yield` of an async generator (use `start_span`)."""
+    around a `yield` of an async generator (use `detached_span`)."""
     if _active is None:
         return NO_SPAN
     return _active.tracer.start_as_current_span(name, context=_context(parent), kind=_kind(kind),
@@ -189,7 +191,7 @@ def end_span(span, error: BaseException | None = None, attributes: Mapping[str, 
         from opentelemetry.trace import Status, StatusCode
 
         span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}"))
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
     span.end()
 
 

@@ -54,6 +54,12 @@ def test_off_helpers_return_the_no_op_span_and_no_metadata():
     tracing.end_span(span, ValueError("ignored"))
 
 
+def test_the_no_op_span_mirrors_opentelemetry_span_methods():
+    api = pytest.importorskip("opentelemetry.trace")
+    methods = {name for name in dir(tracing.NoSpan) if not name.startswith("_")}
+    assert methods and all(callable(getattr(api.Span, name, None)) for name in methods), methods
+
+
 def test_metadata_inject_extract_joins_the_callers_trace(spans):
     root = tracing.start_span("epdserve.request", kind="server")
     metadata = tracing.grpc_metadata(root)
@@ -79,6 +85,10 @@ def test_current_span_is_the_default_parent_and_readiness_fields_carry_it(spans)
         assert tracing.grpc_metadata() == (("traceparent", event["traceparent"]),)
     follower = tracing.start_span("decode.kv_pull", parent=tracing.remote_span(event))
     tracing.end_span(follower)
+    from multidict import CIMultiDict  # HTTP headers (aiohttp): names are case-insensitive
+
+    headers = tracing.remote_span(CIMultiDict({"Traceparent": event["traceparent"]}))
+    assert headers.get_span_context().span_id == publish.get_span_context().span_id
     got = spans()
     assert got["decode.kv_pull"].parent.span_id == publish.get_span_context().span_id
 
