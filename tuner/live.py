@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import io
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -61,11 +62,15 @@ def random_png(width: int, height: int, rng: random.Random) -> bytes:
 
 class PromptMaker:
     """Text of about N tokens for a live deployment (calibrated: tokens per character of this
-    text on its tokenizer), with shared blocks for equal prefix hashes."""
+    text on its tokenizer), with shared blocks for equal prefix hashes and equal pictures for equal
+    image hashes. Blocks and pictures are salted per PromptMaker (random by default), so a replay
+    starts with cold caches, as the simulation does, even against a deployment that served the
+    same trace before."""
 
-    def __init__(self, chars_per_token: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, chars_per_token: float = 1.0, seed: int = 0, salt: str | None = None) -> None:
         self.chars_per_token = chars_per_token
         self.rng = random.Random(seed)
+        self.salt = salt if salt is not None else os.urandom(8).hex()
         self._images: dict[str, bytes] = {}
 
     async def calibrate(self, client) -> None:
@@ -86,14 +91,16 @@ class PromptMaker:
     def for_trace(self, request: TraceRequest) -> str:
         chars = int(request.context_tokens * self.chars_per_token)
         block_chars = int(TRACE_BLOCK_TOKENS * self.chars_per_token)
-        shared = "".join(self.text(block_chars, random.Random(f"block-{b}")) + " " for b in request.prefix_blocks)
+        shared = "".join(self.text(block_chars, random.Random(f"{self.salt}-block-{b}")) + " "
+                         for b in request.prefix_blocks)
         if len(shared) >= chars:
             return shared[:chars]
         return shared + self.text(chars - len(shared))
 
     def image(self, image: TraceImage) -> bytes:
         if image.hash not in self._images:
-            self._images[image.hash] = random_png(image.width, image.height, random.Random(f"image-{image.hash}"))
+            rng = random.Random(f"{self.salt}-image-{image.hash}")
+            self._images[image.hash] = random_png(image.width, image.height, rng)
         return self._images[image.hash]
 
 
