@@ -46,13 +46,14 @@ async def _profile(address: str, cores: int, repeats: int):
         return await Profiler(client, SweepConfig(repeats=repeats)).run(deployment)
 
 
-async def _replay(address: str, trace):
+async def _replay(address: str, trace, warmup: int):
     from epdserve.sdk import AsyncClient
-    from tuner.live import PromptMaker, replay
+    from tuner.live import PromptMaker, replay, warm_up
 
     async with AsyncClient(address) as client:
         prompts = PromptMaker()
         await prompts.calibrate(client)
+        await warm_up(client, trace, prompts, warmup)
         return await replay(client, trace, prompts)
 
 
@@ -62,6 +63,7 @@ def main() -> int:
     parser.add_argument("--rates", default="2,6", help="request rates (req/s), comma-separated")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=4, help="profile samples per sweep point")
+    parser.add_argument("--warmup", type=int, default=40, help="requests served before each replay, not measured")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -95,7 +97,7 @@ def main() -> int:
             address = cluster.start()
             for rate in rates:
                 trace = synthesize(parse_spec(SPEC.format(requests=args.requests, rate=rate, seed=args.seed)))
-                measured = asyncio.run(_replay(address, trace))
+                measured = asyncio.run(_replay(address, trace, args.warmup))
                 started = time.perf_counter()
                 predicted = simulate(trace, profile, Candidate(*replicas), seed=args.seed)
                 sim_s = time.perf_counter() - started

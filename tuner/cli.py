@@ -132,6 +132,9 @@ def _add_profile(sub) -> None:
     profile.add_argument("--prefix-block-tokens", type=int, default=32, help="the prefill replicas' setting")
     profile.add_argument("--measured-on", default="", help='hardware, e.g. "1x H200" (recorded in the profile)')
     profile.add_argument("--repeats", type=int, default=3, help="samples per sweep point")
+    profile.add_argument("--idle-s", type=float, default=0.25,
+                         help="mean pause before each measurement (a deployment serving a trace is rarely busy back "
+                              "to back; idle replicas answer slower)")
     profile.add_argument("--seed", type=int, default=0)
     profile.set_defaults(run=_profile)
 
@@ -147,7 +150,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     async def run():
         async with AsyncClient(args.router) as client:
-            sweep = SweepConfig(repeats=args.repeats, seed=args.seed)
+            sweep = SweepConfig(repeats=args.repeats, idle_s=args.idle_s, seed=args.seed)
             return await Profiler(client, sweep, progress=lambda text: print(f"  {text}", flush=True)).run(deployment)
 
     profile = asyncio.run(run())
@@ -292,6 +295,8 @@ def _add_validate(sub) -> None:
     validate.add_argument("--from", dest="from_dir", required=True, help="the optimize output directory")
     validate.add_argument("--candidate", type=int, default=1, help="candidate rank in candidates.json (1 = best)")
     _add_workload_arguments(validate)
+    validate.add_argument("--warmup", type=int, default=30,
+                          help="requests shaped like the trace's served first and not measured (one-time costs)")
     validate.add_argument("--out", default="", help="write validation.json here (default: the --from directory)")
     validate.set_defaults(run=_validate)
 
@@ -301,7 +306,7 @@ def _validate(args: argparse.Namespace) -> int:
     import pathlib
 
     from epdserve.sdk import AsyncClient
-    from tuner.live import PromptMaker, replay
+    from tuner.live import PromptMaker, replay, warm_up
     from tuner.report import load_candidate
     from tuner.sim import simulate
     from tuner.validate import compare, comparison_json, verdict
@@ -314,6 +319,7 @@ def _validate(args: argparse.Namespace) -> int:
         async with AsyncClient(args.router) as client:
             prompts = PromptMaker(seed=args.seed)
             await prompts.calibrate(client)
+            await warm_up(client, requests, prompts, args.warmup)
             return await replay(client, requests, prompts)
 
     print(f"replaying {len(requests)} requests ({source}) against {args.router} as {candidate.label()} ...")

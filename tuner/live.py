@@ -121,3 +121,15 @@ async def replay(client, requests: Sequence[TraceRequest], prompts: PromptMaker,
         return measured
 
     return list(await asyncio.gather(*(one(r, p, i) for r, (p, i) in zip(ordered, payloads))))
+
+
+async def warm_up(client, requests: Sequence[TraceRequest], prompts: PromptMaker, count: int = 30) -> None:
+    """Serve `count` requests shaped like the trace's first ones, 20 per second, and discard them:
+    a fresh deployment pays one-time costs (lazy initialisation, kernels for new shapes) on its
+    first requests. A different salt keeps the measured replay's caches cold."""
+    if count <= 0:
+        return
+    ordered = sorted(requests, key=lambda r: r.arrival_s)[:count]
+    shaped = [dataclasses.replace(r, arrival_s=i * 0.05) for i, r in enumerate(ordered)]
+    other = PromptMaker(prompts.chars_per_token, salt=prompts.salt + "-warm-up")
+    await replay(client, shaped, other)

@@ -30,7 +30,8 @@ class SweepConfig:
     decode_prompt_tokens: tuple[int, ...] = (64, 512)
     decode_output_tokens: int = 48
     repeats: int = 3
-    seed: int = 0
+    idle_s: float = 0.25   # mean pause before each measurement: a replica serving a trace is not busy back
+    seed: int = 0          # to back, and an idle one answers slower (cold caches, thread and vCPU wake-ups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +87,13 @@ class Profiler:
             if tokens <= limit:
                 await timed_generate(self.client, self.prompts.prompt(tokens), max_tokens=4)
 
+    async def _pause(self) -> None:
+        await asyncio.sleep(self.sweep.idle_s * self.rng.uniform(0.5, 1.5))
+
     async def _one(self, prompt: str, images: Sequence[bytes] = (), sides: Sequence[int] = (), *,
                    max_tokens: int = 1, concurrency: int = 1) -> Sample:
+        if concurrency == 1:
+            await self._pause()
         measured = await timed_generate(self.client, prompt, images, max_tokens=max_tokens)
         return Sample(len(images), sum(s * s for s in sides) / 1e6, concurrency, measured)
 
@@ -118,6 +124,8 @@ class Profiler:
             for concurrency in self.sweep.decode_concurrency:
                 self.progress(f"decode: {concurrency} streams x {tokens} prompt tokens")
                 for _ in range(self.sweep.repeats if concurrency == 1 else 1):
+                    if concurrency > 1:
+                        await self._pause()
                     runs = [self._one(self.prompts.prompt(tokens), max_tokens=self.sweep.decode_output_tokens,
                                       concurrency=concurrency) for _ in range(concurrency)]
                     samples.extend(await asyncio.gather(*runs))

@@ -26,7 +26,7 @@ def cluster(tiny_checkpoint):
 def test_profile_optimize_validate_on_a_live_deployment(cluster, tmp_path, capsys):
     profile_path = tmp_path / "profile.json"
     assert cli.main(["profile", "--router", cluster.router_address, "--out", str(profile_path), "--repeats", "1",
-                     "--shared-host-cores", "2", "--measured-on", "test"]) == 0
+                     "--idle-s", "0.02", "--shared-host-cores", "2", "--measured-on", "test"]) == 0
     profile = Profile.load(profile_path)
     assert profile.encode.tokens_per_image == 16 and profile.host_cores == 2
     assert profile.decode.step_ms.samples >= 5 and profile.prefill.compute_ms.samples >= 5
