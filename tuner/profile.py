@@ -109,7 +109,8 @@ class PrefillProfile:
 @dataclasses.dataclass(frozen=True)
 class DecodeProfile:
     step_ms: Fit           # one batched step: const, batch, context (sum of the batch's KV rows)
-    join_ms: Fit           # prefill answer -> first decode step (KV fetch, queue, call): const, kv_tokens
+    join_ms: Fit           # first token at the client -> first decode step starts (call, KV fetch, queue, and
+                           # the stream's lag to the client): const, kv_tokens
     max_running: int
     kv_capacity_tokens: int
 

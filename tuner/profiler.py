@@ -135,6 +135,7 @@ class Profiler:
 def build_profile(info, prefill: Sequence[Sample], encode: Sequence[Sample], decode: Sequence[Sample],
                   deployment: Deployment) -> Profile:
     alone = [s for s in (*prefill, *encode, *decode) if s.concurrency == 1]
+    decoded = [s for s in decode if s.timings.get("decode.decode_steps", 0) > 1]
     return Profile(
         model=f"{info.model}@{info.revision}",
         max_context=info.max_context,
@@ -146,9 +147,8 @@ def build_profile(info, prefill: Sequence[Sample], encode: Sequence[Sample], dec
             call_ms=fit_linear([_prefill_row(s) for s in alone], "call_ms", ("const", "tokens")),
             block_tokens=deployment.prefix_block_tokens),
         decode=DecodeProfile(
-            step_ms=fit_linear([_step_row(s) for s in decode if s.timings.get("decode.decode_steps", 0) > 1],
-                               "ms", ("const", "batch", "context")),
-            join_ms=fit_linear([_join_row(s) for s in decode if s.concurrency == 1], "ms", ("const", "kv_tokens")),
+            step_ms=fit_linear([_step_row(s) for s in decoded], "ms", ("const", "batch", "context")),
+            join_ms=fit_linear([_join_row(s) for s in decoded if s.concurrency == 1], "ms", ("const", "kv_tokens")),
             max_running=deployment.max_running, kv_capacity_tokens=deployment.kv_capacity_tokens),
         measured_on=deployment.measured_on,
         measured_at=datetime.date.today().isoformat(),
@@ -197,7 +197,9 @@ def _step_row(s: Sample) -> dict[str, float]:
 def _join_row(s: Sample) -> dict[str, float]:
     t = s.timings
     after_first_ms = (s.measured.e2e_s - s.measured.ttft_s) * 1000.0
-    return {"ms": max(after_first_ms - t["decode.decode_ms"], 0.0), "kv_tokens": float(s.prompt_tokens)}
+    steps = t["decode.decode_steps"]
+    decoding_ms = t["decode.decode_ms"] * steps / max(steps - 1, 1)  # decode_ms spans steps - 1 step intervals
+    return {"ms": max(after_first_ms - decoding_ms, 0.0), "kv_tokens": float(s.prompt_tokens)}
 
 
 def summary_rows(profile: Profile) -> list[tuple[str, Fit]]:

@@ -8,8 +8,8 @@ prefix cache over the trace's block hashes; then the KV hand-off and a decode re
 sequences first) that steps every running sequence together (continuous batching: joins at the
 next step, admission bounded by max_running and KV rows reserved for prompt + output). Service
 times come from the profile's fits times a draw from each fit's residuals. With a shared-host
-profile (`host_cores` > 0) every busy replica shares those cores (processor sharing), as the
-replicas of a local deployment do.
+profile (`host_cores` > 0) every busy replica and every request's overheads (RPCs, image decoding,
+the router's work) share those cores (processor sharing), as the processes of a local deployment do.
 
 Invariant: every request that arrives either completes (TTFT, TPOT and e2e recorded) or is
 counted as rejected (prompt + output beyond the context or the KV capacity); simulated time only
@@ -420,6 +420,14 @@ class Simulation:
         return SimResult(self.outcomes, self.busy, {"encode": len(self.encoders), "prefill": len(self.prefills),
                                                     "decode": len(self.decoders)}, last - first)
 
+    def _overhead(self, ms: float, then: Callable[[], None]) -> None:
+        """Time a request spends outside any replica's queue (RPCs, image decoding, cache calls, the
+        router's own work). On a shared host it is CPU work competing with everything else there."""
+        if self.cpu.cores > 0:
+            self.cpu.run(ms, then)
+        else:
+            self.clock.after(ms / 1000.0, then)
+
     def _arrive(self, req: _Req) -> None:
         trace = req.trace
         if req.prompt_tokens + trace.generated_tokens > self.profile.max_context:
@@ -429,8 +437,8 @@ class Simulation:
             self.outcomes[req.index].rejected = "kv capacity"
             return
         fit = self.profile.router_ms
-        delay = self.noise.draw(fit, fit.predict(prompt_tokens=req.prompt_tokens)) / 1000.0
-        self.clock.after(delay, functools_partial(self._encode if trace.images else self._prefill, req))
+        ms = self.noise.draw(fit, fit.predict(prompt_tokens=req.prompt_tokens))
+        self._overhead(ms, functools_partial(self._encode if trace.images else self._prefill, req))
 
     def _encode(self, req: _Req) -> None:
         shards: dict[int, list] = {}
@@ -447,8 +455,8 @@ class Simulation:
         megapixels = sum(image.width * image.height for image in images) / 1e6
         enc = self.profile.encode
         if not misses:
-            delay = self.noise.draw(enc.hit_call_ms, enc.hit_call_ms.predict(images=len(images))) / 1000.0
-            self.clock.after(delay, functools_partial(self._shard_done, req))
+            ms = self.noise.draw(enc.hit_call_ms, enc.hit_call_ms.predict(images=len(images)))
+            self._overhead(ms, functools_partial(self._shard_done, req))
             return
         overhead = self.noise.draw(enc.call_ms, enc.call_ms.predict(images=len(images), megapixels=megapixels))
         left = [len(misses)]
@@ -457,7 +465,7 @@ class Simulation:
             self.embeddings.add(image.hash)
             left[0] -= 1
             if left[0] == 0:
-                self.clock.after(overhead / 1000.0, functools_partial(self._shard_done, req))
+                self._overhead(overhead, functools_partial(self._shard_done, req))
         for image in misses:
             replica.submit((self.clock.now, image.width * image.height / 1e6, functools_partial(one_done, image)))
 
@@ -484,9 +492,9 @@ class Simulation:
         tokens = req.prompt_tokens - cached
         ms = self.noise.draw(pre.compute_ms, pre.compute_ms.predict(tokens=tokens, tokens_sq=tokens * tokens / 1000.0,
                                                                     cached_tokens=cached))
-        call = self.noise.draw(pre.call_ms, pre.call_ms.predict(tokens=tokens)) / 1000.0
+        call = self.noise.draw(pre.call_ms, pre.call_ms.predict(tokens=tokens))
         replica = min(self.prefills, key=lambda r: r.predicted_finish(ms))
-        replica.submit(ms, lambda: self.clock.after(call, functools_partial(self._first_token, req)))
+        replica.submit(ms, lambda: self._overhead(call, functools_partial(self._first_token, req)))
 
     def _first_token(self, req: _Req) -> None:
         now = self.clock.now
@@ -497,11 +505,11 @@ class Simulation:
             outcome.e2e_s = outcome.ttft_s
             return
         fit = self.profile.decode.join_ms
-        delay = self.noise.draw(fit, fit.predict(kv_tokens=req.prompt_tokens)) / 1000.0
+        delay = self.noise.draw(fit, fit.predict(kv_tokens=req.prompt_tokens))
         replica = min(self.decoders, key=lambda r: r.load)
         total = req.prompt_tokens + req.trace.generated_tokens
         seq = _Seq(req, req.trace.generated_tokens - 1, req.prompt_tokens, total)
-        self.clock.after(delay, functools_partial(replica.submit, seq))
+        self._overhead(delay, functools_partial(replica.submit, seq))
 
     def finish(self, req: _Req, now: float) -> None:
         outcome = self.outcomes[req.index]
