@@ -194,6 +194,12 @@ def _workload(args: argparse.Namespace):
                          f"model's {profile.max_context}-token context)")
     if args.rate:
         requests = rescale(requests, args.rate)
+    image_tokens = profile.image_tokens()
+    too_long = sum(1 for r in requests
+                   if r.context_tokens + r.num_images * image_tokens + r.generated_tokens > profile.max_context)
+    if too_long:
+        notes.append(f"{too_long} of {len(requests)} requests exceed the profiled model's {profile.max_context}-token "
+                     "context: the router would refuse them, so they are counted as rejected, not in the percentiles")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return requests, profile, source

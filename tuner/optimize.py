@@ -169,13 +169,17 @@ class Objective:
 
 class WorkloadBounds:
     """Closed-form facts about a trace on a profile: each stage's total service work if perfectly
-    batched (a lower bound), and each request's latency with no queueing at all."""
+    batched (a lower bound), and each request's latency with no queueing at all. Requests beyond the
+    model's context are left out (the router refuses them; the simulation counts them rejected)."""
 
     def __init__(self, requests: Sequence[TraceRequest], profile: Profile) -> None:
         self.profile = profile
         arrivals = [r.arrival_s for r in requests]
         self.duration_s = max(max(arrivals) - min(arrivals), 1e-9) if requests else 1e-9
         self.rate_rps = len(requests) / self.duration_s if requests else 0.0
+        image_tokens = profile.image_tokens()
+        requests = [r for r in requests
+                    if r.context_tokens + r.num_images * image_tokens + r.generated_tokens <= profile.max_context]
         self.requests = list(requests)
         distinct = {i.hash: i.width * i.height / 1e6 for r in requests for i in r.images}
         self.distinct_images, self.distinct_megapixels = len(distinct), sum(distinct.values())
