@@ -35,12 +35,44 @@ class ServerConfig:
     metrics_port: int = setting(-1, "serve Prometheus GET /metrics on this port; -1 = off, 0 = a free port "
                                     "(reported as metrics_address in --ready-file)")
     metrics_host: str = setting("127.0.0.1", "bind address of the metrics endpoint")
+    health_port: int = setting(-1, "also serve grpc.health.v1 alone, in plaintext and without a token, on this port "
+                                   "of --host (for probes that cannot do TLS, e.g. the kubelet's); -1 = off, 0 = a "
+                                   "free port (reported as health_address in --ready-file)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535] (got {self.port})")
-        if not -1 <= self.metrics_port < 65536:
-            raise ValueError(f"metrics_port must be -1 (off) or in [0, 65535] (got {self.metrics_port})")
+        for name in ("metrics_port", "health_port"):
+            if not -1 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be -1 (off) or in [0, 65535] (got {getattr(self, name)})")
+        if self.health_port > 0 and self.health_port == self.port:
+            raise ValueError(f"health_port must differ from port (both {self.port})")
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurityConfig:
+    auth_token_file: str = setting("", "file holding the deployment's shared bearer token (default: "
+                                       "$EPDSERVE_AUTH_TOKEN_FILE, else the token in $EPDSERVE_AUTH_TOKEN; none of "
+                                       "them = no token): every RPC but health, the HTTP front door and the mmcache "
+                                       "data channel then require it, and every call this process makes sends it")
+    tls_cert: str = setting("", "PEM certificate (chain) this process presents as server and as client; with "
+                                "--tls-key and --tls-ca: mutual TLS on every gRPC port and the data channel")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_ca: str = setting("", "PEM CA certificate(s): every peer, clients included, must present a certificate "
+                              "signed by one of them")
+    tls_server_name: str = setting("", "with TLS: the name servers' certificates are checked against instead of the "
+                                       "host in their address (set it when peers are reached by pod IP)")
+
+    def __post_init__(self) -> None:
+        files = (self.tls_cert, self.tls_key, self.tls_ca)
+        if any(files) and not all(files):
+            raise ValueError("tls_cert, tls_key and tls_ca go together: set all three or none")
+        if self.tls_server_name and not self.tls_cert:
+            raise ValueError("tls_server_name goes with tls_cert, tls_key and tls_ca")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
 
 TRACE_EXPORTERS = ("none", "otlp", "file")

@@ -18,6 +18,8 @@ class Env:
     redis_server_bin: str          # redis-server binary used for a private Redis
     otlp_endpoint: str             # OpenTelemetry's standard OTLP endpoint (traces-specific one first); "" = unset
     otel_service_name: str         # OpenTelemetry's standard service name; "" = epdserve-<stage>
+    auth_token_file: str = ""      # file holding the bearer token when --auth-token-file is not given
+    auth_token: str = dataclasses.field(default="", repr=False)  # the token itself (second choice)
 
 
 def read_env(environ: os._Environ[str] | dict[str, str] | None = None) -> Env:
@@ -30,4 +32,6 @@ def read_env(environ: os._Environ[str] | dict[str, str] | None = None) -> Env:
         redis_server_bin=env.get("EPDSERVE_REDIS_SERVER", "redis-server"),
         otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
         otel_service_name=env.get("OTEL_SERVICE_NAME", ""),
+        auth_token_file=env.get("EPDSERVE_AUTH_TOKEN_FILE", ""),
+        auth_token=env.get("EPDSERVE_AUTH_TOKEN", ""),
     )

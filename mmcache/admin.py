@@ -7,6 +7,7 @@ import json
 
 import grpc
 
+from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.transport.channels import aio_channel
 from epdserve.v1 import cache_pb2, cache_pb2_grpc
 from mmcache.index import IndexEntry, schema
@@ -14,8 +15,9 @@ from mmcache.index import IndexEntry, schema
 SCAN_BATCH = 1000
 
 
-async def stats(redis, namespace: str) -> dict:
-    """Index entries by kind, and per owner: liveness plus what it reports holding."""
+async def stats(redis, namespace: str, credentials: Credentials = NO_CREDENTIALS) -> dict:
+    """Index entries by kind, and per owner: liveness plus what it reports holding (asked over
+    CacheControl.Stats with `credentials`)."""
     prefix = schema(namespace)
     kinds: dict[str, int] = {}
     async for key in redis.scan_iter(match=f"{prefix}:e:*", count=SCAN_BATCH):
@@ -26,14 +28,14 @@ async def stats(redis, namespace: str) -> dict:
         info = json.loads(raw)
         alive = bool(await redis.exists(f"{prefix}:alive:{_text(owner_id)}"))
         owners.append({"owner": _text(owner_id), "host": info.get("host_id", ""), "alive": alive,
-                       **(await _owner_stats(info.get("control_address", "")) if alive else {})})
+                       **(await _owner_stats(info.get("control_address", ""), credentials) if alive else {})})
     return {"namespace": namespace, "index_entries": kinds, "owners": sorted(owners, key=lambda o: o["owner"])}
 
 
-async def _owner_stats(address: str) -> dict:
+async def _owner_stats(address: str, credentials: Credentials) -> dict:
     if not address:
         return {}
-    channel = aio_channel(address)
+    channel = aio_channel(address, credentials=credentials)
     try:
         reply = await cache_pb2_grpc.CacheControlStub(channel).Stats(cache_pb2.StatsRequest(), timeout=3)
     except grpc.RpcError as exc:

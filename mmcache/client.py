@@ -29,6 +29,7 @@ import grpc
 from epdserve import tracing
 from epdserve.config import CacheConfig
 from epdserve.errors import UnavailableError
+from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.transport.channels import aio_channel
 from epdserve.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 from mmcache.codec import (
@@ -67,14 +68,16 @@ class CacheIdentity:
 
 
 class MMCache:
-    def __init__(self, config: CacheConfig, owner: OwnerInfo, redis, store: TieredStore) -> None:
+    def __init__(self, config: CacheConfig, owner: OwnerInfo, redis, store: TieredStore,
+                 credentials: Credentials = NO_CREDENTIALS) -> None:
         self.config, self.owner, self.redis, self.store = config, owner, redis, store
+        self.credentials = credentials  # the data channel's and every CacheControl call's
         self.metrics = CacheMetrics()
         self.guard = RedisGuard(redis, timeout_s=config.redis_timeout_s, on_change=self.metrics.set_available)
         self.index = RedisIndex(redis, config.namespace, self.guard)
         self.registry = OwnerRegistry(self.index, self.guard, owner, interval_s=config.heartbeat_interval_s)
         self.ready = ReadinessStream(self.index, self.guard)
-        self.data_client = DataClient(timeout_s=max(config.redis_timeout_s, 30.0))
+        self.data_client = DataClient(timeout_s=max(config.redis_timeout_s, 30.0), credentials=credentials)
         self.mappings = PoolMappings()
         self.data_server: DataServer | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -84,9 +87,11 @@ class MMCache:
         self._closed = False
 
     @classmethod
-    async def open(cls, config: CacheConfig, identity: CacheIdentity) -> "MMCache":
+    async def open(cls, config: CacheConfig, identity: CacheIdentity,
+                   credentials: Credentials = NO_CREDENTIALS) -> "MMCache":
         """Create the store, start the data channel, register, and start the background loop.
-        Redis being down is not fatal: the cache starts degraded and reconnects later."""
+        Redis being down is not fatal: the cache starts degraded and reconnects later. With
+        `credentials` the data channel needs the token / TLS, and calls to other owners send them."""
         import redis.asyncio as aioredis
 
         store_dir = pathlib.Path(config.shm_dir) if config.shm_dir else default_store_dir(identity.owner_id)
@@ -94,12 +99,12 @@ class MMCache:
         client = aioredis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s,
                                    socket_connect_timeout=config.redis_timeout_s)
         cache = cls(config, OwnerInfo(identity.owner_id, local_host_id(), identity.control_address,
-                                      store_dir=str(store_dir)), client, store)
+                                      store_dir=str(store_dir)), client, store, credentials)
         await cache._start(identity)
         return cache
 
     async def _start(self, identity: CacheIdentity) -> None:
-        self.data_server = DataServer(self._acquire_for_send, self.config.fetch_chunk_bytes)
+        self.data_server = DataServer(self._acquire_for_send, self.config.fetch_chunk_bytes, self.credentials)
         port = await self.data_server.start(identity.bind_host)
         host = identity.advertise_host or identity.bind_host
         self.owner = dataclasses.replace(self.owner, data_address=f"{host}:{port}")
@@ -439,7 +444,7 @@ class MMCache:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = aio_channel(address)
+            self._channels[address] = aio_channel(address, credentials=self.credentials)
         return self._channels[address]
 
     # ---- readiness (layer-wise publishing) -----------------------------------------------------------
@@ -575,13 +580,13 @@ def _with_lease(ref: common_pb2.TensorRef, lease_id: str) -> common_pb2.TensorRe
 class SyncMMCache:
     """Blocking facade over MMCache (tests, CLI): runs it on a private loop in a daemon thread."""
 
-    def __init__(self, config: CacheConfig, identity: CacheIdentity) -> None:
+    def __init__(self, config: CacheConfig, identity: CacheIdentity, credentials: Credentials = NO_CREDENTIALS) -> None:
         import threading
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="mmcache-sync")
         self._thread.start()
-        self.cache: MMCache = self._call(MMCache.open(config, identity))
+        self.cache: MMCache = self._call(MMCache.open(config, identity, credentials))
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

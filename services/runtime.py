@@ -15,8 +15,18 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
-from epdserve.config import CacheConfig, ModelConfig, ServerConfig, TraceConfig, add_config_args, config_from_args
+from epdserve.config import (
+    CacheConfig,
+    ModelConfig,
+    SecurityConfig,
+    ServerConfig,
+    TraceConfig,
+    add_config_args,
+    config_from_args,
+)
 from epdserve.env import read_env
+from epdserve.errors import EpdserveError
+from epdserve.security import NO_CREDENTIALS, Credentials, load_credentials
 
 if TYPE_CHECKING:
     from epdserve.transport.server import ServiceServer
@@ -42,24 +52,32 @@ def service_arg_parser(stage: str, stage_config: type | None, *, with_cache: boo
         add_config_args(parser, CacheConfig)
     if stage_config is not None:
         add_config_args(parser, stage_config)
+    add_config_args(parser, SecurityConfig)
     add_config_args(parser, TraceConfig)
     parser.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING | ERROR")
     return parser
 
 
 def parse_configs(parser: argparse.ArgumentParser, argv: list[str] | None, *classes: type) -> tuple:
+    """The configs of `classes`, in order; a SecurityConfig among them comes back as the loaded
+    `Credentials` (files read now, the environment as fallback). Exits with a usage error."""
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
-        return tuple(config_from_args(cls, args) for cls in classes)
+        configs = tuple(config_from_args(cls, args) for cls in classes)
+        return tuple(load_credentials(c, read_env()) if isinstance(c, SecurityConfig) else c for c in configs)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
+    except EpdserveError as exc:
+        parser.error(exc.message)
 
 
 def stage_main(stage: str, stage_config: type, serve, argv: list[str] | None) -> int:
-    """`main` of an encode / prefill / decode process: parse flags, run `serve(server, model, cache, stage)`."""
+    """`main` of an encode / prefill / decode process: parse flags, run
+    `serve(server, model, cache, stage, credentials)`."""
     parser = service_arg_parser(stage, stage_config)
-    *configs, trace = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, stage_config, TraceConfig)
+    *configs, trace = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, stage_config,
+                                    SecurityConfig, TraceConfig)
     if configs[1].threads > 0:
         import torch
 
@@ -83,19 +101,19 @@ class StageContext:
 
 
 async def run_stage(stage: str, service_name: str, server_config: ServerConfig, cache_config: CacheConfig,
-                    register: Callable[[StageContext], None]) -> None:
+                    register: Callable[[StageContext], None], credentials: Credentials = NO_CREDENTIALS) -> None:
     """Wire a stage process: bind its server, open its mmcache (owner = this process start), let
     `register` add the stage's servicer, serve the cache's control service, run until SIGTERM,
-    clean up."""
+    clean up. `credentials` secure the server, the data channel and every call to other owners."""
     from epdserve.transport.server import ServiceServer, run_until_signalled
     from epdserve.v1 import cache_pb2_grpc, load_pb2_grpc
     from mmcache.client import CacheIdentity, MMCache
     from services.load import LoadServicer, LoadTracker
     from services.metrics import StageMetrics, registry_collector
 
-    server = ServiceServer(server_config, [service_name])
+    server = ServiceServer(server_config, [service_name], credentials=credentials)
     identity = CacheIdentity(new_owner_id(stage), server.bind(), server_config.host, server_config.advertise_host)
-    cache = await MMCache.open(cache_config, identity)
+    cache = await MMCache.open(cache_config, identity, credentials)
     executor = ModelExecutor(f"{stage}-model")
     load = LoadTracker(stage, identity.owner_id)
     metrics = StageMetrics(server.registry, stage, load)
@@ -118,7 +136,6 @@ def run_service(serve, configs: tuple, stage: str, trace: TraceConfig = TraceCon
     import signal
 
     from epdserve import tracing
-    from epdserve.errors import EpdserveError
 
     try:
         tracing.setup(trace, stage, read_env())

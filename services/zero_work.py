@@ -17,6 +17,7 @@ import functools
 
 from epdserve.config import CacheConfig, ModelConfig, ServerConfig
 from epdserve.models.spec import load_spec
+from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.v1 import (
     common_pb2,
     decode_pb2,
@@ -77,7 +78,7 @@ class ZeroDecode(_Zero, decode_pb2_grpc.DecodeServiceServicer):
 
 
 async def serve_zero_work(stage: str, server_config: ServerConfig, model_config: ModelConfig,
-                          cache_config: CacheConfig, stage_config) -> None:
+                          cache_config: CacheConfig, stage_config, credentials: Credentials = NO_CREDENTIALS) -> None:
     spec = load_spec(resolve_model_dir(model_config))
     delay_s = model_config.zero_work_delay_ms / 1000.0
     services = {
@@ -92,4 +93,5 @@ async def serve_zero_work(stage: str, server_config: ServerConfig, model_config:
     def register(ctx: StageContext) -> None:
         add(servicer(ctx.load, delay_s), ctx.server.server)
 
-    await run_stage(stage, module.DESCRIPTOR.services_by_name[name].full_name, server_config, cache_config, register)
+    await run_stage(stage, module.DESCRIPTOR.services_by_name[name].full_name, server_config, cache_config, register,
+                    credentials)

@@ -1,8 +1,10 @@
-"""Shared fixtures: a real private redis-server, tiny random checkpoints built on disk,
-and the marker plumbing (`slow` needs --run-slow; `gpu` needs CUDA)."""
+"""Shared fixtures: a real private redis-server, tiny random checkpoints built on disk, a test
+PKI (CA, certificate, key, token), and the marker plumbing (`slow` needs --run-slow; `gpu` needs
+CUDA)."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import uuid
 
@@ -74,3 +76,75 @@ def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_checkpoint_factory) -> pathlib.Path:
     return tiny_checkpoint_factory()
+
+
+@dataclasses.dataclass(frozen=True)
+class PKI:
+    """PEM files of a test deployment: its CA and one certificate + key (server and client auth,
+    SANs localhost / 127.0.0.1 / epdserve.test), and a token file."""
+
+    ca: pathlib.Path
+    cert: pathlib.Path
+    key: pathlib.Path
+    token_file: pathlib.Path
+    token: str
+
+
+def write_pki(directory: pathlib.Path, name: str = "epdserve") -> PKI:
+    """A fresh CA and a certificate it signed, written under `directory` (needs `cryptography`)."""
+    import datetime
+    import ipaddress
+    import secrets
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.DNSName("epdserve.test"),
+                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(san, critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pki = PKI(directory / "ca.crt", directory / "tls.crt", directory / "tls.key", directory / "token",
+              secrets.token_urlsafe(32))
+    pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    pki.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pki.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    pki.token_file.write_text(pki.token + "\n")
+    for path in (pki.key, pki.token_file):
+        path.chmod(0o600)
+    return pki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """The test deployment's CA, certificate, key and token (skips without `cryptography`)."""
+    pytest.importorskip("cryptography", reason="test extra: cryptography")
+    return write_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A second, unrelated CA with its own certificate and token: what an outsider holds."""
+    pytest.importorskip("cryptography", reason="test extra: cryptography")
+    return write_pki(tmp_path_factory.mktemp("other-pki"), "outsider")

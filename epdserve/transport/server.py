@@ -2,7 +2,10 @@
 
 start: bind (port 0 = free port), register the standard health service ("" = liveness, plus
 one name per service = readiness), optional reflection, mark SERVING, write the ready file.
-With --metrics-port >= 0, Prometheus `GET /metrics` serves `registry` (one per server, so
+With credentials: the port speaks mutual TLS (client certificates signed by the CA required) and
+every method but health needs the bearer token (`transport/auth.py`); with --health-port >= 0 a
+second, plaintext server answers grpc.health.v1 alone (the same statuses) for probes that cannot
+do TLS. With --metrics-port >= 0, Prometheus `GET /metrics` serves `registry` (one per server, so
 in-process servers never share metrics) from prometheus-client's HTTP server thread, bound
 before the ready file is written (`metrics_address`).
 SIGTERM/SIGINT: health NOT_SERVING, stop accepting, give in-flight RPCs `drain_timeout_s`,
@@ -24,14 +27,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from epdserve.config import ServerConfig
+from epdserve.security import NO_CREDENTIALS, Credentials
+from epdserve.transport.auth import TokenAuthInterceptor
 
 log = logging.getLogger(__name__)
 
 
 class ServiceServer:
     def __init__(self, config: ServerConfig, service_names: Sequence[str],
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, credentials: Credentials = NO_CREDENTIALS) -> None:
         self.config = config
+        self.credentials = credentials
         self.service_names = tuple(service_names)
         self.server = grpc.aio.server(
             options=[
@@ -42,10 +48,13 @@ class ServiceServer:
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            interceptors=[TokenAuthInterceptor(credentials.token)] if credentials.token else None,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
+        self.health_address = ""
+        self._health_server: grpc.aio.Server | None = None
         # what GET /metrics serves (a fresh one per server by default); services register their metrics here
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics_address = ""
@@ -59,7 +68,11 @@ class ServiceServer:
         """Bind the listening port (port 0 = a free one) and return the advertised address.
         Services bind before start so they know their own address while wiring up."""
         if self.port == 0:
-            self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+            address = f"{self.config.host}:{self.config.port}"
+            if self.credentials.tls is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, server_credentials(self.credentials))
             if self.port == 0:
                 raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         return self.address
@@ -72,6 +85,7 @@ class ServiceServer:
             names = (*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
             reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), self.server)
         await self.server.start()
+        await self._start_health_port()
         self._start_metrics()
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -84,7 +98,25 @@ class ServiceServer:
         info = {"address": self.address, "pid": os.getpid()}
         if self.metrics_address:
             info["metrics_address"] = self.metrics_address
+        if self.health_address:
+            info["health_address"] = self.health_address
         return info
+
+    async def _start_health_port(self) -> None:
+        """The plaintext health-only server (--health-port): it shares `self.health`, so probes
+        there see exactly what the main port reports."""
+        if self.config.health_port < 0 or self._health_server is not None:
+            return
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        port = server.add_insecure_port(f"{self.config.host}:{self.config.health_port}")
+        if port == 0:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.health_port}")
+        await server.start()
+        self._health_server = server
+        host = self.config.advertise_host or self.config.host
+        self.health_address = f"{host}:{port}"
+        log.info("health only, plaintext, on %s", self.health_address)
 
     def _start_metrics(self) -> None:
         if self.config.metrics_port < 0 or self._metrics_http is not None:
@@ -111,7 +143,16 @@ class ServiceServer:
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.drain_timeout_s)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
         await asyncio.to_thread(self._stop_metrics)
+
+
+def server_credentials(credentials: Credentials) -> grpc.ServerCredentials:
+    """TLS with this process's certificate; clients must present one signed by the CA."""
+    assert credentials.tls is not None
+    cert, key, ca = credentials.tls.pem
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
 
 async def run_until_signalled(server: ServiceServer, cleanup: Callable[[], Awaitable[None]] | None = None) -> None:

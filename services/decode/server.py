@@ -17,6 +17,7 @@ from epdserve.config import CacheConfig, DecodeConfig, ModelConfig, ServerConfig
 from epdserve.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
+from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.transport.errors import stream_errors, unary_errors
 from epdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, load_pb2
 from mmcache.client import MMCache
@@ -214,7 +215,7 @@ async def _traced(responses, parent):
 
 
 async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,
-                decode_config: DecodeConfig) -> None:
+                decode_config: DecodeConfig, credentials: Credentials = NO_CREDENTIALS) -> None:
     spec = load_spec(resolve_model_dir(model_config))
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
     experts = place_experts(decoder, decode_config)
@@ -226,7 +227,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         register_decode_metrics(ctx.metrics.registry, engine, experts)
 
     try:
-        await run_stage("decode", SERVICE_NAME, server_config, cache_config, register)
+        await run_stage("decode", SERVICE_NAME, server_config, cache_config, register, credentials)
     finally:
         if experts is not None:
             log.info("expert offloading: %s", experts.stats().as_dict())

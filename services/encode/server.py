@@ -11,6 +11,7 @@ from epdserve.config import CacheConfig, EncodeConfig, ModelConfig, ServerConfig
 from epdserve.errors import InvalidArgumentError, ResourceExhaustedError
 from epdserve.models.checkpoint import model_revision
 from epdserve.models.spec import load_spec
+from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.transport.errors import unary_errors
 from epdserve.v1 import encode_pb2, encode_pb2_grpc
 from mmcache.client import MMCache
@@ -126,7 +127,7 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
 
 
 async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,
-                encode_config: EncodeConfig) -> None:
+                encode_config: EncodeConfig, credentials: Credentials = NO_CREDENTIALS) -> None:
     model_dir = resolve_model_dir(model_config)
     spec = load_spec(model_dir)
     revision = model_config.revision or model_revision(model_dir)
@@ -142,7 +143,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         servicer = EncodeServicer(encoder, batcher, ctx.cache, encode_config, EncodeMetrics(ctx.metrics.registry))
         encode_pb2_grpc.add_EncodeServiceServicer_to_server(servicer, ctx.server.server)
 
-    await run_stage("encode", SERVICE_NAME, server_config, cache_config, register)
+    await run_stage("encode", SERVICE_NAME, server_config, cache_config, register, credentials)
 
 
 def _file_digest(path: str) -> str:

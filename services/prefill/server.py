@@ -14,6 +14,7 @@ from epdserve.errors import FailedPreconditionError, InvalidArgumentError
 from epdserve.models.checkpoint import model_revision
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
+from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.transport.errors import unary_errors
 from epdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from mmcache.client import MMCache
@@ -149,7 +150,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
 
 async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,
-                prefill_config: PrefillConfig) -> None:
+                prefill_config: PrefillConfig, credentials: Credentials = NO_CREDENTIALS) -> None:
     model_dir = resolve_model_dir(model_config)
     spec = load_spec(model_dir)
     revision = model_config.revision or model_revision(model_dir)
@@ -164,7 +165,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         ctx.load.extra = functools.partial(_prefix_fields, prefixes, ctx.cache.owner.host_id)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, ctx.server.server)
 
-    await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register)
+    await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register, credentials)
 
 
 def _prefix_fields(prefixes: PrefixCache, host_id: str, report) -> None:

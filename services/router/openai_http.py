@@ -1,6 +1,9 @@
 """The router's OpenAI-compatible HTTP front door (aiohttp, in the router's event loop).
 
-POST /v1/chat/completions, GET /v1/models, GET /health. A chat request is checked and converted
+POST /v1/chat/completions, GET /v1/models, GET /health. With a token (--auth-token-file) every
+path but /health needs `Authorization: Bearer <token>` (else 401 in OpenAI's error shape, the
+token never echoed); the front door itself is plain HTTP (terminate TLS for clients at the
+ingress / load balancer, docs/RELIABILITY.md). A chat request is checked and converted
 (`openai_protocol.py`), its whole conversation rendered with the checkpoint's chat template,
 allowlisted remote images fetched, and then it runs through `RouterServicer.events`: the path gRPC
 Generate takes, so validation, limits, Abort and deadlines are the same. A client that disconnects
@@ -26,9 +29,11 @@ from epdserve.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from epdserve.models.prompt import PromptBuilder
+from epdserve.security import token_matches
 from epdserve.transport.errors import INTERNAL_MESSAGE
 from services.router.openai_protocol import (
     ChatRequest,
@@ -51,7 +56,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 class OpenAIHttpServer:
     def __init__(self, config: RouterConfig, server_config: ServerConfig, servicer: RouterServicer,
-                 prompts: PromptBuilder) -> None:
+                 prompts: PromptBuilder, token: str = "") -> None:
         if not -1 <= config.http_port < 65536:
             raise FailedPreconditionError(f"http_port must be -1 (off) or in [0, 65535] (got {config.http_port})")
         self.config, self.servicer, self.prompts = config, servicer, prompts
@@ -63,8 +68,9 @@ class OpenAIHttpServer:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         # a body may carry what one gRPC message may, base64 encoded
+        middlewares = [_openai_errors, _bearer_auth(token)] if token else [_openai_errors]
         self.app = web.Application(client_max_size=server_config.max_message_bytes * 4 // 3 + MiB,
-                                   middlewares=[_openai_errors])
+                                   middlewares=middlewares)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/health", self.health)
@@ -187,6 +193,23 @@ async def _given(data: bytes) -> bytes:
 def error_response(error: EpdserveError, field_names: dict[str, str]) -> web.Response:
     status, body, headers = error_body(error, field_names)
     return web.json_response(body, status=status, headers=headers)
+
+
+UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send the header 'Authorization: Bearer <token>')"
+AUTH_EXEMPT_PATHS = ("/health",)
+
+
+def _bearer_auth(token: str):
+    """Every path but /health needs the deployment's token (compared in constant time)."""
+    @web.middleware
+    async def bearer_auth(request: web.Request, handler) -> web.StreamResponse:
+        if request.path in AUTH_EXEMPT_PATHS or token_matches(request.headers.get("Authorization", ""), token):
+            return await handler(request)
+        response = error_response(UnauthenticatedError(UNAUTHENTICATED_MESSAGE), {})
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    return bearer_auth
 
 
 @web.middleware

@@ -22,6 +22,7 @@ from epdserve.config import RouterConfig
 from epdserve.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError
 from epdserve.models.prompt import PromptBuilder, PromptTokens
 from epdserve.models.spec import kept_tokens
+from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.transport.errors import from_rpc_error
 from epdserve.v1 import (
     common_pb2,
@@ -66,8 +67,10 @@ class Finished:
 
 
 class Orchestrator:
-    def __init__(self, config: RouterConfig, prompts: PromptBuilder, defaults: CostDefaults | None = None) -> None:
+    def __init__(self, config: RouterConfig, prompts: PromptBuilder, defaults: CostDefaults | None = None, *,
+                 credentials: Credentials = NO_CREDENTIALS) -> None:
         self.config, self.prompts = config, prompts
+        self.credentials = credentials  # what every call to a stage replica presents
         self.defaults = defaults or CostDefaults(kv_transfer_bytes_per_s=config.kv_transfer_gb_s * 1e9)
         self.prefixes = PrefixView(config.cache_redis_url, config.cache_namespace) if config.cache_redis_url else None
         self.max_context = prompts.spec.decoder.max_context
@@ -87,7 +90,7 @@ class Orchestrator:
         addresses = getattr(self.config, stage)
         discovered = is_discovered(addresses)
         pool = ReplicaPool(stage, _service_name(module, service), () if discovered else addresses, stub_cls,
-                           interval_s=self.config.health_interval_s)
+                           interval_s=self.config.health_interval_s, credentials=self.credentials)
         if discovered:
             self._watchers.append(EndpointSliceWatcher(ServiceRef.parse(addresses[0]), pool.set_addresses))
         return pool

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epdserve.errors import UnavailableError
+from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.transport.channels import aio_channel
 from epdserve.v1 import load_pb2, load_pb2_grpc
 
@@ -50,8 +51,9 @@ class ReplicaPool:
     (service discovery); `close()` stops polling and closes the channels."""
 
     def __init__(self, stage: str, service_name: str, addresses: Sequence[str], stub_cls, *,
-                 interval_s: float = 0.5) -> None:
+                 interval_s: float = 0.5, credentials: Credentials = NO_CREDENTIALS) -> None:
         self.stage, self.service_name, self.interval_s = stage, service_name, interval_s
+        self.credentials = credentials
         self.stub_cls = stub_cls
         self.replicas: list[Replica] = []
         self._by_index: dict[int, Replica] = {}
@@ -111,7 +113,7 @@ class ReplicaPool:
                     self._spawn(self._probe(replica))
 
     def _add(self, address: str, *, healthy: bool) -> Replica:
-        channel = aio_channel(address)
+        channel = aio_channel(address, credentials=self.credentials)
         replica = Replica(self._next_index, address, channel, self.stub_cls(channel), healthy=healthy)
         replica.health_stub = health_pb2_grpc.HealthStub(channel)
         replica.load_stub = load_pb2_grpc.LoadServiceStub(channel)

@@ -23,7 +23,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from epdserve import tracing
-from epdserve.config import ModelConfig, RouterConfig, ServerConfig, TraceConfig
+from epdserve.config import ModelConfig, RouterConfig, SecurityConfig, ServerConfig, TraceConfig
 from epdserve.errors import (
     AlreadyExistsError,
     EpdserveError,
@@ -34,6 +34,7 @@ from epdserve.errors import (
 from epdserve.models.checkpoint import model_revision
 from epdserve.models.prompt import PromptBuilder
 from epdserve.models.spec import load_spec
+from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.transport.errors import INTERNAL_MESSAGE, status_code, stream_errors, unary_errors
 from epdserve.transport.server import ServiceServer, run_until_signalled
 from epdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -247,12 +248,13 @@ def build_model_info(model_dir, spec, prompts: PromptBuilder, revision: str) -> 
     )
 
 
-async def serve(server_config: ServerConfig, model_config: ModelConfig, router_config: RouterConfig) -> None:
+async def serve(server_config: ServerConfig, model_config: ModelConfig, router_config: RouterConfig,
+                credentials: Credentials = NO_CREDENTIALS) -> None:
     model_dir = resolve_model_dir(model_config)
     spec = load_spec(model_dir)
     prompts = PromptBuilder(spec)
     revision = model_config.revision or model_revision(model_dir)
-    orchestrator = Orchestrator(router_config, prompts)
+    orchestrator = Orchestrator(router_config, prompts, credentials=credentials)
     secret = read_secret(router_config.tenant_salt_file)
     metrics = RouterMetrics()  # its registry is the one the server's /metrics serves
     servicer = RouterServicer(router_config, orchestrator, build_model_info(model_dir, spec, prompts, revision), secret,
@@ -261,8 +263,8 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, router_c
     if router_config.http_port >= 0:
         from services.router.openai_http import OpenAIHttpServer  # aiohttp is imported only when enabled
 
-        http = OpenAIHttpServer(router_config, server_config, servicer, prompts)
-    server = RouterServer(server_config, [SERVICE_NAME], http, metrics.registry)
+        http = OpenAIHttpServer(router_config, server_config, servicer, prompts, token=credentials.token)
+    server = RouterServer(server_config, [SERVICE_NAME], http, metrics.registry, credentials)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server.server)
     await orchestrator.start()
     await run_until_signalled(server, orchestrator.close)
@@ -273,8 +275,8 @@ class RouterServer(ServiceServer):
     starts first, so the ready file also holds `http_address`, and both drain together."""
 
     def __init__(self, config: ServerConfig, service_names, http: OpenAIHttpServer | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
-        super().__init__(config, service_names, registry)
+                 registry: CollectorRegistry | None = None, credentials: Credentials = NO_CREDENTIALS) -> None:
+        super().__init__(config, service_names, registry, credentials)
         self.http = http
         self.http_address = ""
 
@@ -310,5 +312,5 @@ def read_secret(path: str) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = service_arg_parser("router", RouterConfig, with_cache=False)
-    *configs, trace = parse_configs(parser, argv, ServerConfig, ModelConfig, RouterConfig, TraceConfig)
+    *configs, trace = parse_configs(parser, argv, ServerConfig, ModelConfig, RouterConfig, SecurityConfig, TraceConfig)
     return run_service(serve, tuple(configs), "router", trace)

@@ -20,7 +20,7 @@ from epdserve.v1 import cache_pb2, cache_pb2_grpc
 from mmcache.client import CacheIdentity, MMCache, SyncMMCache
 from mmcache.codec import CorruptEntryError
 from mmcache.keys import prefix_block_keys
-from mmcache.transfer import MAGIC, VERSION, DataClient
+from mmcache.transfer import MAGIC, NONCE_BYTES, VERSION, DataClient
 
 pytestmark = pytest.mark.integration
 
@@ -214,6 +214,7 @@ async def _fetch_from_fake_owner(frames: bytes):
     header = b'{"dtype":"uint8","shape":[4],"nbytes":4,"checksum":"x"}'
 
     async def handle(reader, writer):
+        writer.write(MAGIC + bytes([VERSION, 0]) + bytes(NONCE_BYTES))  # the greeting: no token wanted
         await reader.readexactly(5)
         for _ in range(2):
             await reader.readexactly(struct.unpack("<H", await reader.readexactly(2))[0])
@@ -234,14 +235,16 @@ async def test_data_channel_rejects_a_non_protocol_peer(config):
     owner = await Owner.start(config, "owner")
     host, port = owner.cache.owner.data_address.rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
+    greeting = await reader.readexactly(len(MAGIC) + 2 + NONCE_BYTES)
+    assert greeting.startswith(MAGIC + bytes([VERSION]))
     writer.write(b"GET / HTTP/1.1\r\n\r\n")
     await writer.drain()
-    try:  # the owner hangs up without serving anything (EOF, or a reset: it did not read the rest)
+    try:  # then the owner hangs up without serving anything (EOF, or a reset: it did not read the rest)
         assert await asyncio.wait_for(reader.read(16), 5) == b""
     except ConnectionResetError:
         pass
     writer.close()
-    assert MAGIC == b"EPDX" and VERSION == 1
+    assert MAGIC == b"EPDX" and VERSION == 2
     await owner.stop()
 
 
