@@ -22,7 +22,7 @@ import signal
 import sys
 
 from epdserve.cliutil import run_subcommand
-from epdserve.config import TraceConfig, add_config_args, config_from_args
+from epdserve.config import SecurityConfig, TraceConfig, add_config_args, config_from_args
 from epdserve.env import read_env
 from epdserve.errors import EpdserveError, InvalidArgumentError
 
@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=50051, help="router port (0 = a free port)")
     up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add_config_args(up, TraceConfig)
+    add_config_args(up, SecurityConfig)
     up.set_defaults(run=_up)
 
     demo = sub.add_parser("demo", help="start a local cluster, send one image+text request, stop")
@@ -79,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with text and token_ids")
     gen.add_argument("--timeout", type=float, default=600.0, help="request deadline in seconds")
     gen.add_argument("prompt")
+    add_config_args(gen, SecurityConfig)
     gen.set_defaults(run=_generate)
 
     batch = sub.add_parser("batch", help="run an offline batch (JSONL of generate requests) through a router")
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--router", required=True, help="router address host:port")
     batch.add_argument("--out", type=pathlib.Path, required=True, help="results JSONL, written as they finish")
     batch.add_argument("--timeout", type=float, default=None, help="deadline of the whole batch in seconds")
+    add_config_args(batch, SecurityConfig)
     batch.set_defaults(run=_batch)
 
     sparsify = sub.add_parser("sparsify", help="vision-token sparsification tools")
@@ -112,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
         command.add_argument("--namespace", default="epdserve")
         command.add_argument("--json", action="store_true")
+        if name == "stats":
+            add_config_args(command, SecurityConfig)  # owners' CacheControl.Stats needs them when they are secured
         if name == "inspect":
             command.add_argument("key")
         if name == "flush":
@@ -170,15 +175,17 @@ def _up(args: argparse.Namespace) -> int:
     from epdserve.launcher import ClusterConfig, LocalCluster
 
     env = read_env()
+    security = _security_config(args)
+    _credentials(args)  # unreadable files or a bad token fail here, not in four services
     config = ClusterConfig(model_dir=_default_model(args.model), redis_url=args.redis_url, router_host=args.host,
                            router_port=args.port, device=args.device, redis_server_bin=env.redis_server_bin,
-                           trace=_trace_config(args))
+                           trace=_trace_config(args), security=security)
     cluster = LocalCluster(config)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         address = cluster.start()
         print(f"epdserve is up: router {address} (redis {cluster.redis_url}); Ctrl-C to stop", flush=True)
-        print(f'try: epdserve generate --router {address} "Hello"', flush=True)
+        print(f'try: epdserve generate --router {address}{_client_flags(security)} "Hello"', flush=True)
         signal.pause()
     except KeyboardInterrupt:
         pass
@@ -199,7 +206,29 @@ def _demo(args: argparse.Namespace) -> int:
         print("preparing the model (the tiny demo checkpoint is built once and cached)...", flush=True)
     image = args.image.read_bytes() if args.image else None
     return run_demo(_default_model(args.model), prompt=args.prompt or DEMO_PROMPT, image=image,
-                    max_tokens=args.max_tokens, as_json=args.json, trace=_trace_config(args))
+                    max_tokens=args.max_tokens, as_json=args.json, trace=_trace_config(args),
+                    token=_credentials(args).token)  # the services take $EPDSERVE_AUTH_TOKEN[_FILE] too
+
+
+def _security_config(args: argparse.Namespace) -> SecurityConfig:
+    try:
+        return config_from_args(SecurityConfig, args)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+
+
+def _credentials(args: argparse.Namespace):
+    """The token and TLS files of the command's security flags (the environment as fallback)."""
+    from epdserve.security import load_credentials
+
+    return load_credentials(_security_config(args), read_env())
+
+
+def _client_flags(security: SecurityConfig) -> str:
+    """The security flags a client of a cluster started with `security` passes."""
+    from epdserve.launcher import security_args
+
+    return "".join(f" {arg}" for arg in security_args(security))
 
 
 def _trace_config(args: argparse.Namespace) -> TraceConfig:
@@ -215,7 +244,8 @@ def _generate(args: argparse.Namespace) -> int:
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, raw=args.raw,
                    image_keep_ratio=args.image_keep_ratio)
-    with Client(args.router, timeout_s=args.timeout) as client:
+    credentials = _credentials(args)
+    with Client(args.router, timeout_s=args.timeout, token=credentials.token, tls=credentials.tls) as client:
         stream = client.stream(args.prompt, images=args.image, **options)
         for chunk in stream:
             if not args.json:
@@ -247,7 +277,7 @@ def _cache(args: argparse.Namespace) -> int:
         redis = aioredis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=5)
         try:
             if args.cache_command == "stats":
-                return await admin.stats(redis, args.namespace)
+                return await admin.stats(redis, args.namespace, _credentials(args))
             if args.cache_command == "flush":
                 return {"removed": await admin.flush(redis, args.namespace)}
             return await admin.inspect(redis, args.namespace, args.key)
@@ -297,8 +327,10 @@ def _batch(args: argparse.Namespace) -> int:
     from epdserve.sdk import BatchSummary, Client
 
     requests = _read_batch(args.requests)
+    credentials = _credentials(args)
     summary = None
-    with Client(args.router, timeout_s=args.timeout) as client, open(args.out, "w") as out, \
+    with Client(args.router, timeout_s=args.timeout, token=credentials.token, tls=credentials.tls) as client, \
+            open(args.out, "w") as out, \
             tqdm(total=len(requests), unit="req", file=sys.stderr) as progress:
         for item in client.batch(requests):
             if isinstance(item, BatchSummary):

@@ -49,7 +49,7 @@ def demo_image_png(size: int = 96) -> bytes:
 
 def run_demo(model_dir: pathlib.Path, *, prompt: str = DEMO_PROMPT, image: bytes | None = None,
              max_tokens: int = 24, as_json: bool = False, out: TextIO = sys.stdout,
-             trace: TraceConfig = TraceConfig()) -> int:
+             trace: TraceConfig = TraceConfig(), token: str = "") -> int:
     from epdserve.sdk import Client
 
     image = image if image is not None else demo_image_png()
@@ -61,7 +61,7 @@ def run_demo(model_dir: pathlib.Path, *, prompt: str = DEMO_PROMPT, image: bytes
         if not as_json:
             print(f"cluster up in {startup_s:.1f} s: router {address}, redis {cluster.redis_url}", file=out)
             print(f"prompt: {prompt!r} + one {len(image)}-byte PNG\nanswer: ", end="", file=out, flush=True)
-        with Client(address, timeout_s=120) as client:
+        with Client(address, timeout_s=120, token=token) as client:
             stream = client.stream(prompt, images=[image], max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
             for chunk in stream:
                 if not as_json:

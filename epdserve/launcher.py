@@ -1,9 +1,10 @@
 """LocalCluster: the embedded default deployment on one machine.
 
 Starts a private redis-server (unless given a URL), then encode, prefill and decode as separate
-processes on free loopback ports, then the router pointed at them. Every child dies with the
-launcher (PDEATHSIG); `stop()` sends SIGTERM, waits, then SIGKILLs stragglers, and removes the
-shared-memory and scratch directories, so nothing is left behind.
+processes on free loopback ports, then the router pointed at them, all with the same security
+flags (token file, TLS files; children also inherit the environment's EPDSERVE_AUTH_TOKEN*).
+Every child dies with the launcher (PDEATHSIG); `stop()` sends SIGTERM, waits, then SIGKILLs
+stragglers, and removes the shared-memory and scratch directories, so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 import time
 import uuid
 
-from epdserve.config import TraceConfig, config_to_args
+from epdserve.config import SecurityConfig, TraceConfig, config_to_args
 from epdserve.errors import FailedPreconditionError
 from epdserve.procutil import spawn, stop_process, stop_processes
 from epdserve.redis_server import PrivateRedis
@@ -43,6 +44,7 @@ class ClusterConfig:
     replicas: dict[str, int] = dataclasses.field(default_factory=dict)  # processes per stage (default 1)
     threads: int = -1                # torch threads per model service; -1 = auto (on CPU: the cores shared out)
     trace: TraceConfig = TraceConfig()  # tracing of every service (a --trace-file is shared by all of them)
+    security: SecurityConfig = SecurityConfig()  # token file and TLS files of every service (and its clients)
 
     def names(self, stage: str) -> list[str]:
         """Child names of a stage's replicas: "encode", "encode-1", ..."""
@@ -95,7 +97,7 @@ class LocalCluster:
         c = self.config
         trace = config_to_args(c.trace) if c.trace.enabled else []
         return ["--model", str(c.model_dir), "--log-level", c.log_level, "--port", "0",
-                "--ready-file", str(self.workdir / f"{name}.ready"), *trace]
+                "--ready-file", str(self.workdir / f"{name}.ready"), *trace, *security_args(c.security)]
 
     def _stage_args(self, stage: str, name: str) -> list[str]:
         c = self.config
@@ -180,6 +182,12 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def security_args(security: SecurityConfig) -> list[str]:
+    """The flags that give a service (or `epdserve generate`) the settings of `security` (unset ones left out)."""
+    return [arg for field in dataclasses.fields(security) if getattr(security, field.name)
+            for arg in ("--" + field.name.replace("_", "-"), str(getattr(security, field.name)))]
 
 
 def _shm_root() -> pathlib.Path:

@@ -12,14 +12,16 @@ from epdserve.errors import (
     NotFoundError,
     RequestCancelledError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from epdserve.sdk.client import AsyncClient, AsyncGenerationStream, Client, GenerationStream
 from epdserve.sdk.types import BatchItem, BatchSummary, GenerationChunk, GenerationResult, ModelInfo, Usage
+from epdserve.security import TLSFiles
 
 __all__ = [
     "AsyncClient", "AsyncGenerationStream", "BatchItem", "BatchSummary", "Client", "DeadlineExceededError",
     "EpdserveError", "FailedPreconditionError", "GenerationChunk", "GenerationResult", "GenerationStream",
     "InternalError", "InvalidArgumentError", "ModelInfo", "NotFoundError", "RequestCancelledError",
-    "ResourceExhaustedError", "UnavailableError", "Usage",
+    "ResourceExhaustedError", "TLSFiles", "UnauthenticatedError", "UnavailableError", "Usage",
 ]

@@ -6,6 +6,12 @@
         for chunk in client.stream("Describe it", images=["cat.png"]):
             print(chunk.text, end="")
 
+A secured deployment (docs/RELIABILITY.md) takes its token and, with mutual TLS, this client's
+certificate and key plus the CA that signed the router's:
+
+    Client("router:50051", token=open("token").read().strip(),
+           tls=TLSFiles(cert="client.crt", key="client.key", ca="ca.crt"))
+
 Failures raise typed errors from `epdserve.errors` (InvalidArgumentError, ResourceExhaustedError,
 UnavailableError, DeadlineExceededError, ...), mapped from gRPC status codes.
 """
@@ -20,6 +26,7 @@ import grpc
 from epdserve.errors import InvalidArgumentError
 from epdserve.sdk import _wire
 from epdserve.sdk.types import BatchItem, BatchSummary, GenerationChunk, GenerationResult, ModelInfo
+from epdserve.security import Credentials, TLSFiles
 from epdserve.transport.channels import DEFAULT_MAX_MESSAGE_BYTES, aio_channel, sync_channel
 from epdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -82,13 +89,16 @@ class Client:
     image_keep_ratio (fraction of each image's tokens kept, (0, 1]), fastkv (True / False / a dict of
     tsp_rate, retain_rate, tsp_length, kv_budget: lossy FastKV prefill for long prompts), request_id.
     Images: bytes, file paths or PIL images, in prompt order. `tenant` names the
-    caller's tenant (cache isolation when the router has a tenant secret)."""
+    caller's tenant (cache isolation when the router has a tenant secret). `token`: the
+    deployment's bearer token, sent with every call; `tls`: this client's certificate and key and
+    the deployment's CA (mutual TLS)."""
 
     def __init__(self, address: str, *, timeout_s: float | None = 600.0, tenant: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None,
+                 tls: TLSFiles | None = None) -> None:
         self.timeout_s = timeout_s
         self._metadata = _tenant_metadata(tenant)
-        self._channel = sync_channel(address, max_message_bytes)
+        self._channel = sync_channel(address, max_message_bytes, Credentials((token or "").strip(), tls))
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
 
     def stream(self, prompt: str, *, images: Sequence = (), **kwargs) -> GenerationStream:
@@ -154,10 +164,11 @@ class AsyncClient:
     """asyncio twin of Client (same arguments); use inside a running event loop."""
 
     def __init__(self, address: str, *, timeout_s: float | None = 600.0, tenant: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None,
+                 tls: TLSFiles | None = None) -> None:
         self.timeout_s = timeout_s
         self._metadata = _tenant_metadata(tenant)
-        self._channel = aio_channel(address, max_message_bytes)
+        self._channel = aio_channel(address, max_message_bytes, Credentials((token or "").strip(), tls))
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
 
     def stream(self, prompt: str, *, images: Sequence = (), **kwargs) -> AsyncGenerationStream:
