@@ -18,6 +18,7 @@ from epdserve.config import (  # noqa: E402
     ModelConfig,
     PrefillConfig,
     RouterConfig,
+    SecurityConfig,
     ServerConfig,
     config_from_args,
 )
@@ -44,9 +45,14 @@ def test_every_stage_accepts_its_rendered_arguments(example):
         argv = [a.replace("$(POD_IP)", "10.0.0.7") for a in args[2:]]
         if stage == "router":
             parsed = service_arg_parser("router", RouterConfig, with_cache=False).parse_args(argv)
-            classes = (ServerConfig, ModelConfig, RouterConfig)
+            classes = (ServerConfig, ModelConfig, RouterConfig, SecurityConfig)
         else:
             parsed = service_arg_parser(stage, STAGE_CONFIGS[stage]).parse_args(argv)
-            classes = (ServerConfig, ModelConfig, CacheConfig, STAGE_CONFIGS[stage])
+            classes = (ServerConfig, ModelConfig, CacheConfig, STAGE_CONFIGS[stage], SecurityConfig)
         configs = [config_from_args(cls, parsed) for cls in classes]
         assert configs[0].host == "0.0.0.0" and configs[0].advertise_host == "10.0.0.7"
+        if example == "gpu-h100x8":  # token and mutual TLS from the mounted Secrets; probes on the health port
+            assert configs[-1] == SecurityConfig("/etc/epdserve/auth/token", "/etc/epdserve/tls/tls.crt",
+                                                 "/etc/epdserve/tls/tls.key", "/etc/epdserve/tls/ca.crt",
+                                                 "epdserve.internal")
+            assert configs[0].health_port == 8081

@@ -2,7 +2,9 @@
 values file: golden renders, every object valid for Kubernetes 1.30 (kubernetes-validate, strict),
 lint clean, and the rules operators rely on: GPUs in limits = requests, native gRPC probes, PDBs,
 a grace period longer than the drain timeout, non-root read-only containers, HPA/KEDA exclusive,
-a schema that rejects typos and wrong types, least-privilege RBAC for discovery."""
+a schema that rejects typos and wrong types, least-privilege RBAC for discovery, the token and TLS
+Secrets mounted read-only and passed to every service and the test client, probes that still work
+with TLS on (the plaintext health-only port)."""
 
 from __future__ import annotations
 
@@ -134,8 +136,76 @@ def test_toggles_and_their_conflicts(chart):
     assert set(policies) == {f"epd-epdserve-{s}" for s in ("encode", "prefill", "decode", "redis")}
 
 
+def _pod_and_container(objects, name):
+    """(pod spec, first container) of a Deployment's pod template or of a bare Pod."""
+    obj = {**_by_kind(objects, "Deployment"), **_by_kind(objects, "Pod")}[name]
+    pod = obj["spec"]["template"]["spec"] if obj["kind"] == "Deployment" else obj["spec"]
+    return pod, pod["containers"][0]
+
+
+def _flag(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def test_auth_and_tls_secrets_are_mounted_read_only_and_passed_to_every_service_and_the_test(chart):
+    objects = _objects(_render(chart, _values("gpu-h100x8")))
+    assert _by_kind(objects, "Secret") == {}  # existing Secrets only
+    for name in [*(f"epd-epdserve-{s}" for s in STAGES), "epd-epdserve-test-request"]:
+        pod, container = _pod_and_container(objects, name)
+        volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+        assert volumes["auth"] == {"secretName": "epdserve-token", "defaultMode": 0o440,
+                                   "items": [{"key": "token", "path": "token"}]}
+        assert volumes["tls"]["secretName"] == "epdserve-mtls" and volumes["tls"]["defaultMode"] == 0o440
+        assert [i["key"] for i in volumes["tls"]["items"]] == ["tls.crt", "tls.key", "ca.crt"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["auth"] == {"name": "auth", "mountPath": "/etc/epdserve/auth", "readOnly": True}
+        assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/epdserve/tls", "readOnly": True}
+        args = container["args"]
+        assert _flag(args, "--auth-token-file") == "/etc/epdserve/auth/token"
+        assert [_flag(args, f"--tls-{f}") for f in ("cert", "key", "ca", "server-name")] == [
+            "/etc/epdserve/tls/tls.crt", "/etc/epdserve/tls/tls.key", "/etc/epdserve/tls/ca.crt", "epdserve.internal"]
+        assert not any("token" in str(e.get("value", "")) for e in container.get("env", []))
+    for name in (f"epd-epdserve-{s}" for s in STAGES):  # and nothing of it without auth / tls
+        pod, container = _pod_and_container(_objects(_render(chart, {})), name)
+        assert {v["name"] for v in pod["volumes"]}.isdisjoint({"auth", "tls"})
+        assert not any(a.startswith(("--auth", "--tls", "--health-port")) for a in container["args"])
+
+
+def test_probes_use_the_plaintext_health_port_when_tls_is_on(chart):
+    values = chart.merge_values({})
+    for example, port in ((None, values["grpcPort"]), ("gpu-h100x8", values["probes"]["healthPort"])):
+        objects = _objects(_render(chart, _values(example)))
+        for stage in STAGES:
+            container = _containers(objects, stage)[1]
+            probes = [container[p]["grpc"] for p in ("startupProbe", "livenessProbe", "readinessProbe")]
+            assert {p["port"] for p in probes} == {port}, (example, stage)
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            if example is None:
+                assert "health" not in ports and "--health-port" not in container["args"]
+            else:  # the port the probes ask is one the service serves health on, in plaintext
+                assert ports["health"] == port and _flag(container["args"], "--health-port") == str(port)
+
+
+def test_an_auth_token_value_becomes_a_secret_and_incomplete_settings_fail(chart):
+    import base64
+
+    objects = _objects(_render(chart, {"auth": {"enabled": True, "token": "t" * 24}}))
+    secret = _by_kind(objects, "Secret")["epd-epdserve-auth"]
+    assert base64.b64decode(secret["data"]["token"]) == b"t" * 24
+    pod, _ = _pod_and_container(objects, "epd-epdserve-decode")
+    assert {v["name"]: v for v in pod["volumes"]}["auth"]["secret"]["secretName"] == "epd-epdserve-auth"
+    for values, message in (({"auth": {"enabled": True}}, "auth.enabled needs auth.existingSecret"),
+                            ({"auth": {"enabled": True, "token": "t" * 24, "existingSecret": "s"}}, "set one of"),
+                            ({"tls": {"enabled": True}}, "tls.enabled needs tls.existingSecret")):
+        with pytest.raises(helm.HelmError, match=message):
+            _render(chart, values)
+
+
 @pytest.mark.parametrize("values, where", [
     ({"decode": {"replica": 2, "replicas": 1, "gpus": 1}}, "replica"),          # a typo
+    ({"tls": {"enable": True}}, "enable"),
+    ({"auth": {"enabled": True, "token": "too-short"}}, "token"),
+    ({"probes": {"healthPort": 0}}, "healthPort"),
     ({"decode": {"replicas": "2", "gpus": 1}}, "replicas"),                     # a wrong type
     ({"router": {"replicas": 1, "http": {"port": 70000}}}, "port"),
     ({"model": {"dtype": "fp8"}}, "dtype"),

@@ -61,21 +61,92 @@ app.kubernetes.io/component: {{ .stage }}
 - --trace-sample-ratio
 - {{ .Values.tracing.sampleRatio | quote }}
 {{- end }}
+{{- if .Values.tls.enabled }}
+- --health-port
+- {{ .Values.probes.healthPort | quote }}
+{{- end }}
+{{- include "epdserve.securityArgs" . }}
+{{- end }}
+
+{{/* Security: the token and TLS files every service (and the helm test's client) is given, from
+     Secrets mounted read-only. Rendering fails on an incomplete setting. */}}
+{{- define "epdserve.checkSecurity" -}}
+{{- if .Values.auth.enabled }}
+{{- if and .Values.auth.existingSecret .Values.auth.token }}
+{{- fail "auth: set one of auth.existingSecret and auth.token, not both" }}
+{{- end }}
+{{- if not (or .Values.auth.existingSecret .Values.auth.token) }}
+{{- fail "auth.enabled needs auth.existingSecret (a Secret with the key token) or auth.token" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
+{{- fail "tls.enabled needs tls.existingSecret (a Secret with tls.crt, tls.key and ca.crt, e.g. from cert-manager)" }}
+{{- end }}
+{{- end }}
+
+{{- define "epdserve.authSecretName" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-auth" (include "epdserve.fullname" .)) }}
+{{- end }}
+
+{{- define "epdserve.securityArgs" -}}
+{{- if .Values.auth.enabled }}
+- --auth-token-file
+- /etc/epdserve/auth/token
+{{- end }}
+{{- if .Values.tls.enabled }}
+- --tls-cert
+- /etc/epdserve/tls/tls.crt
+- --tls-key
+- /etc/epdserve/tls/tls.key
+- --tls-ca
+- /etc/epdserve/tls/ca.crt
+- --tls-server-name
+- {{ .Values.tls.serverName | default (include "epdserve.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "epdserve.securityVolumeMounts" -}}
+{{- if .Values.auth.enabled }}
+- {name: auth, mountPath: /etc/epdserve/auth, readOnly: true}
+{{- end }}
+{{- if .Values.tls.enabled }}
+- {name: tls, mountPath: /etc/epdserve/tls, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{/* defaultMode 288 = 0440: readable by the pod's user and fsGroup only */}}
+{{- define "epdserve.securityVolumes" -}}
+{{- if .Values.auth.enabled }}
+- name: auth
+  secret:
+    secretName: {{ include "epdserve.authSecretName" . }}
+    defaultMode: 288
+    items: [{key: token, path: token}]
+{{- end }}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.existingSecret }}
+    defaultMode: 288
+    items: [{key: tls.crt, path: tls.crt}, {key: tls.key, path: tls.key}, {key: ca.crt, path: ca.crt}]
+{{- end }}
 {{- end }}
 
 {{/* Native gRPC probes against the standard health service (the stage's own service name for
-     readiness, "" for liveness and startup). */}}
+     readiness, "" for liveness and startup). The kubelet's gRPC probes cannot do TLS: with
+     tls.enabled they ask the plaintext health-only port (--health-port) instead. */}}
 {{- define "epdserve.probes" -}}
+{{- $port := ternary .root.Values.probes.healthPort .root.Values.grpcPort .root.Values.tls.enabled -}}
 startupProbe:
-  grpc: {port: {{ .root.Values.grpcPort }}}
+  grpc: {port: {{ $port }}}
   periodSeconds: 10
   failureThreshold: {{ .root.Values.probes.startupFailureThreshold }}
 livenessProbe:
-  grpc: {port: {{ .root.Values.grpcPort }}}
+  grpc: {port: {{ $port }}}
   periodSeconds: 10
   failureThreshold: 3
 readinessProbe:
-  grpc: {port: {{ .root.Values.grpcPort }}, service: {{ .service | quote }}}
+  grpc: {port: {{ $port }}, service: {{ .service | quote }}}
   periodSeconds: 5
   failureThreshold: 2
 {{- end }}
