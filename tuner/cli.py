@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_profile(sub)
     _add_optimize(sub)
     _add_validate(sub)
-    return run_subcommand(parser, argv, (OSError, ValueError))
+    from epdserve.errors import EpdserveError
+
+    return run_subcommand(parser, argv, (OSError, ValueError, EpdserveError))
 
 
 def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,20 +138,38 @@ def _add_profile(sub) -> None:
                          help="mean pause before each measurement (a deployment serving a trace is rarely busy back "
                               "to back; idle replicas answer slower)")
     profile.add_argument("--seed", type=int, default=0)
+    _add_security_arguments(profile)
     profile.set_defaults(run=_profile)
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """The router's token and mTLS files, as `epdserve generate` takes them."""
+    from epdserve.config import SecurityConfig, add_config_args
+
+    add_config_args(parser, SecurityConfig)
+
+
+def _router_client(args: argparse.Namespace):
+    """An AsyncClient of --router with the command's credentials (the environment as fallback)."""
+    from epdserve.config import SecurityConfig, config_from_args
+    from epdserve.env import read_env
+    from epdserve.sdk import AsyncClient
+    from epdserve.security import load_credentials
+
+    credentials = load_credentials(config_from_args(SecurityConfig, args), read_env())
+    return AsyncClient(args.router, token=credentials.token, tls=credentials.tls)
 
 
 def _profile(args: argparse.Namespace) -> int:
     import asyncio
 
-    from epdserve.sdk import AsyncClient
     from tuner.profiler import Deployment, Profiler, SweepConfig, summary_rows
 
     deployment = Deployment(args.prefix_block_tokens, args.max_running, args.kv_capacity_tokens,
                             args.shared_host_cores, args.measured_on)
 
     async def run():
-        async with AsyncClient(args.router) as client:
+        async with _router_client(args) as client:
             sweep = SweepConfig(repeats=args.repeats, idle_s=args.idle_s, seed=args.seed)
             return await Profiler(client, sweep, progress=lambda text: print(f"  {text}", flush=True)).run(deployment)
 
@@ -304,6 +324,7 @@ def _add_validate(sub) -> None:
     validate.add_argument("--warmup", type=int, default=30,
                           help="requests shaped like the trace's served first and not measured (one-time costs)")
     validate.add_argument("--out", default="", help="write validation.json here (default: the --from directory)")
+    _add_security_arguments(validate)
     validate.set_defaults(run=_validate)
 
 
@@ -311,7 +332,6 @@ def _validate(args: argparse.Namespace) -> int:
     import asyncio
     import pathlib
 
-    from epdserve.sdk import AsyncClient
     from tuner.live import PromptMaker, replay, warm_up
     from tuner.report import load_candidate
     from tuner.sim import simulate
@@ -322,7 +342,7 @@ def _validate(args: argparse.Namespace) -> int:
     predicted = simulate(requests, profile, candidate, seed=args.seed)
 
     async def run():
-        async with AsyncClient(args.router) as client:
+        async with _router_client(args) as client:
             prompts = PromptMaker(seed=args.seed)
             await prompts.calibrate(client)
             await warm_up(client, requests, prompts, args.warmup)
