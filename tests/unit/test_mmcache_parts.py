@@ -217,44 +217,6 @@ def test_close_removes_files(tmp_path):
     assert not (tmp_path / "pool.shm").exists() and not (tmp_path / "disk").exists()
 
 
-UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "jsonpickle"}
-UNSAFE_CALLS = {("torch", "load"), ("np", "load"), ("numpy", "load"), ("zmq", "recv_pyobj")}
-
-
-def _unsafe_uses(path: pathlib.Path) -> list[str]:
-    import ast
-
-    found = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found += [a.name for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
-            found.append(node.module)
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
-            if (owner, node.func.attr) in UNSAFE_CALLS or node.func.attr == "recv_pyobj":
-                found.append(f"{owner}.{node.func.attr}()")
-        elif isinstance(node, ast.keyword) and node.arg == "allow_pickle":
-            found.append("allow_pickle=")
-    return found
-
-
-def test_no_unsafe_deserialization_in_the_sources():
-    """No pickle-family import, torch.load / np.load, recv_pyobj or allow_pickle anywhere we ship."""
-    offenders = []
-    for package in ("mmcache", "epdserve", "services", "tuner", "bench", "scripts"):
-        for path in (ROOT / package).rglob("*.py"):
-            offenders += [f"{path.relative_to(ROOT)}: {use}" for use in _unsafe_uses(path)]
-    assert offenders == []
-
-
-def test_the_unsafe_use_scanner_catches_what_it_should(tmp_path):
-    sample = tmp_path / "bad.py"
-    sample.write_text("import pickle\nfrom dill import loads\nimport torch\ntorch.load('x')\n"
-                      "np.load('y', allow_pickle=True)\nsock.recv_pyobj()\n")
-    assert len(_unsafe_uses(sample)) == 6
-
-
 def test_prefix_block_keys_chain_like_mooncake():
     from mmcache.keys import prefix_block_keys
 
