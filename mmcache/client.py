@@ -21,6 +21,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import pathlib
+import re
 import time
 from collections.abc import Sequence
 
@@ -34,6 +35,7 @@ from epdserve.transport.channels import aio_channel
 from epdserve.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 from mmcache.codec import (
     CorruptEntryError,
+    check_layout,
     checksum,
     dtype_name,
     name_of_proto_dtype,
@@ -309,7 +311,10 @@ class MMCache:
     async def _get_many(self, refs: Sequence[common_pb2.TensorRef]) -> list:
         results: list = [None] * len(refs)
         views: dict[int, object] = {}
+        unsound = {i for i, ref in enumerate(refs) if not self._sound(ref)}
         for i, ref in enumerate(refs):
+            if i in unsound:
+                continue
             own = self.store.get(ref.key) if ref.owner == self.owner.owner_id else None
             if own is not None and own.tier == "device" and own.meta["checksum"] == ref.checksum:
                 results[i] = own.handle  # owner-local GPU entry: the tensor itself, valid until release
@@ -319,7 +324,7 @@ class MMCache:
                 views[i] = data
         small = sum(len(v) for v in views.values()) < PARALLEL_MIN_BYTES
         good = await self._parallel(_verified_sync, [(views[i], refs[i].checksum) for i in views], inline=small)
-        remote = [i for i in range(len(refs)) if results[i] is None and i not in views]
+        remote = [i for i in range(len(refs)) if results[i] is None and i not in views and i not in unsound]
         for (i, data), ok in zip(views.items(), good):
             if ok:
                 results[i] = self._tensor(refs[i], data)
@@ -330,6 +335,18 @@ class MMCache:
         for i, tensor in zip(remote, fetched):
             results[i] = tensor
         return results
+
+    def _sound(self, ref: common_pb2.TensorRef) -> bool:
+        """Whether a ref's header adds up (`_check_ref`) before anything is mapped, read or allocated
+        for it; a ref that does not is a miss, counted as corrupt."""
+        try:
+            _check_ref(ref)
+            return True
+        except CorruptEntryError as exc:
+            self.metrics.corrupt.inc()
+            self.metrics.misses.inc()
+            log.warning("cache ref %.80r refused: %s", ref.key, exc)
+            return False
 
     def _tensor(self, ref: common_pb2.TensorRef, data):
         try:
@@ -372,7 +389,7 @@ class MMCache:
             return None
         attributes = {"mmcache.bytes": ref.nbytes, "mmcache.tier": ref.tier, "mmcache.peer": ref.data_address}
         with tracing.span("mmcache.transfer", attributes):
-            fetched = await self.data_client.fetch(ref.data_address, ref.key, ref.lease_id)
+            fetched = await self.data_client.fetch(ref.data_address, ref.key, ref.lease_id, nbytes=ref.nbytes)
         if fetched is None:
             return None
         header, data = fetched
@@ -561,6 +578,25 @@ def _read_file(path: str, nbytes: int):
         return data
     except OSError:
         return None
+
+
+_OWNER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def _check_ref(ref: common_pb2.TensorRef) -> None:
+    """CorruptEntryError unless the ref's dtype / shape / nbytes agree (`codec.check_layout`) and the
+    file it names is one of its owner's mmcache files (pool-<owner>.shm or disk-<owner>/<entry>),
+    so a crafted ref cannot make a reader map or read any other file."""
+    check_layout(name_of_proto_dtype(ref.dtype), tuple(ref.shape), ref.nbytes)
+    if ref.offset < 0:
+        raise CorruptEntryError(f"negative offset {ref.offset}")
+    if not ref.path:
+        return
+    path = pathlib.PurePosixPath(ref.path)
+    named = {"host": path.name == f"pool-{ref.owner}.shm", "disk": path.parent.name == f"disk-{ref.owner}"}
+    if (not _OWNER_ID.match(ref.owner) or ".." in path.parts
+            or not named.get(ref.tier, False)):
+        raise CorruptEntryError("the ref names a file that is not its owner's cache file")
 
 
 def _ref_from_index(entry: IndexEntry) -> common_pb2.TensorRef:

@@ -1,8 +1,16 @@
-"""Tensors as raw bytes: the dtype table, zero-copy views, xxh3-64 checksums. No pickle."""
+"""Tensors as raw bytes: the dtype table, zero-copy views, xxh3-64 checksums. No pickle.
+
+Every header that arrives from elsewhere (a TensorRef, an index entry, a data-channel header) is
+checked with `check_layout` / `parse_header` before a byte is read or allocated: a known dtype, at
+most MAX_DIMS non-negative dimensions, and nbytes equal to prod(shape) * itemsize and at most
+MAX_ENTRY_BYTES; anything else is a CorruptEntryError.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 import torch
 import xxhash
@@ -17,6 +25,9 @@ _DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "int32": (torch.int32, common_pb2.DTYPE_INT32),
     "uint8": (torch.uint8, common_pb2.DTYPE_UINT8),
 }
+MAX_DIMS = 8
+MAX_ENTRY_BYTES = 1 << 40   # a sanity bound on one entry's size, far above any real tensor
+MAX_HEADER_BYTES = 64 << 10  # a serialized header (JSON) is a few hundred bytes
 _BY_TORCH = {torch_dtype: name for name, (torch_dtype, _) in _DTYPES.items()}
 _BY_PROTO = {proto: name for name, (_, proto) in _DTYPES.items()}
 
@@ -42,9 +53,45 @@ def name_of_proto_dtype(value: int) -> str:
 
 
 def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of `dtype` and `shape`; CorruptEntryError for an unknown dtype, too many
+    or negative dimensions, or a size past MAX_ENTRY_BYTES."""
     if dtype not in _DTYPES:
-        raise CorruptEntryError(f"unknown dtype {dtype!r}")
-    return math.prod(shape) * _DTYPES[dtype][0].itemsize
+        raise CorruptEntryError(f"unknown dtype {str(dtype)[:40]!r}")
+    if len(shape) > MAX_DIMS:
+        raise CorruptEntryError(f"shape has {len(shape)} dimensions (at most {MAX_DIMS})")
+    if any(type(d) is not int or d < 0 for d in shape):
+        raise CorruptEntryError(f"shape {tuple(shape)[:MAX_DIMS]} must be non-negative integers")
+    nbytes = math.prod(shape) * _DTYPES[dtype][0].itemsize
+    if nbytes > MAX_ENTRY_BYTES:
+        raise CorruptEntryError(f"shape {tuple(shape)} needs {nbytes} bytes (at most {MAX_ENTRY_BYTES})")
+    return nbytes
+
+
+def check_layout(dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
+    """CorruptEntryError unless `nbytes` is exactly what `dtype` and `shape` need (see nbytes_of)."""
+    expected = nbytes_of(dtype, shape)
+    if nbytes != expected:
+        raise CorruptEntryError(f"nbytes {nbytes} does not match dtype {dtype} shape {tuple(shape)} ({expected})")
+
+
+def parse_header(raw: bytes | str) -> dict[str, Any]:
+    """A data-channel entry header (JSON {dtype, shape, nbytes, checksum}), strictly checked:
+    returns {"dtype": str, "shape": list[int], "nbytes": int, "checksum": str}."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise CorruptEntryError(f"entry header of {len(raw)} bytes (at most {MAX_HEADER_BYTES})")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CorruptEntryError(f"entry header is not JSON ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise CorruptEntryError("entry header is not a JSON object")
+    dtype, shape, nbytes, digest = (obj.get(k) for k in ("dtype", "shape", "nbytes", "checksum"))
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(digest, str):
+        raise CorruptEntryError("entry header needs dtype (string), shape (list) and checksum (string)")
+    if type(nbytes) is not int:
+        raise CorruptEntryError("entry header's nbytes must be an integer")
+    check_layout(dtype, tuple(shape), nbytes)
+    return {"dtype": dtype, "shape": list(shape), "nbytes": nbytes, "checksum": digest}
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

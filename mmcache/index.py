@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Sequence
 
-from mmcache.codec import CorruptEntryError
+from mmcache.codec import CorruptEntryError, check_layout
 from mmcache.guard import RedisGuard
 from mmcache.keys import SCHEMA_VERSION
 
@@ -75,9 +75,12 @@ class IndexEntry:
             values = {name: raw[short] for short, name in cls._FIELDS.items()}
             values["shape"] = tuple(int(d) for d in values["shape"])
             values["offset"], values["nbytes"] = int(values["offset"]), int(values["nbytes"])
+            check_layout(values["dtype"], values["shape"], values["nbytes"])
             return cls(key=key, **values)
-        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
-            raise CorruptEntryError(f"malformed index entry for {key}: {exc!r}") from None
+        except CorruptEntryError as exc:
+            raise CorruptEntryError(f"malformed index entry for {key}: {exc}") from None
+        except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+            raise CorruptEntryError(f"malformed index entry for {key}: {type(exc).__name__}") from None
 
 
 class RedisIndex:

@@ -37,7 +37,7 @@ import grpc
 from epdserve.errors import InvalidArgumentError
 from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.v1 import cache_pb2, cache_pb2_grpc
-from mmcache.codec import CorruptEntryError
+from mmcache.codec import MAX_HEADER_BYTES, CorruptEntryError, parse_header
 from mmcache.keys import validate_key
 
 if TYPE_CHECKING:
@@ -216,9 +216,12 @@ async def _read_request(conn) -> tuple[str, str] | None:
         return None
     if magic[:4] != MAGIC or magic[4] != VERSION:
         raise CorruptEntryError("not an epdserve data-channel request")
-    key = (await _recv_exact(conn, struct.unpack("<H", await _recv_exact(conn, 2))[0])).decode()
-    lease = (await _recv_exact(conn, struct.unpack("<H", await _recv_exact(conn, 2))[0])).decode()
-    return key, lease
+    key = await _recv_exact(conn, struct.unpack("<H", await _recv_exact(conn, 2))[0])
+    lease = await _recv_exact(conn, struct.unpack("<H", await _recv_exact(conn, 2))[0])
+    try:
+        return key.decode(), lease.decode()
+    except UnicodeDecodeError:
+        raise CorruptEntryError("data-channel request: key or lease id is not UTF-8") from None
 
 
 async def _recv_exact(conn, n: int, *, eof_ok: bool = False, into: memoryview | None = None):
@@ -245,13 +248,16 @@ class DataClient:
         self._server_name = credentials.tls.server_name if credentials.tls is not None else ""
         self._idle: dict[str, list] = {}
 
-    async def fetch(self, address: str, key: str, lease_id: str = "") -> tuple[dict, bytearray] | None:
-        """(header, bytes) of an entry, or None if the owner does not hold it. Raises
-        CorruptEntryError on a framing error, DataChannelRefused when the owner wants a token this
-        reader cannot prove, OSError / TimeoutError when the owner is unreachable."""
+    async def fetch(self, address: str, key: str, lease_id: str = "", *,
+                    nbytes: int | None = None) -> tuple[dict, bytearray] | None:
+        """(header, bytes) of an entry, or None if the owner does not hold it. The header is checked
+        (`codec.parse_header`; with `nbytes`, the size the reader expects) before the bytes are
+        allocated. Raises CorruptEntryError on a bad header or framing error, DataChannelRefused when
+        the owner wants a token this reader cannot prove, OSError / TimeoutError when the owner is
+        unreachable."""
         conn = self._idle.get(address, []).pop() if self._idle.get(address) else await self._connect(address)
         try:
-            result = await asyncio.wait_for(self._exchange(conn, key, lease_id), self.timeout_s)
+            result = await asyncio.wait_for(self._exchange(conn, key, lease_id, nbytes), self.timeout_s)
         except BaseException:
             conn.close()
             raise
@@ -297,7 +303,7 @@ class DataClient:
         if (await _recv_exact(conn, 1))[0] != OK:
             raise DataChannelRefused("the owner's data channel refused this process's token")
 
-    async def _exchange(self, conn, key: str, lease_id: str) -> tuple[dict, bytearray] | None:
+    async def _exchange(self, conn, key: str, lease_id: str, nbytes: int | None) -> tuple[dict, bytearray] | None:
         k, lease = key.encode(), lease_id.encode()
         await conn.send(MAGIC + bytes([VERSION]) + struct.pack("<H", len(k)) + k
                         + struct.pack("<H", len(lease)) + lease)
@@ -307,8 +313,12 @@ class DataClient:
         if status != OK:
             raise CorruptEntryError(f"data channel refused the request (status {status})")
         size = struct.unpack("<I", await _recv_exact(conn, 4))[0]
-        header = json.loads(bytes(await _recv_exact(conn, size)))
-        return header, await _read_frames(conn, int(header["nbytes"]))
+        if size > MAX_HEADER_BYTES:
+            raise CorruptEntryError(f"entry header length {size} exceeds {MAX_HEADER_BYTES} bytes")
+        header = parse_header(bytes(await _recv_exact(conn, size)))
+        if nbytes is not None and header["nbytes"] != nbytes:
+            raise CorruptEntryError(f"owner's header says {header['nbytes']} bytes, the ref {nbytes}")
+        return header, await _read_frames(conn, header["nbytes"])
 
     def close(self) -> None:
         for conns in self._idle.values():
