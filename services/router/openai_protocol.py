@@ -59,10 +59,41 @@ class ChatRequest:
 
 
 def parse_json(raw: bytes) -> Any:
+    """The request body as JSON values; NaN / Infinity and strings with a lone surrogate escape
+    (`"\\ud800"`, which no UTF-8 text can carry) are refused, naming the field."""
     try:
-        return json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgumentError(f"request body: not valid JSON ({exc})") from None
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidArgumentError(f"request body: not valid JSON ({str(exc)[:200]})") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            where = _lone_surrogate(body, "")
+        except RecursionError:
+            where = "request body"
+        if where is not None:
+            raise InvalidArgumentError(f"{where or 'request body'}: not valid Unicode (a lone surrogate escape)")
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The path of the first string (key or value) in `value` that cannot be encoded as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return None
+        except UnicodeEncodeError:
+            return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and _lone_surrogate(key, "") is not None:
+            return where or "request body"
+        if (found := _lone_surrogate(item, inner)) is not None:
+            return found
+    return None
 
 
 def _no_constant(name: str) -> None:
@@ -270,8 +301,13 @@ def _opt(obj: dict, key: str, kind: type, prefix: str = "", bounds: tuple[int, i
         noun = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object"}[kind]
         raise InvalidArgumentError(f"{prefix}{key}: must be {noun} (got {json.dumps(value)[:40]})")
     if kind is int and bounds is not None and not bounds[0] <= value <= bounds[1]:
-        raise InvalidArgumentError(f"{prefix}{key}: must be in [{bounds[0]}, {bounds[1]}] (got {value})")
-    return float(value) if kind is float else value
+        raise InvalidArgumentError(f"{prefix}{key}: must be in [{bounds[0]}, {bounds[1]}] (got {str(value)[:40]})")
+    if kind is float:
+        try:
+            return float(value)
+        except OverflowError:  # an integer past the float range
+            raise InvalidArgumentError(f"{prefix}{key}: must be a finite number (got {str(value)[:40]}...)") from None
+    return value
 
 
 def _required(obj: dict, key: str, kind: type, prefix: str) -> Any:
