@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
-import itertools
+import functools
 import math
-import random
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tuner.profile import Fit, Profile
+from tuner.des import Clock, Cpu, Job, Lru, Noise
+from tuner.profile import Profile
 from tuner.traces import TraceRequest
 
 TRACE_BLOCK_TOKENS = 512  # Mooncake hash_ids: one id per 512 prompt tokens
@@ -95,129 +94,6 @@ class SimResult:
     def bottleneck(self) -> str:
         used = self.utilization()
         return max(used, key=used.get)
-
-
-class _Noise:
-    """Multiplicative service-time noise drawn from a fit's residual quantiles."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-
-    def draw(self, fit: Fit, ms: float) -> float:
-        r = fit.residuals
-        if len(r) == 1:
-            return ms * r[0]
-        u = self.rng.random() * (len(r) - 1)
-        i = int(u)
-        return ms * (r[i] + (r[min(i + 1, len(r) - 1)] - r[i]) * (u - i))
-
-
-class _Clock:
-    """The event queue."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._queue: list = []
-        self._order = itertools.count()
-
-    def at(self, time_s: float, action: Callable[[], None]) -> None:
-        heapq.heappush(self._queue, (max(time_s, self.now), next(self._order), action))
-
-    def after(self, delay_s: float, action: Callable[[], None]) -> None:
-        self.at(self.now + delay_s, action)
-
-    def run(self) -> None:
-        while self._queue:
-            self.now, _, action = heapq.heappop(self._queue)
-            action()
-
-
-@dataclasses.dataclass(eq=False)
-class _Job:
-    total_ms: float            # stand-alone service time
-    remaining_ms: float
-    done: Callable[[], None]
-    version: int = 0
-
-
-class _Cpu:
-    """Runs jobs (ms of stand-alone service time) for replicas. Without shared cores every job runs
-    at full speed; with `cores` > 0 the busy jobs share them (processor sharing): each runs at
-    min(1, cores / busy) and finish times are recomputed whenever that changes. A job's work can be
-    shortened while it runs (a decode segment cut by an arrival)."""
-
-    def __init__(self, clock: _Clock, cores: int) -> None:
-        self.clock, self.cores = clock, cores
-        self._jobs: set[_Job] = set()
-        self._speed, self._since = 1.0, 0.0
-
-    def run(self, work_ms: float, done: Callable[[], None]) -> _Job:
-        self._advance()
-        job = _Job(work_ms, work_ms, done)
-        self._jobs.add(job)
-        self._reschedule(all_jobs=self.cores > 0)
-        if self.cores <= 0:
-            self._schedule(job)
-        return job
-
-    def progress_ms(self, job: _Job) -> float:
-        self._advance()
-        return job.total_ms - job.remaining_ms
-
-    def shorten(self, job: _Job, total_ms: float) -> None:
-        self._advance()
-        job.remaining_ms = max(job.remaining_ms - (job.total_ms - total_ms), 0.0)
-        job.total_ms = total_ms
-        self._schedule(job)
-
-    def _speed_now(self) -> float:
-        return min(1.0, self.cores / len(self._jobs)) if self.cores > 0 and self._jobs else 1.0
-
-    def _advance(self) -> None:
-        elapsed_ms = (self.clock.now - self._since) * 1000.0 * self._speed
-        if elapsed_ms > 0:
-            for job in self._jobs:
-                job.remaining_ms = max(job.remaining_ms - elapsed_ms, 0.0)
-        self._since = self.clock.now
-
-    def _reschedule(self, all_jobs: bool) -> None:
-        self._speed = self._speed_now()
-        if all_jobs:
-            for job in self._jobs:
-                self._schedule(job)
-
-    def _schedule(self, job: _Job) -> None:
-        job.version += 1
-        self.clock.after(job.remaining_ms / 1000.0 / self._speed, functools_partial(self._finish, job, job.version))
-
-    def _finish(self, job: _Job, version: int) -> None:
-        if job.version != version or job not in self._jobs:
-            return
-        self._advance()
-        self._jobs.discard(job)
-        self._reschedule(all_jobs=self.cores > 0)
-        job.done()
-
-
-def functools_partial(fn, *args):
-    return lambda: fn(*args)
-
-
-class _Lru:
-    def __init__(self, capacity: int) -> None:
-        self.capacity, self._keys = capacity, collections.OrderedDict()
-
-    def hit(self, key) -> bool:
-        if key in self._keys:
-            self._keys.move_to_end(key)
-            return True
-        return False
-
-    def add(self, key) -> None:
-        self._keys[key] = None
-        self._keys.move_to_end(key)
-        while len(self._keys) > self.capacity:
-            self._keys.popitem(last=False)
 
 
 @dataclasses.dataclass
@@ -315,7 +191,7 @@ class _DecodeReplica:
         self.stepping, self.reserved = False, 0
         self._segment = (0.0, 0, 0.0, 0.0)   # (start, steps, first step ms, ms added per step)
         self._version = 0
-        self._job: _Job | None = None
+        self._job: Job | None = None
 
     @property
     def load(self) -> int:
@@ -397,15 +273,15 @@ def _steps_within(elapsed_ms: float, first_ms: float, growth_ms: float) -> int:
 class Simulation:
     def __init__(self, profile: Profile, candidate: Candidate, *, seed: int = 0) -> None:
         self.profile, self.candidate = profile, candidate
-        self.clock = _Clock()
-        self.cpu = _Cpu(self.clock, profile.host_cores)
-        self.noise = _Noise(seed)
+        self.clock = Clock()
+        self.cpu = Cpu(self.clock, profile.host_cores)
+        self.noise = Noise(seed)
         self.busy = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
         self.encoders = [_EncodeReplica(self) for _ in range(candidate.encode_replicas)]
         self.prefills = [_PrefillReplica(self) for _ in range(candidate.prefill_replicas)]
         self.decoders = [_DecodeReplica(self) for _ in range(candidate.decode_replicas)]
-        self.embeddings = _Lru(candidate.encoder_cache_images)
-        self.prefixes = _Lru(candidate.prefix_cache_blocks)
+        self.embeddings = Lru(candidate.encoder_cache_images)
+        self.prefixes = Lru(candidate.prefix_cache_blocks)
         self.outcomes: list[RequestOutcome] = []
 
     def run(self, requests: Sequence[TraceRequest]) -> SimResult:
@@ -413,7 +289,7 @@ class Simulation:
         for i, trace in enumerate(sorted(requests, key=lambda r: r.arrival_s)):
             self.outcomes.append(RequestOutcome(trace.arrival_s))
             req = _Req(i, trace, trace.context_tokens + trace.num_images * image_tokens)
-            self.clock.at(trace.arrival_s, functools_partial(self._arrive, req))
+            self.clock.at(trace.arrival_s, functools.partial(self._arrive, req))
         self.clock.run()
         last = max((o.arrival_s + o.e2e_s for o in self.outcomes if not math.isnan(o.e2e_s)), default=0.0)
         first = min((o.arrival_s for o in self.outcomes), default=0.0)
@@ -438,7 +314,7 @@ class Simulation:
             return
         fit = self.profile.router_ms
         ms = self.noise.draw(fit, fit.predict(prompt_tokens=req.prompt_tokens))
-        self._overhead(ms, functools_partial(self._encode if trace.images else self._prefill, req))
+        self._overhead(ms, functools.partial(self._encode if trace.images else self._prefill, req))
 
     def _encode(self, req: _Req) -> None:
         shards: dict[int, list] = {}
@@ -456,7 +332,7 @@ class Simulation:
         enc = self.profile.encode
         if not misses:
             ms = self.noise.draw(enc.hit_call_ms, enc.hit_call_ms.predict(images=len(images)))
-            self._overhead(ms, functools_partial(self._shard_done, req))
+            self._overhead(ms, functools.partial(self._shard_done, req))
             return
         overhead = self.noise.draw(enc.call_ms, enc.call_ms.predict(images=len(images), megapixels=megapixels))
         left = [len(misses)]
@@ -465,9 +341,9 @@ class Simulation:
             self.embeddings.add(image.hash)
             left[0] -= 1
             if left[0] == 0:
-                self._overhead(overhead, functools_partial(self._shard_done, req))
+                self._overhead(overhead, functools.partial(self._shard_done, req))
         for image in misses:
-            replica.submit((self.clock.now, image.width * image.height / 1e6, functools_partial(one_done, image)))
+            replica.submit((self.clock.now, image.width * image.height / 1e6, functools.partial(one_done, image)))
 
     def _shard_done(self, req: _Req) -> None:
         req.pending_shards -= 1
@@ -494,7 +370,7 @@ class Simulation:
                                                                     cached_tokens=cached))
         call = self.noise.draw(pre.call_ms, pre.call_ms.predict(tokens=tokens))
         replica = min(self.prefills, key=lambda r: r.predicted_finish(ms))
-        replica.submit(ms, lambda: self._overhead(call, functools_partial(self._first_token, req)))
+        replica.submit(ms, lambda: self._overhead(call, functools.partial(self._first_token, req)))
 
     def _first_token(self, req: _Req) -> None:
         now = self.clock.now
@@ -509,7 +385,7 @@ class Simulation:
         replica = min(self.decoders, key=lambda r: r.load)
         total = req.prompt_tokens + req.trace.generated_tokens
         seq = _Seq(req, req.trace.generated_tokens - 1, req.prompt_tokens, total)
-        self._overhead(delay, functools_partial(replica.submit, seq))
+        self._overhead(delay, functools.partial(replica.submit, seq))
 
     def finish(self, req: _Req, now: float) -> None:
         outcome = self.outcomes[req.index]
