@@ -27,7 +27,10 @@ def die_with_parent() -> None:
 
 
 def spawn(argv: list[str], **popen_kwargs) -> subprocess.Popen:
-    """Popen whose child gets SIGTERM when this process dies (Linux)."""
+    """Popen whose child gets SIGTERM when this process dies (Linux). The child leads its own
+    process group, so a terminal's Ctrl-C reaches only this process, which then stops its children
+    in order with one SIGTERM each (a second signal would cut a child's drain short)."""
+    popen_kwargs.setdefault("process_group", 0)
     setpriv = shutil.which("setpriv")
     if setpriv and sys.platform.startswith("linux"):
         return subprocess.Popen([setpriv, "--pdeathsig", "TERM", "--", *argv], **popen_kwargs)

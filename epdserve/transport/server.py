@@ -8,8 +8,10 @@ second, plaintext server answers grpc.health.v1 alone (the same statuses) for pr
 do TLS. With --metrics-port >= 0, Prometheus `GET /metrics` serves `registry` (one per server, so
 in-process servers never share metrics) from prometheus-client's HTTP server thread, bound
 before the ready file is written (`metrics_address`).
-SIGTERM/SIGINT: health NOT_SERVING, stop accepting, give in-flight RPCs `drain_timeout_s`,
-run the service's cleanup, return (exit code 0).
+SIGTERM/SIGINT: readiness NOT_SERVING, stop accepting (new RPCs are UNAVAILABLE), give in-flight RPCs
+`drain_timeout_s` (then cancel them), run the service's cleanup, return (exit code 0). A second
+SIGTERM/SIGINT during the drain exits at once (code 128 + signal), without cleanup: what a SIGKILL
+would leave (shared-memory pool, index entries) is reclaimed as for any dead owner.
 """
 
 from __future__ import annotations
@@ -141,7 +143,11 @@ class ServiceServer:
         tmp.replace(path)
 
     async def stop(self) -> None:
-        await self.health.enter_graceful_shutdown()
+        """Drain: readiness NOT_SERVING (liveness "" stays SERVING: the process is alive and finishing
+        its work, so a liveness probe must not kill it mid-drain), refuse new RPCs, give in-flight
+        ones `drain_timeout_s`, cancel the rest."""
+        for name in self.service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.config.drain_timeout_s)
         if self._health_server is not None:
             await self._health_server.stop(None)
@@ -156,15 +162,24 @@ def server_credentials(credentials: Credentials) -> grpc.ServerCredentials:
 
 
 async def run_until_signalled(server: ServiceServer, cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain and clean up."""
+    """Serve until SIGTERM/SIGINT, then drain and clean up; a second signal exits at once."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_signal, sig, stop)
     await server.start()
     await stop.wait()
-    log.info("signal received: draining (up to %.0f s)", server.config.drain_timeout_s)
+    log.info("signal received: draining (up to %.0f s; a second signal exits at once)", server.config.drain_timeout_s)
     await server.stop()
     if cleanup is not None:
         await cleanup()
     log.info("stopped")
+
+
+def _on_signal(sig: int, stop: asyncio.Event) -> None:
+    if not stop.is_set():
+        stop.set()
+        return
+    log.warning("second %s while draining: exiting now", signal.Signals(sig).name)
+    logging.shutdown()
+    os._exit(128 + sig)
