@@ -284,6 +284,10 @@ class RouterConfig:
     max_stop_string_chars: int = setting(256, "longest stop string")
     max_batch_requests: int = setting(10_000, "most requests in one GenerateBatch call (offline batch jobs)")
     request_timeout_s: float = setting(600.0, "deadline of one request across all stages when the client sets none")
+    max_in_flight: int = setting(192, "online requests (gRPC Generate and HTTP) the router runs at once; the next "
+                                      "one is rejected with RESOURCE_EXHAUSTED (HTTP 429) and a retry-after hint "
+                                      "(keep it under --max-concurrent-rpcs, whose own rejection has no hint; an "
+                                      "offline batch counts as one; 0 = no cap)")
     stage_retries: int = setting(1, "times a request is re-run from encode when a cache entry vanished between stages")
     image_keep_ratio: float = setting(1.0, "fraction of each image's tokens the encode stage keeps "
                                            "(sparsification) when a request does not say; 1.0 = lossless")
@@ -319,6 +323,8 @@ class RouterConfig:
                                  f"{len(addresses)} addresses)")
         if not 0.0 < self.image_keep_ratio <= 1.0:
             raise ValueError(f"image_keep_ratio must be in (0, 1] (got {self.image_keep_ratio})")
+        if self.max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be >= 0 (got {self.max_in_flight})")
 
 
 # ---- CLI plumbing: flags from fields -------------------------------------------------------------

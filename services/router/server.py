@@ -5,7 +5,10 @@ Both front doors run a request through `RouterServicer.events`: its pipeline run
 task feeding a queue, so that Abort (cancel the producer) and a client disconnect (cancel the
 handler, which closes the generator, which cancels the producer) both stop every downstream call.
 Errors before the first chunk are raised (a gRPC status, an HTTP error status); errors after it
-arrive in-band (a gRPC `error` event, an SSE error event).
+arrive in-band (a gRPC `error` event, an SSE error event). Past `--max-in-flight` online requests
+(each Generate, each HTTP completion, each GenerateBatch call) the next is rejected at once with
+RESOURCE_EXHAUSTED and a retry-after hint, before it is parsed: the router's memory stays bounded
+under any overload.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import pathlib
 import time
@@ -30,6 +34,7 @@ from epdserve.errors import (
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
+    ResourceExhaustedError,
 )
 from epdserve.models.checkpoint import model_revision
 from epdserve.models.prompt import PromptBuilder
@@ -51,6 +56,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 _DONE = object()
 TENANT_METADATA = "x-epdserve-tenant"
+FULL_RETRY_AFTER_S = 1.0  # the retry hint when every --max-in-flight slot is taken
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -61,6 +67,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.salt_secret = salt_secret
         self.active: dict[str, asyncio.Task] = {}
         self.aborted: set[str] = set()
+        self.in_flight = 0  # online requests holding a --max-in-flight slot
 
     @stream_errors
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -71,7 +78,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 yield _to_proto(event, request.request_id)
 
     async def events(self, request: router_pb2.GenerateRequest, tenant: str = "", timeout_s: float | None = None,
-                     decode_replica=None, caller=None) -> AsyncIterator[TextChunk | Finished | Failed]:
+                     decode_replica=None, caller=None, counted: bool = True
+                     ) -> AsyncIterator[TextChunk | Finished | Failed]:
         """One request, whichever front door it came through: validate (`parse_request`), refuse a
         duplicate request id, tokenize, run the pipeline in a producer task until the deadline
         (`timeout_s`, default `request_timeout_s`).
@@ -84,22 +92,41 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         (`contextlib.aclosing`): closing it cancels the producer and with it every downstream call.
         Each request is counted once in `self.metrics`, logged in one line when it ends and, with
         tracing on, is the root span `epdserve.request` of its trace (a child of `caller`, the
-        client's span, when it sent one).
+        client's span, when it sent one). A `counted` request holds a --max-in-flight slot while it
+        runs (ResourceExhaustedError when none is free); the items of a batch are not counted.
         """
         record = self.metrics.begin()
         root = tracing.start_span("epdserve.request", {"epdserve.model": self.model_info.model}, parent=caller,
                                   kind="server")
         record.trace_id = tracing.trace_id(root)
         try:
-            async with contextlib.aclosing(self._events(request, tenant, timeout_s, decode_replica, record,
-                                                        root)) as events:
-                async for event in events:
-                    _note(record, event, root)
-                    yield event
+            with self._slot(counted):
+                async with contextlib.aclosing(self._events(request, tenant, timeout_s, decode_replica, record,
+                                                            root)) as events:
+                    async for event in events:
+                        _note(record, event, root)
+                        yield event
         except BaseException as exc:
             _end(record, root, exc)
             raise
         _end(record, root, None)
+
+    @contextlib.contextmanager
+    def _slot(self, counted: bool = True):
+        """Hold one of the --max-in-flight slots until the block ends; raises ResourceExhaustedError
+        (with the retry hint) when every slot is taken. Not counted, or no cap: a no-op."""
+        cap = self.config.max_in_flight
+        if not counted or cap == 0:
+            yield
+            return
+        if self.in_flight >= cap:
+            raise ResourceExhaustedError(f"the router is running its limit of {cap} requests (--max-in-flight); "
+                                         f"retry after {FULL_RETRY_AFTER_S:.0f} s", retry_after_s=FULL_RETRY_AFTER_S)
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def _events(self, request: router_pb2.GenerateRequest, tenant: str, timeout_s: float | None,
                       decode_replica, record: RequestRecord, root) -> AsyncIterator[TextChunk | Finished | Failed]:
@@ -142,10 +169,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             raise InvalidArgumentError(f"requests: {len(request.requests)} requests exceed the limit of "
                                        f"{self.config.max_batch_requests} (--max-batch-requests)")
         tenant = dict(context.invocation_metadata() or ()).get(TENANT_METADATA, "")
-        runner = BatchRunner(self.orchestrator, self.events, tenant_salt(self.salt_secret, tenant))
-        async with contextlib.aclosing(runner.run(request.requests, tenant, context.time_remaining())) as events:
-            async for event in events:
-                yield event
+        runner = BatchRunner(self.orchestrator, functools.partial(self.events, counted=False),
+                             tenant_salt(self.salt_secret, tenant))
+        with self._slot():
+            async with contextlib.aclosing(runner.run(request.requests, tenant, context.time_remaining())) as events:
+                async for event in events:
+                    yield event
 
     @unary_errors
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortResponse:
