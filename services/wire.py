@@ -10,6 +10,7 @@ import torch
 from epdserve.engine.sampler import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, SamplingParams, validate_sampling
 from epdserve.errors import InvalidArgumentError
 from epdserve.v1 import common_pb2
+from mmcache.codec import CorruptEntryError, check_layout, name_of_proto_dtype
 from services.prefill.fastkv import FastKVConfig
 
 
@@ -31,6 +32,24 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
 def check_finite(tensor: torch.Tensor, field: str) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise InvalidArgumentError(f"{field}: contains NaN or Inf")
+
+
+FLOAT_DTYPES = (common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_FLOAT16, common_pb2.DTYPE_BFLOAT16)
+
+
+def check_embedding_ref(ref: common_pb2.TensorRef, field: str, *, hidden_size: int, max_rows: int) -> None:
+    """An image-embedding ref's header, before any byte is read: a float [rows, hidden_size] tensor
+    with 1 <= rows <= max_rows whose nbytes match (so what the read allocates is bounded)."""
+    shape = tuple(ref.shape)
+    if ref.dtype not in FLOAT_DTYPES or len(shape) != 2 or shape[1] != hidden_size:
+        raise InvalidArgumentError(f"{field}: expected a float [tokens, {hidden_size}] tensor "
+                                   f"(got dtype code {ref.dtype}, shape {shape[:8]})")
+    if not 1 <= shape[0] <= max_rows:
+        raise InvalidArgumentError(f"{field}: {shape[0]} rows (must be in [1, {max_rows}])")
+    try:
+        check_layout(name_of_proto_dtype(ref.dtype), shape, ref.nbytes)
+    except CorruptEntryError as exc:
+        raise InvalidArgumentError(f"{field}: {exc}") from None
 
 
 def fastkv_from_proto(parent, default: FastKVConfig | None, *, field: str = "fastkv") -> FastKVConfig | None:

@@ -17,13 +17,14 @@ from epdserve.errors import InvalidArgumentError
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 DEFAULT_TOP_K = -1
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (their limit): logits / 1e-40 overflow to inf
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK63 = (1 << 63) - 1
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = DEFAULT_TEMPERATURE   # 0 = greedy
+    temperature: float = DEFAULT_TEMPERATURE   # 0 (or below GREEDY_BELOW) = greedy
     top_k: int = DEFAULT_TOP_K                  # -1 or 0 = disabled
     top_p: float = DEFAULT_TOP_P                # in (0, 1]
     seed: int = 0
@@ -33,7 +34,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def validate_sampling(temperature: float, top_k: int, top_p: float, seed: int, *, field_prefix: str = "") -> None:

@@ -26,7 +26,7 @@ from services.prefill.minisequence import MiniSequenceConfig
 from services.prefill.prefill import PromptPrefiller
 from services.prefill.prefix import PrefixCache, PrefixHit
 from services.runtime import ModelExecutor, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
-from services.wire import fastkv_from_proto, sampling_from_proto
+from services.wire import check_embedding_ref, fastkv_from_proto, sampling_from_proto
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
@@ -96,6 +96,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     async def _fetch_embeddings(self, refs) -> list:
         if not refs:
             return []
+        d = self.prefiller.spec.decoder
+        for i, ref in enumerate(refs):
+            check_embedding_ref(ref, f"image_embeddings[{i}]", hidden_size=d.hidden_size, max_rows=d.max_context)
         tensors = await self.cache.get_many(list(refs))
         missing = [i for i, t in enumerate(tensors) if t is None]
         if missing:
