@@ -164,7 +164,7 @@ def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0(routers):
     exit_s = time.monotonic() - signalled
     print(f"drain: NOT_SERVING after {not_ready_s:.3f} s, exit 0 after {exit_s:.2f} s")
     assert not_ready_s < 1.0
-    assert exit_s < 3.0, f"exit took {exit_s:.2f} s for streams of ~1.4 s (drain timeout 10 s)"
+    assert exit_s < 4.0, f"exit took {exit_s:.2f} s for streams of ~1.4 s (drain timeout 10 s)"
 
 
 def test_a_stuck_request_holds_the_exit_no_longer_than_the_drain_timeout(routers, stages):
@@ -179,7 +179,7 @@ def test_a_stuck_request_holds_the_exit_no_longer_than_the_drain_timeout(routers
     (code, _, ended_at), = results
     print(f"stuck request: cut after {ended_at - signalled:.2f} s, exit after {exit_s:.2f} s")
     assert code != grpc.StatusCode.OK and ended_at - signalled >= 0.9   # cut at the drain timeout, not before
-    assert 0.9 <= exit_s < 2.5, f"exit {exit_s:.2f} s after SIGTERM with a 1 s drain timeout"
+    assert 0.9 <= exit_s < 3.0, f"exit {exit_s:.2f} s after SIGTERM with a 1 s drain timeout"
     deadline = time.monotonic() + 2
     while any(_stage_in_flight(stages).values()):   # the cut request's stage calls were cancelled too
         assert time.monotonic() < deadline, "a stage still runs the cut request"
