@@ -38,6 +38,11 @@ class ServerConfig:
     health_port: int = setting(-1, "also serve grpc.health.v1 alone, in plaintext and without a token, on this port "
                                    "of --host (for probes that cannot do TLS, e.g. the kubelet's); -1 = off, 0 = a "
                                    "free port (reported as health_address in --ready-file)")
+    engine_failures_fatal: int = setting(3, "after this many model calls in a row fail unexpectedly (not bad input), "
+                                            "the replica reports NOT_SERVING, refuses work with UNAVAILABLE and "
+                                            "exits 1 so its supervisor restarts it; 0 = never")
+    inject_model_fault_after: int = setting(-1, "fault testing: every model call after the Nth raises, as a failed "
+                                                "GPU would; -1 = off")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -45,6 +50,8 @@ class ServerConfig:
         for name in ("metrics_port", "health_port"):
             if not -1 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be -1 (off) or in [0, 65535] (got {getattr(self, name)})")
+        if self.engine_failures_fatal < 0:
+            raise ValueError(f"engine_failures_fatal must be >= 0 (got {self.engine_failures_fatal})")
         if self.health_port > 0 and self.health_port == self.port:
             raise ValueError(f"health_port must differ from port (both {self.port})")
 

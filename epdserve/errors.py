@@ -45,6 +45,10 @@ class UnavailableError(EpdserveError):
     code = "UNAVAILABLE"
 
 
+class EngineFailedError(UnavailableError):
+    """A service's model engine failed for good; the process exits 1 to be restarted."""
+
+
 class DeadlineExceededError(EpdserveError):
     code = "DEADLINE_EXCEEDED"
 

@@ -40,7 +40,8 @@ class ClusterConfig:
     start_timeout_s: float = 300.0
     stop_timeout_s: float = 15.0
     redis_server_bin: str = "redis-server"
-    stage_args: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # extra flags per stage
+    # extra flags per stage ("decode"), then per replica ("decode-1": that replica only)
+    stage_args: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     replicas: dict[str, int] = dataclasses.field(default_factory=dict)  # processes per stage (default 1)
     threads: int = -1                # torch threads per model service; -1 = auto (on CPU: the cores shared out)
     trace: TraceConfig = TraceConfig()  # tracing of every service (a --trace-file is shared by all of them)
@@ -101,9 +102,9 @@ class LocalCluster:
 
     def _stage_args(self, stage: str, name: str) -> list[str]:
         c = self.config
+        extra = [*c.stage_args.get(stage, ()), *(c.stage_args.get(name, ()) if name != stage else ())]
         return [*self._common_args(name), "--dtype", c.dtype, "--device", c.device, "--threads", str(self._threads()),
-                "--redis-url", self.redis_url, "--shm-dir", str(self.shm_root / name),
-                *self.config.stage_args.get(stage, ())]
+                "--redis-url", self.redis_url, "--shm-dir", str(self.shm_root / name), *extra]
 
     def _threads(self) -> int:
         """Model services on one machine's CPU share its cores (each with torch's default of one

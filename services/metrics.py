@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from epdserve.errors import EpdserveError
 
@@ -119,6 +119,8 @@ def register_decode_metrics(registry: CollectorRegistry, engine, experts=None) -
         yield gauge("epdserve_decode_kv_free_blocks", "free KV blocks", free)
         yield gauge("epdserve_decode_kv_cache_usage_ratio", "fraction of KV blocks in use",
                     (capacity - free) / capacity if capacity else 0.0)
+        yield CounterMetricFamily("epdserve_decode_generated_tokens", "tokens the decode engine produced, "
+                                  "including any after a client went away", value=engine.generated_tokens)
         if experts is not None:
             yield from _expert_gauges(experts.stats().as_dict())
 

@@ -25,7 +25,7 @@ from epdserve.config import (
     config_from_args,
 )
 from epdserve.env import read_env
-from epdserve.errors import EpdserveError
+from epdserve.errors import EngineFailedError, EpdserveError, UnavailableError
 from epdserve.security import NO_CREDENTIALS, Credentials, load_credentials
 
 if TYPE_CHECKING:
@@ -114,7 +114,8 @@ async def run_stage(stage: str, service_name: str, server_config: ServerConfig, 
     server = ServiceServer(server_config, [service_name], credentials=credentials)
     identity = CacheIdentity(new_owner_id(stage), server.bind(), server_config.host, server_config.advertise_host)
     cache = await MMCache.open(cache_config, identity, credentials)
-    executor = ModelExecutor(f"{stage}-model")
+    executor = ModelExecutor(f"{stage}-model", fatal_after=server_config.engine_failures_fatal,
+                             on_fatal=server.fail, inject_fault_after=server_config.inject_model_fault_after)
     load = LoadTracker(stage, identity.owner_id)
     metrics = StageMetrics(server.registry, stage, load)
     server.registry.register(registry_collector(cache.metrics.registry))
@@ -141,6 +142,9 @@ def run_service(serve, configs: tuple, stage: str, trace: TraceConfig = TraceCon
         tracing.setup(trace, stage, read_env())
         asyncio.run(serve(*configs))
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except EngineFailedError as exc:
+        logging.getLogger("epdserve").error("%s; exiting 1", exc.message)
+        return 1
     except EpdserveError as exc:
         logging.getLogger("epdserve").error("cannot start: %s", exc.message)
         return 1
@@ -164,13 +168,51 @@ def new_owner_id(stage: str) -> str:
 
 class ModelExecutor:
     """One thread that runs all model work of a process, so the event loop stays responsive and
-    model calls from concurrent requests interleave step by step instead of racing."""
+    model calls from concurrent requests interleave step by step instead of racing.
 
-    def __init__(self, name: str) -> None:
+    Failure policy: a call that raises an `EpdserveError` (bad input) says nothing about the
+    engine; any other exception counts, a success resets the count. At `fatal_after` unexpected
+    failures in a row (a GPU that faults every call) the engine is declared failed: `on_fatal` runs
+    once and every later call raises UnavailableError at once, so callers fail fast and the router
+    places the work elsewhere."""
+
+    def __init__(self, name: str, *, fatal_after: int = 0, on_fatal: Callable[[BaseException], None] | None = None,
+                 inject_fault_after: int = -1) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._fatal_after, self._on_fatal = fatal_after, on_fatal
+        self._inject_after, self._calls = inject_fault_after, 0
+        self._failures_in_a_row = 0
+        self.failed: BaseException | None = None
 
     async def run(self, fn: Callable[..., T], *args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        if self.failed is not None:
+            raise UnavailableError("this replica's model engine has failed and it is shutting down; "
+                                   "retry on another replica")
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn, *args)
+        except EpdserveError:
+            raise
+        except Exception as exc:
+            self._failed_once(exc)
+            raise
+        self._failures_in_a_row = 0
+        return result
+
+    def _call(self, fn: Callable[..., T], *args) -> T:
+        self._calls += 1
+        if 0 <= self._inject_after < self._calls:
+            raise RuntimeError(f"injected model fault (call {self._calls} > --inject-model-fault-after "
+                               f"{self._inject_after})")
+        return fn(*args)
+
+    def _failed_once(self, exc: BaseException) -> None:
+        self._failures_in_a_row += 1
+        if self.failed is None and self._fatal_after and self._failures_in_a_row >= self._fatal_after:
+            self.failed = exc
+            logging.getLogger("epdserve").critical("model engine failed %d calls in a row; giving up",
+                                                   self._failures_in_a_row, exc_info=exc)
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -29,8 +29,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from epdserve.config import ServerConfig
+from epdserve.errors import EngineFailedError
 from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.transport.auth import TokenAuthInterceptor
+from epdserve.transport.decoding import StrictDecodingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,9 @@ class ServiceServer:
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            interceptors=[TokenAuthInterceptor(credentials.token)] if credentials.token else None,
+            # auth first: a refused call is never parsed
+            interceptors=[*([TokenAuthInterceptor(credentials.token)] if credentials.token else []),
+                          StrictDecodingInterceptor()],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -61,6 +65,9 @@ class ServiceServer:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics_address = ""
         self._metrics_http = None
+        self.failure: BaseException | None = None  # set by `fail`: the process then exits 1
+        self._stop_requested: asyncio.Event | None = None  # set by run_until_signalled
+        self._background: set[asyncio.Task] = set()
 
     @property
     def address(self) -> str:
@@ -142,6 +149,23 @@ class ServiceServer:
         tmp.write_text(json.dumps(self.ready_info()))
         tmp.replace(path)
 
+    def fail(self, exc: BaseException) -> None:
+        """The process cannot serve any more (its model engine failed): readiness and liveness go
+        NOT_SERVING at once, then the server drains and stops, and the process exits 1 so its
+        supervisor (Kubernetes, systemd) restarts it. Call on the event loop."""
+        if self.failure is not None:
+            return
+        self.failure = exc
+        task = asyncio.get_running_loop().create_task(self._report_not_serving(("", *self.service_names)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def _report_not_serving(self, names) -> None:
+        for name in names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def stop(self) -> None:
         """Drain: readiness NOT_SERVING (liveness "" stays SERVING: the process is alive and finishing
         its work, so a liveness probe must not kill it mid-drain), refuse new RPCs, give in-flight
@@ -162,18 +186,26 @@ def server_credentials(credentials: Credentials) -> grpc.ServerCredentials:
 
 
 async def run_until_signalled(server: ServiceServer, cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain and clean up; a second signal exits at once."""
-    stop = asyncio.Event()
+    """Serve until SIGTERM/SIGINT (or `server.fail`), then drain and clean up; a second signal exits
+    at once. Raises EngineFailedError after the clean-up when the server failed."""
+    stop = server._stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, stop)
     await server.start()
-    await stop.wait()
-    log.info("signal received: draining (up to %.0f s; a second signal exits at once)", server.config.drain_timeout_s)
+    if server.failure is None:
+        await stop.wait()
+    if server.failure is not None:
+        log.error("model engine failed: stopping (in-flight requests end UNAVAILABLE), then exiting 1")
+    else:
+        log.info("signal received: draining (up to %.0f s; a second signal exits at once)",
+                 server.config.drain_timeout_s)
     await server.stop()
     if cleanup is not None:
         await cleanup()
     log.info("stopped")
+    if server.failure is not None:
+        raise EngineFailedError(f"model engine failed: {type(server.failure).__name__}: {server.failure}")
 
 
 def _on_signal(sig: int, stop: asyncio.Event) -> None:

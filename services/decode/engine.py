@@ -89,6 +89,7 @@ class DecodeEngine:
         self.waiting: collections.deque[DecodeJob] = collections.deque()
         self.running: dict[str, RunningSequence] = {}
         self._private: set[str] = set()  # waiting jobs whose layers are already private copies
+        self.generated_tokens = 0  # every token this engine produced, read by the metrics
 
     def step(self, arrivals: list[DecodeJob | PromptJob] = (), aborts: list[str] = ()) -> StepResult:
         result = StepResult()
@@ -100,6 +101,7 @@ class DecodeEngine:
         self._admit(result)
         if self.running and not prompts:
             self._decode(result)
+        self.generated_tokens += len(result.tokens)
         return result
 
     @property

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 
-from epdserve.errors import AlreadyExistsError, InternalError
+from epdserve.errors import AlreadyExistsError, EpdserveError, InternalError, UnavailableError
 from services.decode.engine import DecodeEngine, DecodeJob, StepResult
 from services.runtime import ModelExecutor
 
@@ -88,8 +88,15 @@ class EngineLoop:
                 result = await self.executor.run(self.engine.step, arrivals, aborts)
             except Exception as exc:  # the batch's state is unknown: fail everything in it
                 log.error("decode step failed", exc_info=exc)
-                failed = await self.executor.run(self.engine.reset)
+                try:
+                    failed = await self.executor.run(self.engine.reset)
+                except Exception:  # the engine is unusable (failed for good): fail every stream here
+                    failed = list(self._queues)
+                if self.executor.failed is not None:  # UNAVAILABLE: the router re-sends what produced nothing
+                    exc = UnavailableError("this decode replica's model engine failed; retry on another replica")
                 self._fail([*failed, *(job.request_id for job in arrivals)], exc)
+                if self.executor.failed is not None:
+                    return  # each later arrival starts a loop that fails it at once
                 continue
             if result.batch_size:
                 elapsed_ms = (time.perf_counter() - started) * 1000.0
@@ -106,8 +113,11 @@ class EngineLoop:
             self._put(event.request_id, Event("token", event.token, event.finish, result.batch_size))
 
     def _fail(self, request_ids: list[str], exc: Exception) -> None:
-        error = InternalError("decode step failed (see the service log)")
-        error.__cause__ = exc
+        if isinstance(exc, EpdserveError):
+            error = exc
+        else:
+            error = InternalError("decode step failed (see the service log)")
+            error.__cause__ = exc
         for request_id in dict.fromkeys(request_ids):
             self._put(request_id, Event("error", error=error))
 

@@ -74,7 +74,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             yield decode_pb2.DecodeResponse(finish_reason="length")
             return
         watch = Stopwatch()
-        released = finished = False
+        released = finished = produced = False
         try:
             with (watch.section("prompt_fetch_ms" if local else "kv_fetch_ms"),
                   tracing.span("decode.prompt_fetch" if local else "decode.kv_pull", parent=span)):
@@ -88,13 +88,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                         released = True
                         continue
                     finished = bool(response.finish_reason)
+                    produced = True
                     yield response
             finally:
                 if not finished:
                     self.loop.abort(request.request_id)
                 self.loop.forget(request.request_id)
         finally:
-            if not released:
+            # a replica whose engine failed keeps a request's inputs leased when it produced nothing:
+            # the router re-sends the request to another replica, which reads them (the lease
+            # deadline frees them otherwise)
+            if not released and not (self.loop.executor.failed is not None and not produced):
                 await asyncio.shield(self.cache.release(refs))
 
     async def _stream(self, request, events, watch: Stopwatch):

@@ -268,8 +268,24 @@ def test_invalid_utf8_on_the_wire_is_refused_without_a_leak(cluster, client):
     assert client.generate("still fine?", max_tokens=2).usage.completion_tokens >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: grpc.aio answers a request it cannot deserialize with "
-                   "UNKNOWN 'Unexpected <class DecodeError>: ...' before any handler runs; mapping it to "
-                   "INVALID_ARGUMENT needs a deserializer wrapper in the transport layer")
+@pytest.mark.parametrize("service, method", [
+    ("router", "RouterService/Generate"), ("router", "RouterService/Abort"),
+    ("encode", "EncodeService/Encode"), ("prefill", "PrefillService/Prefill"),
+    ("decode", "DecodeService/Decode"), ("decode", "LoadService/GetLoad")])
+def test_a_request_that_does_not_parse_is_invalid_argument(cluster, service, method):
+    """Bytes no protobuf parser accepts (a truncated field): INVALID_ARGUMENT naming the message, on
+    every service, not grpc.aio's UNKNOWN."""
+    address = cluster.router_address if service == "router" else cluster.children[service].address
+    streams = method.endswith(("/Generate", "/Decode"))
+    with grpc.insecure_channel(address) as channel:
+        call = (channel.unary_stream if streams else channel.unary_unary)(f"/epdserve.v1.{method}")
+        with pytest.raises(grpc.RpcError) as info:  # field 1, length-delimited, 64 bytes promised, 5 sent
+            list(call(b"\x0a\x40short", timeout=30)) if streams else call(b"\x0a\x40short", timeout=30)
+    error = info.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+    assert method.rsplit("/", 1)[-1] in error.details()
+    _assert_no_leak(error.details())
+
+
 def test_invalid_utf8_on_the_wire_is_invalid_argument(cluster):
     assert _send_invalid_utf8(cluster).code() == grpc.StatusCode.INVALID_ARGUMENT
