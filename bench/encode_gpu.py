@@ -21,6 +21,7 @@ import io
 import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -133,8 +134,48 @@ def ttft(router: str, repeats: int) -> list[dict]:
     return rows
 
 
+ENCODE_ARGS = ("--max-batch-size", "32", "--max-batch-wait-ms", "2", "--max-images-per-request", "32",
+               "--capacity-bytes", str(4 << 30))
+VARIANTS = {"graphs": ("--cuda-graphs",), "eager": ("--no-cuda-graphs",)}
+
+
+def encode_variants(model: pathlib.Path, clients: int, seconds: float) -> dict[str, dict]:
+    """The encode service alone (its own process, private Redis), once per VARIANTS entry, same
+    clients and images: images/s per batch, cache hit, per-request breakdown."""
+    import json as json_
+
+    from epdserve.procutil import spawn, stop_process
+    from epdserve.redis_server import PrivateRedis
+
+    results = {}
+    redis = PrivateRedis().start()
+    try:
+        for name, extra in VARIANTS.items():
+            workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"encode-{name}-"))
+            ready = workdir / "ready.json"
+            process = spawn([sys.executable, "-m", "services.encode", "--model", str(model), "--device", "cuda",
+                             "--dtype", "float16", "--redis-url", redis.url, "--ready-file", str(ready),
+                             "--shm-dir", str(workdir / "shm"), *ENCODE_ARGS, *extra],
+                            stdout=open(workdir / "log", "wb"), stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 600
+                while not ready.is_file():
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError((workdir / "log").read_text()[-3000:])
+                    time.sleep(0.2)
+                address = json_.loads(ready.read_text())["address"]
+                service, hit_ms, breakdown = service_throughput(address, clients, seconds)
+                results[name] = {"images_per_s": service, "cache_hit_ms": hit_ms, "breakdown_ms": breakdown}
+                print(name, "service images/s", service, "hit ms", hit_ms, "\nbreakdown (median ms)", breakdown,
+                      flush=True)
+            finally:
+                stop_process(process, timeout_s=30)
+    finally:
+        redis.stop()
+    return results
+
+
 def main() -> int:
-    from epdserve.launcher import ClusterConfig, LocalCluster
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=pathlib.Path, default=None)
@@ -142,6 +183,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--service-only", action="store_true",
+                        help="only the encode service, CUDA graphs vs eager (no router / TTFT part)")
     args = parser.parse_args()
     model = args.model
     if model is None:
@@ -152,43 +195,50 @@ def main() -> int:
         print(f"checkpoint built in {time.perf_counter() - started:.0f} s", flush=True)
     raw = hf_tower_throughput(model, args.repeats * 4)
     print("hf tower images/s", raw, flush=True)
-    gib = 1 << 30
-    config = ClusterConfig(model_dir=model, device="cuda", start_timeout_s=600, stage_args={
-        "encode": ("--max-batch-size", "32", "--max-batch-wait-ms", "2", "--max-images-per-request", "32",
-                   "--capacity-bytes", str(4 * gib)),
-        # every request is new: no prefix blocks to reuse; a 4.6k-token 7B KV is 2.4 GB per request
-        "prefill": ("--no-prefix-cache", "--capacity-bytes", str(12 * gib)),
-        "decode": ("--capacity-bytes", str(gib // 4)),
-    })
-    with LocalCluster(config) as cluster:
-        service, hit_ms, breakdown = service_throughput(cluster.children["encode"].address, args.clients,
-                                                        args.seconds)
-        print("service images/s", service, "hit ms", hit_ms, "\nper-request breakdown (median ms)", breakdown,
-              flush=True)
-        rows = ttft(cluster.router_address, args.repeats)
+    variants = encode_variants(model, args.clients, args.seconds)
     report = {"benchmark": "encode stage", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "model": "LLaVA-1.5-7B shapes, fp16",
-              "hf_tower_images_per_s": raw, "service_images_per_s": service, "cache_hit_ms": hit_ms,
-              "service_breakdown_ms": breakdown,
-              "service_vs_hf_at_32": service[32] / raw[32], "ttft": rows}
+              "model": "LLaVA-1.5-7B shapes, fp16", "clients": args.clients, "hf_tower_images_per_s": raw,
+              "variants": variants, "service_images_per_s": variants["graphs"]["images_per_s"],
+              "cache_hit_ms": variants["graphs"]["cache_hit_ms"],
+              "service_vs_hf_at_32": variants["graphs"]["images_per_s"][32] / raw[32], "ttft": []}
+    if not args.service_only:
+        report["ttft"] = _ttft_through_router(model, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(_markdown(report))
     return 0
 
 
+def _ttft_through_router(model: pathlib.Path, repeats: int) -> list[dict]:
+    from epdserve.launcher import ClusterConfig, LocalCluster
+
+    gib = 1 << 30
+    config = ClusterConfig(model_dir=model, device="cuda", start_timeout_s=600, stage_args={
+        "encode": ENCODE_ARGS,
+        # every request is new: no prefix blocks to reuse; a 4.6k-token 7B KV is 2.4 GB per request
+        "prefill": ("--no-prefix-cache", "--capacity-bytes", str(12 * gib)),
+        "decode": ("--capacity-bytes", str(gib // 4)),
+    })
+    with LocalCluster(config) as cluster:
+        return ttft(cluster.router_address, repeats)
+
+
 def _markdown(report: dict) -> str:
-    lines = [f"Encode stage on {report['device']} ({report['model']}), {report['date'][:10]}", "",
-             "| batch | HF tower + projector (img/s) | encode service (img/s) | service / HF |",
-             "|---:|---:|---:|---:|"]
+    names = list(report["variants"])
+    lines = [f"Encode stage on {report['device']} ({report['model']}), {report['date'][:10]}, "
+             f"{report['clients']} clients", "",
+             "| batch | HF tower + projector (img/s) | " + " | ".join(f"service, {n} (img/s) | {n} / HF" for n in names)
+             + " |", "|---:|---:|" + "---:|---:|" * len(names)]
     for b in BATCHES:
-        hf, svc = report["hf_tower_images_per_s"][b], report["service_images_per_s"][b]
-        lines.append(f"| {b} | {hf:.0f} | {svc:.0f} | {svc / hf:.2f} |")
-    lines += ["", f"cache hit, one image: {report['cache_hit_ms']:.2f} ms", "",
-              "| images | keep | prompt tokens | TTFT (ms) |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['images']} | {r['keep_ratio']} | {r['prompt_tokens']} | {r['ttft_ms']:.1f} |"
-              for r in report["ttft"]]
+        hf = report["hf_tower_images_per_s"][b]
+        cells = [f"{v['images_per_s'][b]:.0f} | {v['images_per_s'][b] / hf:.2f}" for v in report["variants"].values()]
+        lines.append(f"| {b} | {hf:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", f"cache hit, one image: {report['cache_hit_ms']:.2f} ms"]
+    if report["ttft"]:
+        lines += ["", "| images | keep | prompt tokens | TTFT (ms) |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['images']} | {r['keep_ratio']} | {r['prompt_tokens']} | {r['ttft_ms']:.1f} |"
+                  for r in report["ttft"]]
     return "\n".join(lines)
 
 

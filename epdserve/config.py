@@ -164,6 +164,9 @@ class EncodeConfig:
     max_batch_wait_ms: float = setting(5.0, "longest the first image of a batch waits for more to arrive")
     scorer: str = setting("cls-attention", "token scorer for sparsification: cls-attention | feature-norm | learned")
     predictor_path: str = setting("", "safetensors file of a trained image predictor (scorer 'learned')")
+    cuda_graphs: bool = setting(False, "on CUDA, replay the vision tower + projector as CUDA graphs, one per batch "
+                                       "bucket up to max_batch_size, captured at start (opt-in until measured on "
+                                       "a GPU: bench/encode_gpu.py --service-only)")
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

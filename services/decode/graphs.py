@@ -12,19 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from epdserve.engine.graph_buckets import batch_buckets, smallest_at_least
 from services.decode.runner import BatchRunner
 
 MIN_TABLE_BLOCKS = 16
-
-
-def batch_buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 16 below max_batch, then max_batch."""
-    buckets = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
-    return buckets + [max_batch]
-
-
-def smallest_at_least(value: int, choices: list[int]) -> int:
-    return next(c for c in choices if c >= value)
 
 
 def width_bucket(blocks: int, max_blocks: int) -> int:

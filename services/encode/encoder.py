@@ -11,19 +11,28 @@ import torch
 from PIL import Image
 
 from epdserve.models.loader import load_vision_encoder
-from epdserve.models.spec import LlavaSpec
+from epdserve.models.spec import LlavaSpec, kept_tokens
 from mmcache.keys import image_bytes_fingerprint, image_key, processor_digest
 from services.encode.sparsify import TokenScorer, VisionFeatures, sparsify
 
 
 class ImageEncoder:
     def __init__(self, spec: LlavaSpec, model_dir: pathlib.Path, revision: str, scorer: TokenScorer, *,
-                 scorer_digest: str = "", dtype: str, device: str) -> None:
+                 scorer_digest: str = "", dtype: str, device: str, graph_batch: int = 0) -> None:
+        """`graph_batch` > 0 on CUDA: replay the tower + projector as CUDA graphs for batches up to
+        it (captured now); 0 = eager."""
         from transformers import AutoImageProcessor
 
         self.spec, self.scorer = spec, scorer
         self.processor = AutoImageProcessor.from_pretrained(model_dir)
         self.model = load_vision_encoder(spec, dtype=dtype, device=device)
+        self.tower = self.model
+        if graph_batch > 0 and self.model.device.type == "cuda":
+            from epdserve.models.vision_graphs import GraphedVisionEncoder
+
+            self.tower = GraphedVisionEncoder(self.model, graph_batch, spec.vision.image_size)
+            with torch.inference_mode():
+                self.tower.capture_all()
         self.revision = revision
         self.settings_digest = processor_digest(
             {
@@ -48,14 +57,20 @@ class ImageEncoder:
         batch; images are then sparsified per keep ratio. With `to_host` the embeddings come back
         in (pinned) host memory, copied here on the model thread with one sync for the batch, so
         callers never block their own thread on the GPU; otherwise they stay on the model's device."""
-        embeddings, hidden_states = self.model.encode(self._pixels(images))
+        embeddings, hidden_states = self.tower.encode(self._pixels(images))  # may be graph memory
         out: list[torch.Tensor | None] = [None] * len(images)
         for ratio in sorted(set(keep_ratios)):
             rows = [i for i, r in enumerate(keep_ratios) if r == ratio]
+            if kept_tokens(embeddings.shape[1], ratio) == embeddings.shape[1]:  # lossless: no scoring
+                for i in rows:
+                    out[i] = embeddings[i]
+                continue
             features = self._features(embeddings, hidden_states, rows)
             for i, tensor in zip(rows, sparsify(features, self.scorer, ratio)):
                 out[i] = tensor
-        return _to_host(out) if to_host and self.model.device.type == "cuda" else out
+        if self.model.device.type != "cuda":
+            return out
+        return _to_host(out) if to_host else [t.clone() for t in out]  # nothing may alias graph memory
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """Preprocess with the checkpoint's processor; torchvision-backed processors run on the

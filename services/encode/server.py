@@ -134,7 +134,8 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
     scorer = build_scorer(encode_config.scorer, encode_config.predictor_path)
     digest = _file_digest(encode_config.predictor_path)
     encoder = ImageEncoder(spec, model_dir, revision, scorer, scorer_digest=digest, dtype=model_config.dtype,
-                           device=model_config.device)
+                           device=model_config.device,
+                           graph_batch=encode_config.max_batch_size if encode_config.cuda_graphs else 0)
 
     def register(ctx: StageContext) -> None:
         batcher = EncodeBatcher(encoder, ctx.executor, max_batch=encode_config.max_batch_size,
