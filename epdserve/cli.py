@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=pathlib.Path, default=None,
-                        help="LLaVA checkpoint directory (default: the tiny demo checkpoint, built once and cached)")
+                        help="LLaVA checkpoint directory (default: the tiny visual-QA model shipped in the package)")
 
 
 def _serve(stage: str, argv: list[str]) -> int:
@@ -166,9 +166,9 @@ def _default_model(model: pathlib.Path | None) -> pathlib.Path:
 
         load_spec(model)  # fail here, clearly, rather than in four services
         return model
-    from epdserve.models.tiny import TinySpec, cached_tiny_checkpoint
+    from epdserve.models.tiny import TinySpec, cached_tiny_checkpoint, shipped_vqa_checkpoint
 
-    return cached_tiny_checkpoint(read_env().cache_dir, TinySpec())
+    return shipped_vqa_checkpoint() or cached_tiny_checkpoint(read_env().cache_dir, TinySpec())
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -200,12 +200,12 @@ def _interrupt(signum, frame) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from epdserve.demo import DEMO_PROMPT, run_demo
+    from epdserve.demo import run_demo
 
     if not args.json:
-        print("preparing the model (the tiny demo checkpoint is built once and cached)...", flush=True)
+        print("starting a local cluster (encode, prefill, decode, router, redis)...", flush=True)
     image = args.image.read_bytes() if args.image else None
-    return run_demo(_default_model(args.model), prompt=args.prompt or DEMO_PROMPT, image=image,
+    return run_demo(_default_model(args.model), prompt=args.prompt, image=image,
                     max_tokens=args.max_tokens, as_json=args.json, trace=_trace_config(args),
                     token=_credentials(args).token)  # the services take $EPDSERVE_AUTH_TOKEN[_FILE] too
 

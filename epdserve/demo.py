@@ -14,6 +14,7 @@ from epdserve.config import TraceConfig
 from epdserve.launcher import ClusterConfig, LocalCluster
 
 DEMO_PROMPT = "What is in this picture?"
+DEMO_QUESTION_SEED = 14  # a held-out generated question (the VQA model never trained on seeds below 1,000,000)
 
 # (label, timings key) rows of the breakdown, in pipeline order.
 BREAKDOWN = (
@@ -47,11 +48,17 @@ def demo_image_png(size: int = 96) -> bytes:
     return buf.getvalue()
 
 
-def run_demo(model_dir: pathlib.Path, *, prompt: str = DEMO_PROMPT, image: bytes | None = None,
+def run_demo(model_dir: pathlib.Path, *, prompt: str | None = None, image: bytes | None = None,
              max_tokens: int = 24, as_json: bool = False, out: TextIO = sys.stdout,
              trace: TraceConfig = TraceConfig(), token: str = "") -> int:
+    """With neither `prompt` nor `image`: a generated picture and its question, with the expected
+    answer printed next to the model's (the shipped VQA model answers it; a random model cannot)."""
     from epdserve.sdk import Client
 
+    expected = None
+    if prompt is None and image is None:
+        prompt, image, expected = demo_question()
+    prompt = prompt or DEMO_PROMPT
     image = image if image is not None else demo_image_png()
     started = time.perf_counter()
     cluster = LocalCluster(ClusterConfig(model_dir=model_dir, trace=trace))
@@ -60,24 +67,42 @@ def run_demo(model_dir: pathlib.Path, *, prompt: str = DEMO_PROMPT, image: bytes
         startup_s = time.perf_counter() - started
         if not as_json:
             print(f"cluster up in {startup_s:.1f} s: router {address}, redis {cluster.redis_url}", file=out)
+            if expected is not None:
+                print(f"picture: {_saved(image)}", file=out)
             print(f"prompt: {prompt!r} + one {len(image)}-byte PNG\nanswer: ", end="", file=out, flush=True)
         with Client(address, timeout_s=120, token=token) as client:
-            stream = client.stream(prompt, images=[image], max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            stream = client.stream(prompt, images=[image], max_tokens=max_tokens, temperature=0.0)
             for chunk in stream:
                 if not as_json:
                     print(chunk.text, end="", file=out, flush=True)
             result = stream.result
     finally:
         codes = cluster.stop()
-    _report(result, codes, startup_s, as_json, out)
+    _report(result, codes, startup_s, as_json, out, expected)
     return 0 if all(code == 0 for code in codes.values()) else 1
 
 
-def _report(result, codes: dict, startup_s: float, as_json: bool, out: TextIO) -> None:
+def _saved(png: bytes) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(prefix="epdserve-demo-", suffix=".png", delete=False) as f:
+        f.write(png)
+    return f.name
+
+
+def demo_question() -> tuple[str, bytes, str]:
+    """(question, PNG bytes, expected answer) of the demo's generated picture."""
+    from quality.vqa_data import example
+
+    e = example(DEMO_QUESTION_SEED)
+    return e.question, e.png(), e.answer
+
+
+def _report(result, codes: dict, startup_s: float, as_json: bool, out: TextIO, expected: str | None) -> None:
     if as_json:
         payload = {"text": result.text, "token_ids": list(result.token_ids), "finish_reason": result.finish_reason,
                    "usage": vars(result.usage), "timings_ms": result.timings_ms, "startup_s": startup_s,
-                   "exit_codes": codes}
+                   "exit_codes": codes, "expected": expected}
         print(json.dumps(payload), file=out)
         return
     u = result.usage
@@ -88,4 +113,6 @@ def _report(result, codes: dict, startup_s: float, as_json: bool, out: TextIO) -
         if key in result.timings_ms:
             print(f"  {label:<34} {result.timings_ms[key]:9.2f}", file=out)
     print("services stopped: " + ", ".join(f"{name} exit {code}" for name, code in codes.items()), file=out)
-    print("(the tiny demo model has random weights: its answer is noise, the pipeline is real)", file=out)
+    if expected is not None:
+        verdict = "correct" if result.text.strip() == expected else "WRONG"
+        print(f"expected answer: {expected!r} ({verdict})", file=out)

@@ -48,6 +48,10 @@ class TinySpec:
     patch_size: int = 8
     init_std: float = 0.05           # a little above HF's 0.02 so greedy choices are not near-ties
     feature_layers: tuple[int, ...] = (-2,)   # vision hidden states fed to the projector (concatenated)
+    vision_hidden_size: int = 32
+    vision_intermediate_size: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
     rope_parameters: tuple[tuple[str, float | str], ...] = ()  # e.g. (("rope_type", "linear"), ("factor", 2.0))
 
     def __post_init__(self) -> None:
@@ -85,6 +89,13 @@ def build_tiny_checkpoint(out_dir: str | pathlib.Path, spec: TinySpec = TinySpec
     _build_processor(spec, tokenizer).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def shipped_vqa_checkpoint() -> pathlib.Path | None:
+    """The visual-QA checkpoint trained here and shipped in the package (`quality.train_vqa`), or
+    None in a tree without it."""
+    path = pathlib.Path(__file__).resolve().parent / "vqa_tiny"
+    return path if (path / "model.safetensors").is_file() else None
 
 
 def cached_tiny_checkpoint(cache_dir: pathlib.Path, spec: TinySpec = TinySpec()) -> pathlib.Path:
@@ -140,15 +151,15 @@ def _vision_config(spec: TinySpec):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     common = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_intermediate_size,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
     )
     if spec.vision == "clip":
-        return CLIPVisionConfig(**common, projection_dim=32)
+        return CLIPVisionConfig(**common, projection_dim=spec.vision_hidden_size)
     return SiglipVisionConfig(**common)
 
 
