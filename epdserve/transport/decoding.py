@@ -28,13 +28,17 @@ UNDECODABLE = Undecodable()
 
 class StrictDecodingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # registered methods only
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method not in self._wrapped:
-            self._wrapped[method] = strict_handler(await continuation(handler_call_details), method)
-        return self._wrapped[method]
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:  # unknown method: UNIMPLEMENTED, and nothing remembered (names are client-chosen)
+                return None
+            wrapped = self._wrapped[method] = strict_handler(handler, method)
+        return wrapped
 
 
 def strict_handler(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
