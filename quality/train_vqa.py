@@ -35,7 +35,7 @@ TRAIN_SEED_BASE = 1_000_000   # training examples use seeds from here on; held-o
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 5000
+    steps: int = 9000
     batch_size: int = 32
     lr: float = 3e-4
     warmup_steps: int = 100
