@@ -149,6 +149,17 @@ class LocalCluster:
         "" when it serves none. Raises KeyError for an unknown child."""
         return json.loads(self.children[name].ready_file.read_text()).get("metrics_address", "")
 
+    def scrape_metrics(self, name: str) -> "MetricSamples":
+        """One GET of a child's `/metrics` (started with --metrics-port)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://{self.metrics_address(name)}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return MetricSamples({(s.name, tuple(sorted(s.labels.items()))): s.value
+                              for family in text_string_to_metric_families(text) for s in family.samples})
+
     def log_tail(self, name: str, lines: int = 30) -> str:
         child = self.children.get(name)
         if child is None or not child.log_file.is_file():
@@ -183,6 +194,14 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class MetricSamples(dict):
+    """Scraped samples keyed by (sample name, sorted label pairs)."""
+
+    def value(self, name: str, **labels) -> float:
+        """The sample's value; 0.0 when absent (a counter not incremented yet)."""
+        return self.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def security_args(security: SecurityConfig) -> list[str]:

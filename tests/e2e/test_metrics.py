@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import io
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from epdserve.errors import InvalidArgumentError, ResourceExhaustedError
 from epdserve.launcher import ClusterConfig, LocalCluster
@@ -59,23 +57,11 @@ def sent(cluster):
     return {"ok": 4, "ok_images": 3, "error": 2, "cancelled": 1, "rejected": 1}
 
 
-def _scrape(cluster, name: str) -> dict[tuple[str, tuple], float]:
-    address = cluster.metrics_address(name)
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def _value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 def _settled(cluster, check, timeout_s: float = 10.0):
     """Scrape until `check(scrapes)` holds (handlers of a cancelled stream end asynchronously)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        scrapes = {name: _scrape(cluster, name) for name in SERVICES}
+        scrapes = {name: cluster.scrape_metrics(name) for name in SERVICES}
         try:
             check(scrapes)
             return scrapes
@@ -95,18 +81,18 @@ def test_router_outcomes_add_up_to_what_was_sent(cluster, sent):
     def check(scrapes):
         router = scrapes["router"]
         for outcome in ("ok", "error", "cancelled", "rejected"):
-            assert _value(router, "epdserve_router_requests_total", outcome=outcome) == sent[outcome], outcome
-        assert _value(router, "epdserve_router_errors_total", code="INVALID_ARGUMENT") == sent["error"]
-        assert _value(router, "epdserve_router_errors_total", code="RESOURCE_EXHAUSTED") == sent["rejected"]
-        assert _value(router, "epdserve_router_requests_in_flight") == 0
+            assert router.value("epdserve_router_requests_total", outcome=outcome) == sent[outcome], outcome
+        assert router.value("epdserve_router_errors_total", code="INVALID_ARGUMENT") == sent["error"]
+        assert router.value("epdserve_router_errors_total", code="RESOURCE_EXHAUSTED") == sent["rejected"]
+        assert router.value("epdserve_router_requests_in_flight") == 0
 
     router = _settled(cluster, check)["router"]
-    assert _value(router, "epdserve_router_ttft_seconds_count") == sent["ok"]
-    assert _value(router, "epdserve_router_e2e_seconds_count") == sent["ok"]
-    assert _value(router, "epdserve_router_tpot_seconds_count") <= sent["ok"]
+    assert router.value("epdserve_router_ttft_seconds_count") == sent["ok"]
+    assert router.value("epdserve_router_e2e_seconds_count") == sent["ok"]
+    assert router.value("epdserve_router_tpot_seconds_count") <= sent["ok"]
     paths = {labels: v for (name, labels), v in router.items() if name == "epdserve_router_path_total"}
     assert sum(paths.values()) == sent["ok"]
-    assert _value(router, "epdserve_router_path_total", path="E->P->D") == sent["ok_images"]
+    assert router.value("epdserve_router_path_total", path="E->P->D") == sent["ok_images"]
 
 
 def test_each_stage_counted_what_reached_it(cluster, sent):
@@ -115,22 +101,22 @@ def test_each_stage_counted_what_reached_it(cluster, sent):
     def check(scrapes):
         stage = "epdserve_stage_requests_total"
         encode, prefill, decode = scrapes["encode"], scrapes["prefill"], scrapes["decode"]
-        assert _value(encode, stage, stage="encode", outcome="ok", code="OK") == ok_images
-        assert _value(encode, stage, stage="encode", outcome="error", code="INVALID_ARGUMENT") == 1
+        assert encode.value(stage, stage="encode", outcome="ok", code="OK") == ok_images
+        assert encode.value(stage, stage="encode", outcome="error", code="INVALID_ARGUMENT") == 1
         # the cancelled stream had its prefill done before the cancel, and was cancelled in decode
-        assert _value(prefill, stage, stage="prefill", outcome="ok", code="OK") == ok + sent["cancelled"]
-        assert _value(decode, stage, stage="decode", outcome="ok", code="OK") == ok
-        assert _value(decode, stage, stage="decode", outcome="cancelled", code="CANCELLED") == sent["cancelled"]
+        assert prefill.value(stage, stage="prefill", outcome="ok", code="OK") == ok + sent["cancelled"]
+        assert decode.value(stage, stage="decode", outcome="ok", code="OK") == ok
+        assert decode.value(stage, stage="decode", outcome="cancelled", code="CANCELLED") == sent["cancelled"]
         for name in ("encode", "prefill", "decode"):
-            assert _value(scrapes[name], "epdserve_requests_waiting", stage=name) == 0
-            assert _value(scrapes[name], "epdserve_requests_running", stage=name) == 0
-        assert _value(decode, "epdserve_decode_kv_cache_usage_ratio") == 0.0
+            assert scrapes[name].value("epdserve_requests_waiting", stage=name) == 0
+            assert scrapes[name].value("epdserve_requests_running", stage=name) == 0
+        assert decode.value("epdserve_decode_kv_cache_usage_ratio") == 0.0
 
     scrapes = _settled(cluster, check)
     encode, prefill, decode = scrapes["encode"], scrapes["prefill"], scrapes["decode"]
-    hits, misses = (_value(encode, f"epdserve_encode_cache_{kind}_total") for kind in ("hits", "misses"))
+    hits, misses = (encode.value(f"epdserve_encode_cache_{kind}_total") for kind in ("hits", "misses"))
     assert hits + misses == ok_images and hits >= 1
-    assert _value(encode, "epdserve_cache_put_bytes_total") > 0  # mmcache's own metrics, same endpoint
-    assert _value(prefill, "epdserve_prefill_prompt_tokens_total") > 0
-    assert _value(prefill, "epdserve_prefill_prefix_hit_tokens_total") >= 0
-    assert _value(decode, "epdserve_decode_kv_capacity_blocks") > 0
+    assert encode.value("epdserve_cache_put_bytes_total") > 0  # mmcache's own metrics, same endpoint
+    assert prefill.value("epdserve_prefill_prompt_tokens_total") > 0
+    assert prefill.value("epdserve_prefill_prefix_hit_tokens_total") >= 0
+    assert decode.value("epdserve_decode_kv_capacity_blocks") > 0

@@ -16,13 +16,11 @@ import os
 import random
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 import redis
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from epdserve.launcher import ClusterConfig, LocalCluster
 from epdserve.sdk import Client
@@ -60,17 +58,6 @@ def _process_usage(pid: int) -> dict[str, int]:
 
 def _usage(cluster) -> dict[str, dict[str, int]]:
     return {name: _process_usage(cluster.children[name].process.pid) for name in SERVICES}
-
-
-def _scrape(cluster, name: str) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://{cluster.metrics_address(name)}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def _value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 class _Load:
@@ -128,14 +115,14 @@ def test_soak_with_cancellations_leaks_nothing_and_accounting_balances(cluster):
 
     deadline = time.monotonic() + 15
     while True:  # handlers of cancelled streams end asynchronously
-        scrapes = {name: _scrape(cluster, name) for name in SERVICES}
+        scrapes = {name: cluster.scrape_metrics(name) for name in SERVICES}
         router, decode = scrapes["router"], scrapes["decode"]
-        outcomes = {o: _value(router, "epdserve_router_requests_total", outcome=o)
+        outcomes = {o: router.value("epdserve_router_requests_total", outcome=o)
                     for o in ("ok", "error", "cancelled", "rejected")}
-        settled = (sum(outcomes.values()) == load.sent and _value(router, "epdserve_router_requests_in_flight") == 0
-                   and _value(decode, "epdserve_decode_kv_cache_usage_ratio") == 0.0
-                   and all(_value(scrapes[s], "epdserve_requests_running", stage=s) == 0
-                           and _value(scrapes[s], "epdserve_requests_waiting", stage=s) == 0
+        settled = (sum(outcomes.values()) == load.sent and router.value("epdserve_router_requests_in_flight") == 0
+                   and decode.value("epdserve_decode_kv_cache_usage_ratio") == 0.0
+                   and all(scrapes[s].value("epdserve_requests_running", stage=s) == 0
+                           and scrapes[s].value("epdserve_requests_waiting", stage=s) == 0
                            for s in ("encode", "prefill", "decode")))
         if settled or time.monotonic() > deadline:
             break
@@ -147,8 +134,8 @@ def test_soak_with_cancellations_leaks_nothing_and_accounting_balances(cluster):
     assert outcomes["cancelled"] <= load.cancelled
     # tokens decode produced vs tokens the router passed on (the router also counts each prefill's first
     # token): a cancel stops the engine within a few steps, so the gap is small
-    generated = _value(decode, "epdserve_decode_generated_tokens_total")
-    forwarded = _value(router, "epdserve_router_completion_tokens_total")
+    generated = decode.value("epdserve_decode_generated_tokens_total")
+    forwarded = router.value("epdserve_router_completion_tokens_total")
     assert forwarded - load.sent <= generated <= forwarded + 4 * load.cancelled, (generated, forwarded)
 
     after = _usage(cluster)
