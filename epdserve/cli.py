@@ -10,6 +10,7 @@
   epdserve bench cache [--json]                    memcpy vs shared-memory vs stream vs index throughput
   epdserve batch FILE.jsonl --router ADDR --out OUT.jsonl   offline batch, makespan-packed, results as JSONL
   epdserve bench router [--json]                   router overhead (p50/p99 added ms) and requests/s
+  epdserve bench quality [--examples N] [--out D]  accuracy of the lossy techniques on the visual-QA model
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=200)
     train.add_argument("--layer", type=int, default=2, help="decoder layer whose attention is distilled")
     train.add_argument("--width", type=int, default=512)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lr", type=float, default=1e-4)  # = predictor_train.TrainConfig.lr
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(run=_sparsify_train)
 
@@ -137,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     bench_router.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     bench_router.add_argument("--json", action="store_true")
     bench_router.set_defaults(run=_bench_router)
+    bench_quality = bench_sub.add_parser("quality", help="accuracy of vision-token sparsification (per scorer and "
+                                                         "keep ratio) and MOM on the visual-QA model, served")
+    _add_quality_arguments(bench_quality)
+    bench_quality.set_defaults(run=_bench_quality)
 
     model = sub.add_parser("model", help="checkpoint tools")
     model_sub = model.add_subparsers(title="model commands")
@@ -377,6 +382,18 @@ def _bench_router(args: argparse.Namespace) -> int:
     report = run_router_bench(_default_model(args.model), config)
     print(json.dumps(report) if args.json else markdown(report))
     return 0
+
+
+def _add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    from quality.bench import add_arguments
+
+    add_arguments(parser)
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from quality.bench import run
+
+    return run(args)
 
 
 def _model_tiny(args: argparse.Namespace) -> int:

@@ -67,6 +67,7 @@ class LocalCluster:
         self.redis: PrivateRedis | None = None
         self.redis_url = config.redis_url
         self.children: dict[str, _Child] = {}
+        self.stop_log_tails: dict[str, str] = {}
         self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="epdserve-cluster-"))
         self.shm_root = _shm_root() / f"epdserve-cluster-{uuid.uuid4().hex[:12]}"
         self.router_address = ""
@@ -173,13 +174,16 @@ class LocalCluster:
         return pids
 
     def stop(self) -> dict[str, int | None]:
-        """Stop the router first (no new work), then the stages, then Redis. Returns exit codes."""
+        """Stop the router first (no new work), then the stages, then Redis. Returns exit codes;
+        `stop_log_tails` keeps the log tail of each child that did not exit 0 (its logs are removed)."""
         codes: dict[str, int | None] = {}
         if "router" in self.children:
-            codes["router"] = stop_process(self.children["router"].process, timeout_s=self.config.stop_timeout_s)
+            codes["router"] = stop_process(self.children["router"].process, timeout_s=self.config.stop_timeout_s,
+                                          dump_stacks=True)
         stages = [child for name, child in self.children.items() if name != "router"]
-        exits = stop_processes([c.process for c in stages], timeout_s=self.config.stop_timeout_s)
+        exits = stop_processes([c.process for c in stages], timeout_s=self.config.stop_timeout_s, dump_stacks=True)
         codes.update({child.name: code for child, code in zip(stages, exits)})
+        self.stop_log_tails = {name: self.log_tail(name, 60) for name, code in codes.items() if code != 0}
         self.children.clear()
         if self.redis is not None:
             self.redis.stop()

@@ -37,14 +37,16 @@ def spawn(argv: list[str], **popen_kwargs) -> subprocess.Popen:
     return subprocess.Popen(argv, preexec_fn=die_with_parent, **popen_kwargs)
 
 
-def stop_process(process: subprocess.Popen, *, timeout_s: float) -> int | None:
+def stop_process(process: subprocess.Popen, *, timeout_s: float, dump_stacks: bool = False) -> int | None:
     """SIGTERM, wait up to timeout_s, then SIGKILL. Returns the exit code."""
-    return stop_processes([process], timeout_s=timeout_s)[0]
+    return stop_processes([process], timeout_s=timeout_s, dump_stacks=dump_stacks)[0]
 
 
-def stop_processes(processes: list[subprocess.Popen], *, timeout_s: float) -> list[int | None]:
-    """SIGTERM each (once), wait for all up to timeout_s in total, SIGKILL what is left.
-    Returns the exit codes in order."""
+def stop_processes(processes: list[subprocess.Popen], *, timeout_s: float,
+                   dump_stacks: bool = False) -> list[int | None]:
+    """SIGTERM each (once), wait for all up to timeout_s in total, SIGKILL what is left (after
+    SIGUSR1 and a moment to write its stacks, with `dump_stacks`: for epdserve services, which
+    register faulthandler on it). Returns the exit codes in order."""
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -53,6 +55,9 @@ def stop_processes(processes: list[subprocess.Popen], *, timeout_s: float) -> li
         try:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            if dump_stacks:
+                process.send_signal(signal.SIGUSR1)
+                time.sleep(1.0)
             process.kill()
             process.wait(timeout=5)
     return [process.returncode for process in processes]

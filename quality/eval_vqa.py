@@ -49,13 +49,14 @@ def hf_answers(model_dir: pathlib.Path, seeds: Iterable[int]) -> list[str]:
     return answers
 
 
-def served_answers(client, seeds: Iterable[int]) -> list[str]:
-    """Answers from an epdserve router (`epdserve.sdk.Client`), greedy."""
+def served_answers(client, seeds: Iterable[int], keep_ratio: float = 1.0) -> list[str]:
+    """Answers from an epdserve router (`epdserve.sdk.Client`), greedy, keeping `keep_ratio` of
+    each image's tokens (1.0: lossless)."""
     answers = []
     for seed in seeds:
         e = example(seed)
         answers.append(client.generate(e.question, images=[e.png()], max_tokens=MAX_ANSWER_TOKENS,
-                                       temperature=0.0).text)
+                                       temperature=0.0, image_keep_ratio=keep_ratio).text)
     return answers
 
 

@@ -23,14 +23,13 @@ import time
 import torch
 
 from epdserve.models.tiny import TinySpec, build_tiny_checkpoint
-from quality.vqa_data import IMAGE_SIZE, example
+from quality.vqa_data import IMAGE_SIZE, TRAIN_SEED_BASE, example
 
 # one 16-pixel patch per grid cell: 9 image tokens, so a CPU trains it in minutes
 VQA_SPEC = TinySpec(backbone="llama", vision="clip", seed=0, hidden_size=128, intermediate_size=384, num_layers=3,
                     num_heads=4, num_kv_heads=2, max_context=256, image_size=IMAGE_SIZE, patch_size=16,
                     init_std=0.02, vision_hidden_size=128, vision_intermediate_size=384, vision_layers=3,
                     vision_heads=4)
-TRAIN_SEED_BASE = 1_000_000   # training examples use seeds from here on; held-out ones are below it
 
 
 @dataclasses.dataclass(frozen=True)

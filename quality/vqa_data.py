@@ -23,6 +23,7 @@ COLUMNS = ("left", "middle", "right")
 LETTERS = "ABEHKMRTXZ"        # distinct at 48 px
 KINDS = ("color", "shape", "count", "where", "letter")
 BACKGROUNDS = ((250, 250, 250), (235, 235, 220), (30, 30, 30), (200, 200, 210))
+TRAIN_SEED_BASE = 1_000_000   # training examples use seeds from here on; held-out ones are below it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,11 +133,14 @@ async def run_stage(stage: str, service_name: str, server_config: ServerConfig, 
 def run_service(serve, configs: tuple, stage: str, trace: TraceConfig = TraceConfig()) -> int:
     """Run a service's `serve(*configs)` coroutine with tracing as `trace` says; after it returns
     (drained on SIGTERM) further SIGTERMs are ignored, so the last spans are exported, interpreter
-    teardown finishes and the exit code stays 0."""
+    teardown finishes and the exit code stays 0. SIGUSR1 writes every thread's stack to stderr
+    (faulthandler), for a process that hangs."""
+    import faulthandler
     import signal
 
     from epdserve import tracing
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         tracing.setup(trace, stage, read_env())
         asyncio.run(serve(*configs))

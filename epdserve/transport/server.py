@@ -11,12 +11,15 @@ before the ready file is written (`metrics_address`).
 SIGTERM/SIGINT: readiness NOT_SERVING, stop accepting (new RPCs are UNAVAILABLE), give in-flight RPCs
 `drain_timeout_s` (then cancel them), run the service's cleanup, return (exit code 0). A second
 SIGTERM/SIGINT during the drain exits at once (code 128 + signal), without cleanup: what a SIGKILL
-would leave (shared-memory pool, index entries) is reclaimed as for any dead owner.
+would leave (shared-memory pool, index entries) is reclaimed as for any dead owner. A shutdown
+that outlasts the drain plus `CLEANUP_BUDGET_S` logs its pending tasks' stacks and exits 1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import io
 import json
 import logging
 import os
@@ -35,6 +38,8 @@ from epdserve.transport.auth import TokenAuthInterceptor
 from epdserve.transport.decoding import StrictDecodingInterceptor
 
 log = logging.getLogger(__name__)
+CLEANUP_BUDGET_S = 2.0   # after the drain, for the service's clean-up (cache close, executor)
+WATCHDOG_EXTRA_S = 1.0   # past the shutdown limit, for a blocked event loop
 
 
 class ServiceServer:
@@ -200,12 +205,39 @@ async def run_until_signalled(server: ServiceServer, cleanup: Callable[[], Await
     else:
         log.info("signal received: draining (up to %.0f s; a second signal exits at once)",
                  server.config.drain_timeout_s)
-    await server.stop()
-    if cleanup is not None:
-        await cleanup()
+    await _stop_within(server.config.drain_timeout_s + CLEANUP_BUDGET_S, server, cleanup)
     log.info("stopped")
     if server.failure is not None:
         raise EngineFailedError(f"model engine failed: {type(server.failure).__name__}: {server.failure}")
+
+
+async def _stop_within(limit_s: float, server: ServiceServer, cleanup) -> None:
+    """Drain and clean up within `limit_s`, or log what is stuck and exit 1 (a supervisor's
+    SIGKILL would come later and say less). A blocked event loop cannot time out, so a watchdog
+    thread (faulthandler) dumps every thread's stack and exits 1 a moment after the limit."""
+    faulthandler.dump_traceback_later(limit_s + WATCHDOG_EXTRA_S, exit=True)
+
+    async def stop_and_clean() -> None:
+        await server.stop()
+        if cleanup is not None:
+            await cleanup()
+
+    try:
+        await asyncio.wait_for(stop_and_clean(), limit_s)
+        faulthandler.cancel_dump_traceback_later()
+    except asyncio.TimeoutError:
+        log.error("shutdown took over %.0f s (drain + clean-up); exiting 1. Pending tasks:\n%s",
+                  limit_s, _pending_task_stacks())
+        logging.shutdown()
+        os._exit(1)
+
+
+def _pending_task_stacks() -> str:
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.print_stack(limit=12, file=out)
+    return out.getvalue()
 
 
 def _on_signal(sig: int, stop: asyncio.Event) -> None:

@@ -3,8 +3,10 @@
 Invariant: every KV the prefill stage publishes for a request is handed to exactly one decode
 call (which releases it), including when generation ends at the first token (a decode call with
 max_new_tokens=0 releases it) — or, if the request dies in between, it expires by TTL.
-A vanished cache entry between stages (FAILED_PRECONDITION) re-runs the request from encode
-without the cache lookup, at most `stage_retries` times.
+A vanished cache entry between stages (FAILED_PRECONDITION) re-runs the stages before it, at most
+`stage_retries` times: a lost embedding re-runs encode without the cache lookup; a prompt KV lost
+before decode read it (its prefill owner died) re-runs prefill, and decode continues from the first
+token already sent (the KV covers the prompt only, so it does not depend on that token).
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ class Orchestrator:
                     raise
                 started = await self._start(req, prompt, deadline, timings, skip_lookup=True, local=False)
         if started.prefill is not None:  # E -> P -> D: the first token comes from prefill
-            async for event in self._after_prefill(run, req, started.prefill, deadline, timings, start,
+            async for event in self._after_prefill(run, req, prompt, started.prefill, deadline, timings, start,
                                                    decode_replica):
                 yield event
         tail = "" if run.stream.stopped else run.stream.flush()
@@ -155,20 +157,30 @@ class Orchestrator:
         _derived_timings(timings, len(run.tokens))
         yield Finished(run.finish, len(prompt.token_ids), prompt.image_tokens, len(run.tokens), timings)
 
-    async def _after_prefill(self, run: "_Run", req, prefill, deadline, timings, start: float, decode_replica=None):
+    async def _after_prefill(self, run: "_Run", req, prompt, prefill, deadline, timings, start: float,
+                             decode_replica=None):
         timings["ttft_ms"] = (time.perf_counter() - start) * 1000.0
         self._emitted(run, 1)
-        run.tokens.append(prefill.first_token_id)
-        chunk = run.stream.push(prefill.first_token_id)
-        yield TextChunk(chunk.text, (prefill.first_token_id,))
-        run.finish = "stop" if chunk.stopped else self._finish_reason(req, prefill.first_token_id, 1)
+        first_token = prefill.first_token_id
+        run.tokens.append(first_token)
+        chunk = run.stream.push(first_token)
+        yield TextChunk(chunk.text, (first_token,))
+        run.finish = "stop" if chunk.stopped else self._finish_reason(req, first_token, 1)
         if run.finish:
             await self._release_kv(prefill.kv, deadline)
             return
-        request = self._decode_request(req, prefill, req.max_tokens - 1)
-        reserve = prefill.kv.length + req.max_tokens
-        async for event in self._decode(run, request, reserve, decode_replica, deadline, timings):
-            yield event
+        for attempt in itertools.count():
+            request = self._decode_request(req, prefill.kv, first_token, req.max_tokens - 1)
+            try:
+                async for event in self._decode(run, request, prefill.kv.length + req.max_tokens, decode_replica,
+                                                deadline, timings):
+                    yield event
+                return
+            except FailedPreconditionError:  # the prompt's KV vanished before decode read it
+                if len(run.tokens) > 1 or attempt >= self.config.stage_retries:
+                    raise
+            timings["kv_lost_reprefills"] = attempt + 1.0
+            prefill = (await self._start(req, prompt, deadline, timings, local=False)).prefill
 
     def _finish_reason(self, req: GenerationRequest, token: int, produced: int) -> str:
         if token in self.stop_token_ids and not req.ignore_eos:
@@ -310,11 +322,12 @@ class Orchestrator:
         _merge(timings, "prefill.", response.timings_ms)
         return response
 
-    def _decode_request(self, req, prefill, max_new_tokens: int) -> decode_pb2.DecodeRequest:
+    def _decode_request(self, req, kv: common_pb2.KVHandle, first_token_id: int,
+                        max_new_tokens: int) -> decode_pb2.DecodeRequest:
         return decode_pb2.DecodeRequest(
             request_id=req.request_id,
-            kv=prefill.kv,
-            first_token_id=prefill.first_token_id,
+            kv=kv,
+            first_token_id=first_token_id,
             max_new_tokens=max_new_tokens,
             sampling=sampling_to_proto(req.sampling),
             stop_token_ids=self.stop_token_ids,
@@ -332,9 +345,13 @@ class Orchestrator:
         )
 
     async def _release_kv(self, kv: common_pb2.KVHandle, deadline: float) -> None:
-        """Generation ended at the first token: a zero-token decode call releases the KV."""
+        """Generation ended at the first token: a zero-token decode call releases the KV (already
+        gone with its owner: nothing to release, the request still succeeded)."""
         request = decode_pb2.DecodeRequest(kv=kv, max_new_tokens=0, first_token_id=0)
-        async for _ in self._decode_stream(request, 0, None, deadline):
+        try:
+            async for _ in self._decode_stream(request, 0, None, deadline):
+                pass
+        except FailedPreconditionError:
             pass
 
     async def _decode(self, run: "_Run", request, reserve: int, first_choice, deadline, timings, ttft_from=None):

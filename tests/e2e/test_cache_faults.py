@@ -4,7 +4,10 @@ cache recovers; at the end no child process, shared-memory file or TTL-less inde
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
+import os
+import signal
 import threading
 import time
 
@@ -145,3 +148,46 @@ def test_requests_survive_redis_dying_and_the_cache_recovers(cluster, client):
     hit = client.generate("describe", images=[image], max_tokens=4, temperature=0.0)
     assert hit.timings_ms["encode_cache_hits"] == 1, "cache hits did not come back after Redis returned"
     assert _keys_without_ttl(cluster.redis_url) == []
+
+
+def test_kv_lost_before_decode_read_it_is_prefilled_again(tiny_checkpoint):
+    """The prompt's KV is damaged after prefill answered and before decode read it (as when its
+    owner dies and is cleaned up in between): decode refuses it (FAILED_PRECONDITION), the router
+    re-runs prefill and decode continues from the first token already streamed. The answer equals
+    an undisturbed run's and no KV is left behind. Decode is held with SIGSTOP to open the window;
+    prefill's prefix cache is off so only this request's KV sits in its pool."""
+    config = ClusterConfig(model_dir=tiny_checkpoint, device="cpu", stage_args={"prefill": ("--no-prefix-cache",)})
+    args = dict(images=[_png(70)], max_tokens=8, temperature=0.0, ignore_eos=True)
+    with LocalCluster(config) as cluster, Client(cluster.router_address, timeout_s=60) as client:
+        r = redis.Redis.from_url(cluster.redis_url)
+        decode = cluster.children["decode"].process.pid
+        os.kill(decode, signal.SIGSTOP)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                future = pool.submit(client.generate, "lost kv?", **args)
+                deadline = time.monotonic() + 30
+                while not list(r.scan_iter(match="*:e:kv:*")):
+                    assert time.monotonic() < deadline and not future.done(), "prefill never published KV"
+                    time.sleep(0.02)
+                time.sleep(0.5)  # every layer written
+                for path in (cluster.shm_root / "prefill").glob("pool-*.shm"):
+                    _damage_head(path)
+                os.kill(decode, signal.SIGCONT)
+                lost = future.result(timeout=60)
+        finally:
+            os.kill(decode, signal.SIGCONT)
+        undisturbed = client.generate("lost kv?", **args)
+        assert lost.timings_ms["kv_lost_reprefills"] == 1
+        assert "kv_lost_reprefills" not in undisturbed.timings_ms
+        assert lost.token_ids == undisturbed.token_ids
+        deadline = time.monotonic() + 10
+        while list(r.scan_iter(match="*:e:kv:*")):
+            assert time.monotonic() < deadline, "KV index entries left behind"
+            time.sleep(0.1)
+
+
+def _damage_head(path, nbytes: int = 4 << 20) -> None:
+    with open(path, "r+b") as f:
+        head = bytearray(f.read(nbytes))
+        f.seek(0)
+        f.write(bytes(b ^ 0xFF for b in head))

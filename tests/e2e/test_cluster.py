@@ -218,7 +218,7 @@ def test_stop_leaves_no_process_behind(tiny_checkpoint):
     pids = cluster.pids()
     shm_root = cluster.shm_root
     codes = cluster.stop()
-    assert codes == {"router": 0, "encode": 0, "prefill": 0, "decode": 0}
+    assert codes == {"router": 0, "encode": 0, "prefill": 0, "decode": 0}, cluster.stop_log_tails
     for name, pid in pids.items():
         assert not _alive(pid), f"{name} (pid {pid}) still running"
     assert not shm_root.exists()

@@ -35,3 +35,24 @@ def test_served_answers_are_accurate_and_match_transformers(model_dir):
     assert not mismatches, mismatches[:5]
     scores = accuracy(served, SEEDS)
     assert scores["all"] >= ACCURACY_FLOOR, scores
+
+
+def test_quality_bench_runs_every_measurement_end_to_end(model_dir, tmp_path, capsys):
+    """`epdserve bench quality` on a few questions: the predictor is trained by `epdserve sparsify
+    train`, every scorer's keep-1.0 row is the lossless path (same answers), MOM changes no answer,
+    and the JSON and table are written."""
+    import json
+
+    from epdserve.cli import main
+
+    argv = ["bench", "quality", "--examples", "12", "--scorers", "cls-attention", "learned", "--keep-ratios", "1.0",
+            "0.25", "--predictor-steps", "20", "--predictor-samples", "8", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "quality.json").read_text())
+    rows = {(r["scorer"], r["keep_ratio"]): r for r in result["sparsification"]}
+    assert set(rows) == {("cls-attention", 1.0), ("cls-attention", 0.25), ("learned", 1.0), ("learned", 0.25)}
+    assert rows["cls-attention", 1.0]["same_answers_as_lossless"] == rows["learned", 1.0]["same_answers_as_lossless"] == 1.0
+    assert result["predictor"]["samples"] == 8
+    assert result["mom"]["same_answers_as_lossless"] == 1.0
+    table = (tmp_path / "quality.md").read_text()
+    assert "| learned | 0.25 | 2 |" in table and "MOM" in table

@@ -1,0 +1,189 @@
+"""Accuracy of epdserve's lossy techniques on the shipped visual-QA model, answered through
+E -> P -> D (local clusters, greedy) next to the lossless path measured in the same run.
+
+    epdserve bench quality [--examples 500] [--out DIR]      (or python -m quality.bench)
+
+- Vision-token sparsification: exact-match accuracy at each keep ratio for each scorer:
+  `cls-attention` (training-free default), `feature-norm`, and `learned` (Dynamic-LLaVA's image
+  predictor, trained here on this model with `epdserve sparsify train` on generated training
+  pictures, never the held-out ones).
+- MOM mini-sequences: prefill with MLP / LM-head chunks of a few tokens gives the same answers as
+  the lossless path (compared answer by answer).
+
+Invariant: every row is measured on the same held-out questions (seeds 0..N-1) with the same
+checkpoint; keep ratio 1.0 is the lossless path for every scorer, so its rows must agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+from quality.eval_vqa import accuracy, served_answers
+from quality.vqa_data import TRAIN_SEED_BASE, example
+
+SCORERS = ("cls-attention", "feature-norm", "learned")
+KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
+MOM_CHUNK_TOKENS = 4  # VQA prompts are ~30 tokens: 4-token mini-sequences split every one of them
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityConfig:
+    examples: int = 500                    # held-out questions (seeds 0..N-1)
+    scorers: tuple[str, ...] = SCORERS
+    keep_ratios: tuple[float, ...] = KEEP_RATIOS
+    predictor_samples: int = 400           # generated training pictures for `epdserve sparsify train`
+    predictor_steps: int = 2000
+    mom: bool = True
+
+
+def run_quality_bench(model_dir: pathlib.Path, config: QualityConfig, workdir: pathlib.Path,
+                      progress=print) -> dict:
+    """Every measurement of this module on `model_dir`; returns the JSON-able result."""
+    from epdserve.models.spec import load_spec
+
+    seeds = range(config.examples)
+    result: dict = {"model": str(model_dir), "examples": config.examples,
+                    "tokens_per_image": load_spec(model_dir).tokens_per_image, "sparsification": [], "mom": None}
+    lossless: list[str] | None = None
+    for scorer in config.scorers:
+        encode_args = ("--scorer", scorer)
+        if scorer == "learned":
+            predictor = workdir / "image-predictor.safetensors"
+            result["predictor"] = train_image_predictor(model_dir, workdir, config, predictor)
+            progress(f"learned predictor: {result['predictor']}")
+            encode_args += ("--predictor-path", str(predictor))
+        with served_model(model_dir, {"encode": encode_args}) as client:
+            for keep in config.keep_ratios:
+                start = time.perf_counter()
+                answers = served_answers(client, seeds, keep_ratio=keep)
+                row = {"scorer": scorer, "keep_ratio": keep, "accuracy": accuracy(answers, seeds),
+                       "seconds": round(time.perf_counter() - start, 1)}
+                if keep == 1.0:
+                    lossless = lossless or answers
+                    row["same_answers_as_lossless"] = _agreement(answers, lossless)
+                result["sparsification"].append(row)
+                progress(f"{scorer:>13} keep {keep:<4} accuracy {row['accuracy']['all']:.3f}")
+    if config.mom:
+        result["mom"] = _mom_rows(model_dir, seeds, lossless)
+        progress(f"MOM: {result['mom']}")
+    return result
+
+
+def train_image_predictor(model_dir: pathlib.Path, workdir: pathlib.Path, config: QualityConfig,
+                          out: pathlib.Path) -> dict:
+    """`epdserve sparsify train` on generated training pictures, each paired with its own question
+    (files sort in the order of the prompts file). Returns the training report."""
+    from epdserve.cli import main as epdserve_main
+
+    images, prompts = workdir / "predictor-images", workdir / "predictor-prompts.txt"
+    images.mkdir(parents=True, exist_ok=True)
+    questions = []
+    for i in range(config.predictor_samples):
+        e = example(TRAIN_SEED_BASE + 500_000 + i)
+        e.image.save(images / f"{i:06d}.png")
+        questions.append(e.question)
+    prompts.write_text("\n".join(questions) + "\n")
+    argv = ["sparsify", "train", "--model", str(model_dir), "--images", str(images), "--prompts", str(prompts),
+            "--out", str(out), "--steps", str(config.predictor_steps)]
+    if epdserve_main(argv) != 0:
+        raise RuntimeError("epdserve sparsify train failed")
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        return json.loads(f.metadata()["report"])
+
+
+def _mom_rows(model_dir: pathlib.Path, seeds, lossless: list[str] | None) -> dict:
+    chunks = ("--chunk-tokens", str(MOM_CHUNK_TOKENS), "--min-chunk-tokens", str(MOM_CHUNK_TOKENS),
+              "--no-last-position-only")
+    with served_model(model_dir, {"prefill": chunks}) as client:
+        answers = served_answers(client, seeds)
+    if lossless is None:
+        with served_model(model_dir, {}) as client:
+            lossless = served_answers(client, seeds)
+    return {"chunk_tokens": MOM_CHUNK_TOKENS, "accuracy": accuracy(answers, seeds),
+            "lossless_accuracy": accuracy(lossless, seeds), "same_answers_as_lossless": _agreement(answers, lossless)}
+
+
+def _agreement(answers: list[str], reference: list[str]) -> float:
+    return sum(a == b for a, b in zip(answers, reference)) / max(1, len(reference))
+
+
+@contextlib.contextmanager
+def served_model(model_dir: pathlib.Path, stage_args: dict[str, tuple[str, ...]]):
+    """A client of a local E -> P -> D cluster of `model_dir` run with extra per-stage flags."""
+    from epdserve.launcher import ClusterConfig, LocalCluster
+    from epdserve.sdk import Client
+
+    with (LocalCluster(ClusterConfig(model_dir=model_dir, device="cpu", stage_args=stage_args)) as cluster,
+          Client(cluster.router_address, timeout_s=120) as client):
+        yield client
+
+
+def markdown_table(result: dict) -> str:
+    from epdserve.models.spec import kept_tokens
+
+    kinds = sorted(next(iter(result["sparsification"]))["accuracy"]) if result["sparsification"] else []
+    kinds = [k for k in kinds if k != "all"] + ["all"]
+    lines = ["| scorer | keep ratio | image tokens kept | " + " | ".join(kinds) + " |",
+             "|---|---:|---:|" + "---:|" * len(kinds)]
+    for row in result["sparsification"]:
+        kept = kept_tokens(result["tokens_per_image"], row["keep_ratio"])
+        cells = " | ".join(f"{row['accuracy'][k]:.3f}" for k in kinds)
+        lines.append(f"| {row['scorer']} | {row['keep_ratio']} | {kept} | {cells} |")
+    mom = result.get("mom")
+    if mom:
+        lines += ["", f"MOM (prefill mini-sequences of {mom['chunk_tokens']} tokens): accuracy "
+                      f"{mom['accuracy']['all']:.3f} vs lossless {mom['lossless_accuracy']['all']:.3f}; "
+                      f"same answer on {mom['same_answers_as_lossless']:.1%} of questions"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="epdserve bench quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=pathlib.Path, default=None, help="default: the shipped visual-QA model")
+    parser.add_argument("--examples", type=int, default=QualityConfig.examples)
+    parser.add_argument("--scorers", nargs="+", choices=SCORERS, default=list(SCORERS))
+    parser.add_argument("--keep-ratios", type=float, nargs="+", default=list(KEEP_RATIOS))
+    parser.add_argument("--predictor-steps", type=int, default=QualityConfig.predictor_steps)
+    parser.add_argument("--predictor-samples", type=int, default=QualityConfig.predictor_samples)
+    parser.add_argument("--no-mom", action="store_true", help="skip the MOM comparison")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="write quality.json and quality.md here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from epdserve.models.tiny import shipped_vqa_checkpoint
+
+    model_dir = args.model or shipped_vqa_checkpoint()
+    if model_dir is None:
+        raise SystemExit("no --model and the shipped visual-QA model is missing")
+    config = QualityConfig(examples=args.examples, scorers=tuple(args.scorers), keep_ratios=tuple(args.keep_ratios),
+                           predictor_samples=args.predictor_samples, predictor_steps=args.predictor_steps,
+                           mom=not args.no_mom)
+    with tempfile.TemporaryDirectory(prefix="epdserve-quality-") as workdir:
+        result = run_quality_bench(pathlib.Path(model_dir), config, pathlib.Path(workdir),
+                                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+    table = markdown_table(result)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "quality.json").write_text(json.dumps(result, indent=1))
+        (args.out / "quality.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
