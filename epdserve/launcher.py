@@ -3,6 +3,7 @@
 Starts a private redis-server (unless given a URL), then encode, prefill and decode as separate
 processes on free loopback ports, then the router pointed at them, all with the same security
 flags (token file, TLS files; children also inherit the environment's EPDSERVE_AUTH_TOKEN*).
+With `endpoints` it starts only the router, pointed at stage replicas that run elsewhere.
 Every child dies with the launcher (PDEATHSIG); `stop()` sends SIGTERM, waits, then SIGKILLs
 stragglers, and removes the shared-memory and scratch directories, so nothing is left behind.
 """
@@ -46,6 +47,16 @@ class ClusterConfig:
     threads: int = -1                # torch threads per model service; -1 = auto (on CPU: the cores shared out)
     trace: TraceConfig = TraceConfig()  # tracing of every service (a --trace-file is shared by all of them)
     security: SecurityConfig = SecurityConfig()  # token file and TLS files of every service (and its clients)
+    # stage -> addresses of replicas that already run elsewhere: start only a router pointed at them
+    # (with `redis_url` it reads their mmcache index for cache-aware placement; no private Redis)
+    endpoints: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.endpoints and sorted(self.endpoints) != sorted(STAGES):
+            raise ValueError(f"endpoints: give addresses for every stage ({', '.join(STAGES)}); "
+                             f"got {', '.join(sorted(self.endpoints)) or 'none'}")
+        if any(not addresses for addresses in self.endpoints.values()):
+            raise ValueError("endpoints: every stage needs at least one address")
 
     def names(self, stage: str) -> list[str]:
         """Child names of a stage's replicas: "encode", "encode-1", ..."""
@@ -77,15 +88,8 @@ class LocalCluster:
         """Start everything; returns the router address. Raises FailedPreconditionError (with the
         failing service's log tail) if a service exits or is not ready in time."""
         try:
-            if not self.redis_url:
-                self.redis = PrivateRedis(self.config.redis_server_bin).start()
-                self.redis_url = self.redis.url
-            for stage in STAGES:
-                for name in self.config.names(stage):
-                    self._spawn(name, stage, self._stage_args(stage, name))
-            for stage in STAGES:
-                for name in self.config.names(stage):
-                    self._wait_ready(self.children[name])
+            if not self.config.endpoints:
+                self._start_stages()
             self._spawn("router", "router", self._router_args())
             self.router_address = self._wait_ready(self.children["router"])
             ready = json.loads(self.children["router"].ready_file.read_text())
@@ -94,6 +98,17 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _start_stages(self) -> None:
+        if not self.redis_url:
+            self.redis = PrivateRedis(self.config.redis_server_bin).start()
+            self.redis_url = self.redis.url
+        for stage in STAGES:
+            for name in self.config.names(stage):
+                self._spawn(name, stage, self._stage_args(stage, name))
+        for stage in STAGES:
+            for name in self.config.names(stage):
+                self._wait_ready(self.children[name])
 
     def _common_args(self, name: str) -> list[str]:
         c = self.config
@@ -118,11 +133,14 @@ class LocalCluster:
         return max(1, len(os.sched_getaffinity(0)) // services)
 
     def _router_args(self) -> list[str]:
-        args = [*self._common_args("router"), "--host", self.config.router_host, "--cache-redis-url", self.redis_url]
+        args = [*self._common_args("router"), "--host", self.config.router_host]
         args[args.index("--port") + 1] = str(self.config.router_port)
+        if self.redis_url:
+            args += ["--cache-redis-url", self.redis_url]
         for stage in STAGES:
-            for name in self.config.names(stage):
-                args += [f"--{stage}", self.children[name].address]
+            addresses = self.config.endpoints.get(stage) or [self.children[n].address for n in self.config.names(stage)]
+            for address in addresses:
+                args += [f"--{stage}", address]
         return [*args, *self.config.stage_args.get("router", ())]
 
     def _spawn(self, name: str, stage: str, args: list[str]) -> None:

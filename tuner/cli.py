@@ -9,6 +9,9 @@
                                                     images Azure LMM only counts (and with --add-images,
                                                     images for text-only requests); --rate rescales arrivals
   tuner profile --router ADDR --out profile.json    sweep a running deployment, fit per-stage service times
+  tuner profile --endpoints encode=A --endpoints prefill=B[,C] --endpoints decode=D [--model DIR]
+                [--redis-url URL] --out profile.json
+                                                    the same on stage replicas directly (a private router)
   tuner optimize --slo ttft=2s [--slo tpot=50ms] [--slo e2e:p99=20s] [--trace FILE | --synthetic SPEC]
                  [--rate R] [--profile P] [--gpus N] [--trials N] [--storage URL] [--pareto] --out DIR
                                                     the cheapest E/P/D deployment meeting the SLOs
@@ -19,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -124,8 +128,17 @@ def _summary_line(path: str, requests) -> str:
 
 
 def _add_profile(sub) -> None:
-    profile = sub.add_parser("profile", help="sweep a running deployment through its router and fit a profile")
-    profile.add_argument("--router", required=True, help="router address host:port")
+    profile = sub.add_parser("profile", help="sweep a running deployment (through its router, or its stage "
+                                             "replicas directly) and fit a profile")
+    where = profile.add_mutually_exclusive_group(required=True)
+    where.add_argument("--router", help="router address host:port")
+    where.add_argument("--endpoints", action="append", metavar="STAGE=ADDR[,ADDR...]",
+                       help="the stage replicas directly, once per stage (encode, prefill, decode): a private "
+                            "router on loopback is started for the sweep (its clocks are not the stages')")
+    profile.add_argument("--model", default="", help="with --endpoints: the deployment's checkpoint directory "
+                                                    "(the private router's tokenizer; default: the tiny demo model)")
+    profile.add_argument("--redis-url", default="", help="with --endpoints: the stages' mmcache Redis, so the private "
+                                                         "router places by cached prefix as the deployment's would")
     profile.add_argument("--out", required=True, help="profile JSON to write")
     profile.add_argument("--shared-host-cores", type=int, default=0,
                          help="all replicas share this many CPU cores (a local deployment); 0: each has its own GPU")
@@ -173,13 +186,52 @@ def _profile(args: argparse.Namespace) -> int:
             sweep = SweepConfig(repeats=args.repeats, idle_s=args.idle_s, seed=args.seed)
             return await Profiler(client, sweep, progress=lambda text: print(f"  {text}", flush=True)).run(deployment)
 
-    profile = asyncio.run(run())
+    if args.endpoints:
+        with _private_router(args) as address:
+            args.router = address
+            profile = asyncio.run(run())
+    else:
+        profile = asyncio.run(run())
     profile.save(args.out)
     print(f"{args.out}: {profile.model}")
     for name, fit in summary_rows(profile):
         terms = " + ".join(f"{c:.4g}*{t}" if t != "const" else f"{c:.4g}" for t, c in zip(fit.terms, fit.coef) if c)
         print(f"  {name:<28} {terms or '0'}   (n={fit.samples}, MAPE {fit.mape:.0%})")
     return 0
+
+
+def parse_endpoints(values: list[str]) -> dict[str, tuple[str, ...]]:
+    """["encode=h:1", "prefill=h:2,h:3", ...] -> {"encode": ("h:1",), ...}; every stage once."""
+    stages = ("encode", "prefill", "decode")
+    endpoints: dict[str, tuple[str, ...]] = {}
+    for value in values:
+        stage, _, addresses = value.partition("=")
+        if stage not in stages or not addresses:
+            raise SystemExit(f"--endpoints {value!r}: expected STAGE=ADDR[,ADDR...] with STAGE one of {', '.join(stages)}")
+        if stage in endpoints:
+            raise SystemExit(f"--endpoints: {stage} given twice (list its replicas comma-separated)")
+        endpoints[stage] = tuple(a.strip() for a in addresses.split(",") if a.strip())
+    missing = [stage for stage in stages if stage not in endpoints]
+    if missing:
+        raise SystemExit(f"--endpoints: no address for {', '.join(missing)}")
+    return endpoints
+
+
+@contextlib.contextmanager
+def _private_router(args: argparse.Namespace):
+    """A router on loopback in front of --endpoints (with the command's credentials), stopped after."""
+    import pathlib
+
+    from epdserve.config import SecurityConfig, config_from_args
+    from epdserve.env import read_env
+    from epdserve.launcher import ClusterConfig, LocalCluster
+    from epdserve.models.tiny import cached_tiny_checkpoint
+
+    model = pathlib.Path(args.model) if args.model else cached_tiny_checkpoint(read_env().cache_dir)
+    config = ClusterConfig(model_dir=model, redis_url=args.redis_url, endpoints=parse_endpoints(args.endpoints),
+                           security=config_from_args(SecurityConfig, args))
+    with LocalCluster(config) as cluster:
+        yield cluster.router_address
 
 
 def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:

@@ -48,3 +48,29 @@ def test_profile_optimize_validate_on_a_live_deployment(cluster, tmp_path, capsy
         message = f"{key}: predicted {row['predicted_ms']:.1f} ms, measured {row['measured_ms']:.1f} ms"
         assert abs(row["error"]) < 1.0, message
     assert report["verdict"] == "VERIFIED" or report["verdict"].startswith("UNVERIFIED: ")
+
+
+def test_profile_through_the_stage_endpoints_directly(cluster, tiny_checkpoint, tmp_path, capsys):
+    """`tuner profile --endpoints`: no router of the deployment is used; a private one on loopback
+    is started in front of the given stage replicas for the sweep and stopped after."""
+    addresses = {name: child.address for name, child in cluster.children.items()}
+    profile_path = tmp_path / "profile.json"
+    argv = ["profile", "--endpoints", f"encode={addresses['encode']}", "--endpoints", f"prefill={addresses['prefill']}",
+            "--endpoints", f"decode={addresses['decode']}", "--model", str(tiny_checkpoint),
+            "--redis-url", cluster.redis_url, "--out", str(profile_path), "--repeats", "1", "--idle-s", "0.02",
+            "--shared-host-cores", "2"]
+    assert cli.main(argv) == 0
+    profile = Profile.load(profile_path)
+    assert profile.encode.tokens_per_image == 16
+    assert profile.decode.step_ms.samples >= 5 and profile.prefill.compute_ms.samples >= 5
+    assert profile.decode.step_ms.predict(batch=8, context=2000) > profile.decode.step_ms.predict(batch=1, context=100)
+
+
+@pytest.mark.parametrize("endpoints, message", [
+    (["encode=a:1", "prefill=b:2"], "no address for decode"),
+    (["encode=a:1", "encode=a:2", "prefill=b:2", "decode=c:3"], "encode given twice"),
+    (["router=a:1"], "expected STAGE=ADDR"),
+])
+def test_endpoints_are_checked_before_anything_starts(endpoints, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.parse_endpoints(endpoints)
