@@ -13,7 +13,8 @@
                 [--redis-url URL] --out profile.json
                                                     the same on stage replicas directly (a private router)
   tuner optimize --slo ttft=2s [--slo tpot=50ms] [--slo e2e:p99=20s] [--trace FILE | --synthetic SPEC]
-                 [--rate R] [--profile P] [--gpus N] [--trials N] [--storage URL] [--pareto] --out DIR
+                 [--rate R] [--profile P] [--gpus N] [--trials N] [--storage URL] [--pareto]
+                 [--min-keep-ratio R] [--allow-fastkv] --out DIR
                                                     the cheapest E/P/D deployment meeting the SLOs
   tuner validate --candidate K --from DIR --router ADDR [--trace FILE | --synthetic SPEC] [--rate R]
                                                     replay against a live deployment: predicted vs measured
@@ -300,6 +301,8 @@ def _add_optimize(sub) -> None:
     optimize.add_argument("--gpus", type=int, default=0, help="GPU budget (0 = none)")
     optimize.add_argument("--gpu-price", type=float, default=0.0, help="$ per GPU-hour: minimise $/h instead of GPUs")
     optimize.add_argument("--max-replicas", type=int, default=8, help="most replicas per stage")
+    optimize.add_argument("--allow-fastkv", action="store_true",
+                          help="also try prefill --fastkv (lossy: see docs/BENCHMARKS.md) at the profiled rates")
     optimize.add_argument("--min-keep-ratio", type=float, default=1.0,
                           help="allow Dynamic-LLaVA image-token sparsification down to this keep ratio (1 = lossless)")
     optimize.add_argument("--trials", type=int, default=200)
@@ -323,8 +326,11 @@ def _optimize(args: argparse.Namespace) -> int:
         raise ValueError(f"--min-keep-ratio must be in (0, 1] (got {args.min_keep_ratio})")
     requests, profile, source = _workload(args)
     keep = tuple(r for r in (1.0, 0.75, 0.5, 0.25) if r >= args.min_keep_ratio - 1e-9)
+    if args.allow_fastkv and profile.prefill.fastkv_compute_ms is None:
+        raise ValueError(f"--allow-fastkv: profile {args.profile or '(bundled)'} has no FastKV prefill measurements; "
+                         f"profile the deployment again with this version of `tuner profile`")
     space = SearchSpace(max_replicas=args.max_replicas, gpus=args.gpus, gpu_hour_price=args.gpu_price,
-                        image_keep_ratio=keep)
+                        image_keep_ratio=keep, fastkv=(False, True) if args.allow_fastkv else (False,))
     objective = Objective(requests, profile, slos, space, seed=args.seed)
     _check_reachable(objective, slos)
     outcome = run_study(objective, trials=args.trials, storage=args.storage, pareto=args.pareto, seed=args.seed,
@@ -358,10 +364,11 @@ def _check_reachable(objective, slos) -> None:
 
     from tuner.sim import Candidate
 
-    best = Candidate(image_keep_ratio=min(objective.space.image_keep_ratio))
-    alone = objective.bounds.unloaded(best)
+    keep = min(objective.space.image_keep_ratio)
+    alone = [objective.bounds.unloaded(Candidate(image_keep_ratio=keep, fastkv=fastkv))
+             for fastkv in objective.space.fastkv]
     for slo in slos:
-        floor = float(np.percentile(alone[slo.metric], slo.percentile)) if len(alone[slo.metric]) else 0.0
+        floor = min(float(np.percentile(a[slo.metric], slo.percentile)) if len(a[slo.metric]) else 0.0 for a in alone)
         if floor > slo.target_s:
             raise ValueError(f"--slo {slo.label()}: unreachable on this profile and workload: even a request "
                              f"alone in the deployment has {slo.metric} p{slo.percentile:g} = {floor * 1000:.0f} ms")

@@ -36,11 +36,13 @@ class Measured:
     error: str = ""
 
 
-async def timed_generate(client, prompt: str, images: Sequence[bytes] = (), *, max_tokens: int) -> Measured:
-    """One request; times are client-side (first chunk, last event)."""
+async def timed_generate(client, prompt: str, images: Sequence[bytes] = (), *, max_tokens: int,
+                         **params) -> Measured:
+    """One request (`params`: more of the client's generation parameters, e.g. fastkv=True); times
+    are client-side (first chunk, last event)."""
     start = time.perf_counter()
     first = None
-    stream = client.stream(prompt, images=list(images), max_tokens=max_tokens, ignore_eos=True)
+    stream = client.stream(prompt, images=list(images), max_tokens=max_tokens, ignore_eos=True, **params)
     async for _ in stream:
         if first is None:
             first = time.perf_counter()

@@ -78,6 +78,7 @@ class SearchSpace:
     encode_max_wait_ms: tuple[float, ...] = (0.0, 2.0, 5.0, 10.0)
     decode_max_running: tuple[int, ...] = (16, 32, 64, 128, 256)
     image_keep_ratio: tuple[float, ...] = (1.0,)  # lossless unless the user allows sparsification
+    fastkv: tuple[bool, ...] = (False,)           # lossless unless the user allows FastKV
 
     def cost(self, candidate: Candidate) -> float:
         gpus = candidate.gpus(self.gpus_per_replica)
@@ -207,9 +208,7 @@ class WorkloadBounds:
     def _prefill_ms(self, r: TraceRequest, c: Candidate, hits: int) -> float:
         prompt = r.context_tokens + r.num_images * self.profile.image_tokens(c.image_keep_ratio)
         cached = min(hits * TRACE_BLOCK_TOKENS, prompt - 1) if c.prefix_cache else 0
-        tokens = prompt - cached
-        return self.profile.prefill.compute_ms.predict(tokens=tokens, tokens_sq=tokens * tokens / 1000.0,
-                                                       cached_tokens=cached)
+        return self.profile.prefill.compute_ms_for(prompt, cached, c.fastkv)
 
     def unloaded(self, candidate: Candidate) -> dict[str, np.ndarray]:
         """Per request: TTFT, TPOT and e2e (seconds) if it were alone in the deployment."""
@@ -223,8 +222,9 @@ class WorkloadBounds:
                 mp = sum(i.width * i.height for i in r.images) / 1e6
                 ms += p.encode.tower_ms.predict(images=r.num_images, megapixels=mp)
                 ms += p.encode.call_ms.predict(images=r.num_images, megapixels=mp)
-            step = p.decode.step_ms.predict(batch=1, context=prompt)
-            rest = p.decode.join_ms.predict(kv_tokens=prompt) + step * max(r.generated_tokens - 1, 0)
+            kv_rows = p.prefill.kv_rows(prompt, candidate.fastkv)
+            step = p.decode.step_ms.predict(batch=1, context=kv_rows)
+            rest = p.decode.join_ms.predict(kv_tokens=kv_rows) + step * max(r.generated_tokens - 1, 0)
             ttft.append(ms / 1000.0)
             tpot.append(rest / max(r.generated_tokens - 1, 1) / 1000.0)
             e2e.append((ms + rest) / 1000.0)
@@ -296,6 +296,7 @@ def suggest(trial, space: SearchSpace) -> Candidate:
         encode_max_wait_ms=trial.suggest_categorical("encode_max_wait_ms", list(space.encode_max_wait_ms)),
         decode_max_running=trial.suggest_categorical("decode_max_running", list(space.decode_max_running)),
         image_keep_ratio=trial.suggest_categorical("image_keep_ratio", list(space.image_keep_ratio)),
+        fastkv=trial.suggest_categorical("fastkv", list(space.fastkv)),
     )
 
 
@@ -303,7 +304,7 @@ def candidate_params(candidate: Candidate) -> dict:
     return {"encode_replicas": candidate.encode_replicas, "prefill_replicas": candidate.prefill_replicas,
             "decode_replicas": candidate.decode_replicas, "encode_max_batch": candidate.encode_max_batch,
             "encode_max_wait_ms": candidate.encode_max_wait_ms, "decode_max_running": candidate.decode_max_running,
-            "image_keep_ratio": candidate.image_keep_ratio}
+            "image_keep_ratio": candidate.image_keep_ratio, "fastkv": candidate.fastkv}
 
 
 @dataclasses.dataclass

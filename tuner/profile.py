@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -104,6 +105,30 @@ class PrefillProfile:
     compute_ms: Fit        # model-thread time: const, tokens (computed), tokens_sq (= tokens^2 / 1000), cached_tokens
     call_ms: Fit           # the rest of a Prefill RPC (embedding fetch, KV publish tail, gRPC): const, tokens
     block_tokens: int      # prefix-cache block size of the profiled deployment (0 = off)
+    fastkv_compute_ms: Fit | None = None  # with FastKV at the deployment's rates: const, tokens, tokens_sq
+                                          # (None: not profiled, or the model refuses FastKV)
+    fastkv_kv_fraction: float = 1.0       # KV rows FastKV keeps per prompt row (what decode then holds)
+
+    def compute_fit(self, fastkv: bool) -> Fit:
+        """The compute-time fit of a prefill with or without FastKV (which never reads the prefix cache)."""
+        if not fastkv:
+            return self.compute_ms
+        if self.fastkv_compute_ms is None:
+            raise ValueError("this profile has no FastKV prefill measurements (profile a deployment whose model "
+                             "supports FastKV with a current `tuner profile`)")
+        return self.fastkv_compute_ms
+
+    def compute_ms_for(self, tokens: int, cached_tokens: int, fastkv: bool) -> float:
+        """Predicted compute time of a prompt of `tokens` rows, `cached_tokens` of them from the prefix
+        cache (ignored with FastKV: it computes the whole prompt)."""
+        cached = 0 if fastkv else cached_tokens
+        computed = tokens - cached
+        return self.compute_fit(fastkv).predict(tokens=computed, tokens_sq=computed * computed / 1000.0,
+                                                cached_tokens=cached)
+
+    def kv_rows(self, prompt_tokens: int, fastkv: bool) -> int:
+        """KV rows decode holds for a prompt (fewer with FastKV's compression)."""
+        return max(1, math.ceil(prompt_tokens * self.fastkv_kv_fraction)) if fastkv else prompt_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +189,10 @@ def _decode(kind, data: Mapping):
     for f in dataclasses.fields(kind):
         if f.name not in data:
             continue
-        field_type = {"Fit": Fit, "EncodeProfile": EncodeProfile, "PrefillProfile": PrefillProfile,
+        field_type = {"Fit": Fit, "Fit | None": Fit, "EncodeProfile": EncodeProfile, "PrefillProfile": PrefillProfile,
                       "DecodeProfile": DecodeProfile}.get(str(f.type))
-        values[f.name] = _decode(field_type, data[f.name]) if field_type else data[f.name]
+        value = data[f.name]
+        values[f.name] = _decode(field_type, value) if field_type and value is not None else value
     return kind(**values)
 
 

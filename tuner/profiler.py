@@ -4,8 +4,9 @@ Every request's `Complete.timings_ms` carries each stage's own clock (encode tow
 wait, prefill compute, decode steps and mean batch), so one front-door address is enough to
 separate what occupies a replica (fitted as service time) from what only delays a request (RPC,
 cache and hand-off overheads). Sweeps, in order: prefill (prompt lengths, uncached then fully
-cached), encode (images per request x image size, then the same images again as cache hits),
-decode (concurrent streams x prompt length). Prompts start with a random word so that no run
+cached), the same lengths with FastKV at the deployment's rates (skipped when the model refuses
+it), encode (images per request x image size, then the same images again as cache hits), decode
+(concurrent streams x prompt length). Prompts start with a random word so that no run
 hits another's prefix cache unless the sweep means it to.
 """
 
@@ -15,8 +16,10 @@ import asyncio
 import dataclasses
 import datetime
 import random
+import statistics
 from collections.abc import Callable, Sequence
 
+from epdserve.errors import InvalidArgumentError
 from tuner.live import Measured, PromptMaker, random_png, timed_generate
 from tuner.profile import DecodeProfile, EncodeProfile, Fit, PrefillProfile, Profile, constant, fit_linear
 
@@ -71,10 +74,12 @@ class Profiler:
         await self.prompts.calibrate(self.client)
         limit = info.max_context // 2
         await self._warm_up(limit)
-        prefill = await self._prefill_sweep([t for t in self.sweep.prompt_tokens if t <= limit])
+        lengths = [t for t in self.sweep.prompt_tokens if t <= limit]
+        prefill = await self._prefill_sweep(lengths)
+        fastkv = await self._fastkv_sweep(lengths)
         encode = await self._encode_sweep()
         decode = await self._decode_sweep([t for t in self.sweep.decode_prompt_tokens if t <= limit])
-        return build_profile(info, prefill, encode, decode, deployment)
+        return build_profile(info, prefill, encode, decode, deployment, fastkv)
 
     async def _warm_up(self, limit: int) -> None:
         """First calls pay one-time costs (lazy initialisation, allocator growth): not measured."""
@@ -91,10 +96,10 @@ class Profiler:
         await asyncio.sleep(self.sweep.idle_s * self.rng.uniform(0.5, 1.5))
 
     async def _one(self, prompt: str, images: Sequence[bytes] = (), sides: Sequence[int] = (), *,
-                   max_tokens: int = 1, concurrency: int = 1) -> Sample:
+                   max_tokens: int = 1, concurrency: int = 1, **params) -> Sample:
         if concurrency == 1:
             await self._pause()
-        measured = await timed_generate(self.client, prompt, images, max_tokens=max_tokens)
+        measured = await timed_generate(self.client, prompt, images, max_tokens=max_tokens, **params)
         return Sample(len(images), sum(s * s for s in sides) / 1e6, concurrency, measured)
 
     async def _prefill_sweep(self, lengths: Sequence[int]) -> list[Sample]:
@@ -105,6 +110,20 @@ class Profiler:
                 prompt = self.prompts.prompt(tokens)
                 samples.append(await self._one(prompt))
                 samples.append(await self._one(prompt))  # again: its full blocks now come from the prefix cache
+        return samples
+
+    async def _fastkv_sweep(self, lengths: Sequence[int]) -> list[Sample]:
+        """Prefill with FastKV (lossy; never reads or fills the prefix cache) at the rates the
+        deployment runs it with. Empty when the model refuses FastKV (sliding-window attention)."""
+        samples = []
+        for tokens in lengths:
+            self.progress(f"prefill with FastKV: {tokens} prompt tokens")
+            for _ in range(self.sweep.repeats):
+                try:
+                    samples.append(await self._one(self.prompts.prompt(tokens), fastkv=True))
+                except InvalidArgumentError as exc:
+                    self.progress(f"FastKV skipped: {exc.message}")
+                    return []
         return samples
 
     async def _encode_sweep(self) -> list[Sample]:
@@ -133,7 +152,7 @@ class Profiler:
 
 
 def build_profile(info, prefill: Sequence[Sample], encode: Sequence[Sample], decode: Sequence[Sample],
-                  deployment: Deployment) -> Profile:
+                  deployment: Deployment, fastkv: Sequence[Sample] = ()) -> Profile:
     alone = [s for s in (*prefill, *encode, *decode) if s.concurrency == 1]
     decoded = [s for s in decode if s.timings.get("decode.decode_steps", 0) > 1]
     return Profile(
@@ -145,7 +164,10 @@ def build_profile(info, prefill: Sequence[Sample], encode: Sequence[Sample], dec
             compute_ms=fit_linear([_prefill_row(s) for s in alone], "compute_ms",
                                   ("const", "tokens", "tokens_sq", "cached_tokens")),
             call_ms=fit_linear([_prefill_row(s) for s in alone], "call_ms", ("const", "tokens")),
-            block_tokens=deployment.prefix_block_tokens),
+            block_tokens=deployment.prefix_block_tokens,
+            fastkv_compute_ms=fit_linear([_prefill_row(s) for s in fastkv], "compute_ms",
+                                         ("const", "tokens", "tokens_sq")) if fastkv else None,
+            fastkv_kv_fraction=_kv_fraction(fastkv, prefill)),
         decode=DecodeProfile(
             step_ms=fit_linear([_step_row(s) for s in decoded], "ms", ("const", "batch", "context")),
             join_ms=fit_linear([_join_row(s) for s in decoded if s.concurrency == 1], "ms", ("const", "kv_tokens")),
@@ -169,6 +191,16 @@ def _prefill_row(s: Sample) -> dict[str, float]:
     tokens = t["prefill.computed_tokens"]
     return {"compute_ms": compute, "call_ms": max(t["prefill_rpc_ms"] - compute, 0.0), "tokens": tokens,
             "tokens_sq": tokens * tokens / 1000.0, "cached_tokens": t.get("prefill.prefix_hit_tokens", 0.0)}
+
+
+def _kv_fraction(fastkv: Sequence[Sample], lossless: Sequence[Sample]) -> float:
+    """Median KV rows kept by FastKV per prompt row: stored rows (summed over layers) over what the
+    lossless prefill stores for a prompt (every row in every layer)."""
+    if not fastkv or not lossless:
+        return 1.0
+    layers = statistics.median(s.timings["prefill.kv_tokens_stored"] / s.prompt_tokens for s in lossless)
+    return min(1.0, statistics.median(s.timings["prefill.kv_tokens_stored"] / (layers * s.prompt_tokens)
+                                      for s in fastkv))
 
 
 def _encode_profile(samples: Sequence[Sample], tokens_per_image: int) -> EncodeProfile:
@@ -210,5 +242,7 @@ def summary_rows(profile: Profile) -> list[tuple[str, Fit]]:
             ("encode all-hit call (ms)", profile.encode.hit_call_ms),
             ("prefill compute (ms)", profile.prefill.compute_ms),
             ("prefill call overhead (ms)", profile.prefill.call_ms),
+            *([("prefill compute, FastKV (ms)", profile.prefill.fastkv_compute_ms)]
+              if profile.prefill.fastkv_compute_ms is not None else []),
             ("decode step (ms)", profile.decode.step_ms),
             ("decode join (ms)", profile.decode.join_ms)]

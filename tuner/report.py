@@ -30,6 +30,8 @@ def settings_text(c: Candidate) -> str:
     parts = [f"batch {c.encode_max_batch}/{c.encode_max_wait_ms:g}ms", f"run {c.decode_max_running}"]
     if c.image_keep_ratio < 1:
         parts.append(f"keep {c.image_keep_ratio:g}")
+    if c.fastkv:
+        parts.append("FastKV")
     return ", ".join(parts)
 
 
@@ -74,7 +76,8 @@ def helm_values(candidate: Candidate, *, gpus_per_replica: Sequence[int] = (1, 1
                    "args": ["--max-batch-size", str(candidate.encode_max_batch),
                             "--max-batch-wait-ms", f"{candidate.encode_max_wait_ms:g}"]},
         "prefill": {"replicas": candidate.prefill_replicas, "gpus": gpus_per_replica[1],
-                    "args": [] if candidate.prefix_cache else ["--no-prefix-cache"]},
+                    "args": ([] if candidate.prefix_cache else ["--no-prefix-cache"])
+                    + (["--fastkv"] if candidate.fastkv else [])},
         "decode": {"replicas": candidate.decode_replicas, "gpus": gpus_per_replica[2],
                    "args": ["--max-running", str(candidate.decode_max_running)]},
     }

@@ -43,6 +43,7 @@ class Candidate:
     encode_max_wait_ms: float = 5.0     # encode --max-batch-wait-ms
     decode_max_running: int = 64        # decode --max-running
     image_keep_ratio: float = 1.0       # router --image-keep-ratio (Dynamic-LLaVA; 1 = lossless)
+    fastkv: bool = False                # prefill --fastkv at the profiled rates (lossy; no prefix-cache reuse)
     prefix_cache: bool = True           # prefill --prefix-cache
     encoder_cache_images: int = 100_000  # embeddings the mmcache keeps (LRU)
     prefix_cache_blocks: int = 100_000   # trace blocks the prefix cache keeps (LRU)
@@ -351,7 +352,7 @@ class Simulation:
             self._prefill(req)
 
     def _cached_tokens(self, req: _Req) -> int:
-        if not self.candidate.prefix_cache or not req.trace.prefix_blocks:
+        if not self.candidate.prefix_cache or self.candidate.fastkv or not req.trace.prefix_blocks:
             return 0
         hits = 0
         for block in req.trace.prefix_blocks:
@@ -363,12 +364,10 @@ class Simulation:
         return min(hits * TRACE_BLOCK_TOKENS, req.prompt_tokens - 1)
 
     def _prefill(self, req: _Req) -> None:
-        pre = self.profile.prefill
+        pre, fastkv = self.profile.prefill, self.candidate.fastkv
         cached = self._cached_tokens(req)
-        tokens = req.prompt_tokens - cached
-        ms = self.noise.draw(pre.compute_ms, pre.compute_ms.predict(tokens=tokens, tokens_sq=tokens * tokens / 1000.0,
-                                                                    cached_tokens=cached))
-        call = self.noise.draw(pre.call_ms, pre.call_ms.predict(tokens=tokens))
+        ms = self.noise.draw(pre.compute_fit(fastkv), pre.compute_ms_for(req.prompt_tokens, cached, fastkv))
+        call = self.noise.draw(pre.call_ms, pre.call_ms.predict(tokens=req.prompt_tokens - cached))
         replica = min(self.prefills, key=lambda r: r.predicted_finish(ms))
         replica.submit(ms, lambda: self._overhead(call, functools.partial(self._first_token, req)))
 
@@ -381,10 +380,10 @@ class Simulation:
             outcome.e2e_s = outcome.ttft_s
             return
         fit = self.profile.decode.join_ms
-        delay = self.noise.draw(fit, fit.predict(kv_tokens=req.prompt_tokens))
+        kv_rows = self.profile.prefill.kv_rows(req.prompt_tokens, self.candidate.fastkv)
+        delay = self.noise.draw(fit, fit.predict(kv_tokens=kv_rows))
         replica = min(self.decoders, key=lambda r: r.load)
-        total = req.prompt_tokens + req.trace.generated_tokens
-        seq = _Seq(req, req.trace.generated_tokens - 1, req.prompt_tokens, total)
+        seq = _Seq(req, req.trace.generated_tokens - 1, kv_rows, kv_rows + req.trace.generated_tokens)
         self._overhead(delay, functools.partial(replica.submit, seq))
 
     def finish(self, req: _Req, now: float) -> None:

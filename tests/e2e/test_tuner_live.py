@@ -31,6 +31,8 @@ def test_profile_optimize_validate_on_a_live_deployment(cluster, tmp_path, capsy
     assert profile.encode.tokens_per_image == 16 and profile.host_cores == 2
     assert profile.decode.step_ms.samples >= 5 and profile.prefill.compute_ms.samples >= 5
     assert profile.decode.step_ms.predict(batch=8, context=2000) > profile.decode.step_ms.predict(batch=1, context=100)
+    fastkv = profile.prefill.fastkv_compute_ms   # FastKV swept at the deployment's rates (tsp 0.2, retain 0.1)
+    assert fastkv is not None and fastkv.samples >= 3 and 0 < profile.prefill.fastkv_kv_fraction < 0.5
 
     out = tmp_path / "tuned"
     assert cli.main(["optimize", "--slo", "ttft=2s", "--profile", str(profile_path), "--synthetic", WORKLOAD,

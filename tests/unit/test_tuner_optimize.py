@@ -160,3 +160,30 @@ def test_tuner_optimize_refuses_an_unreachable_slo(tmp_path, capsys):
     code = cli.main(["optimize", "--slo", "ttft=1ms", "--synthetic", SPEC, "--out", str(tmp_path / "o"),
                      "--no-progress"])
     assert code == 1 and "unreachable" in capsys.readouterr().err
+
+
+def test_fastkv_is_searched_only_when_allowed_and_exported_when_chosen(tmp_path, capsys):
+    """With FastKV allowed, a profile on which it is 10x cheaper in prefill (and keeps a fifth of
+    the KV) gets a cheaper deployment that uses it; values.yaml then sets prefill --fastkv. Without
+    the flag FastKV is never tried; with a profile that never measured it, the flag is refused."""
+    trace = synthesize(parse_spec(SPEC.replace("rate=12", "rate=20")))
+    base = queueing_profile()
+    profile = dataclasses.replace(base, prefill=dataclasses.replace(
+        base.prefill, fastkv_compute_ms=Fit(("const", "tokens", "tokens_sq"), (10.0, 0.01, 0.0)),
+        fastkv_kv_fraction=0.2))
+    slos = [parse_slo("ttft=100ms"), parse_slo("tpot:p90=10ms")]
+    lossless = run_study(Objective(trace, profile, slos, small_space()), trials=40, progress=False, top=2)
+    allowed = run_study(Objective(trace, profile, slos, dataclasses.replace(small_space(), fastkv=(False, True))),
+                        trials=40, progress=False, top=2)
+    assert not any(t.params["fastkv"] for t in lossless.study.trials)
+    best = allowed.ranked[0]
+    assert best.candidate.fastkv and best.cost < lossless.ranked[0].cost
+    assert best.candidate.prefill_replicas < lossless.ranked[0].candidate.prefill_replicas
+
+    from tuner.report import helm_values
+    assert "--fastkv" in yaml.safe_load(helm_values(best.candidate))["prefill"]["args"]
+    assert "--fastkv" not in yaml.safe_load(helm_values(lossless.ranked[0].candidate))["prefill"]["args"]
+
+    code = cli.main(["optimize", "--slo", "ttft=2s", "--synthetic", SPEC, "--allow-fastkv", "--no-progress",
+                     "--out", str(tmp_path / "o")])
+    assert code == 1 and "no FastKV prefill measurements" in capsys.readouterr().err

@@ -100,6 +100,28 @@ def test_a_request_alone_takes_exactly_the_sum_of_its_stages():
     assert result.outcomes[0].tpot_s == pytest.approx((6 + steps_ms) / 4 / 1000)
 
 
+def test_fastkv_candidate_uses_the_fastkv_fit_and_the_compressed_kv():
+    """FastKV: prefill costs what its own fit says (the whole prompt: no prefix-cache reuse) and
+    decode holds `fastkv_kv_fraction` of the prompt's rows (join and steps over that context)."""
+    base = make_profile()
+    prefill = dataclasses.replace(base.prefill, fastkv_compute_ms=linear(const=5.0, tokens=0.002, tokens_sq=0.0),
+                                  fastkv_kv_fraction=0.25)
+    profile = dataclasses.replace(base, prefill=prefill, decode=dataclasses.replace(
+        base.decode, join_ms=linear(const=6.0, kv_tokens=0.01)))
+    trace = [request(0.0, text=1000, out=5, blocks=(1, 2)), request(10.0, text=1000, out=5, blocks=(1, 2))]
+    lossless, fastkv = (simulate(trace, profile, Candidate(fastkv=f)).outcomes for f in (False, True))
+    assert fastkv[0].ttft_s == pytest.approx((1 + (5 + 0.002 * 1000) + 2) / 1000)
+    assert fastkv[1].ttft_s == pytest.approx(fastkv[0].ttft_s)          # the repeated prefix is not reused
+    assert lossless[1].ttft_s < lossless[0].ttft_s                         # ... while the lossless path reuses it
+    kv_rows = 250
+    steps_ms = sum(4 + 1 + 0.001 * (kv_rows + k) for k in range(4))
+    assert fastkv[0].e2e_s - fastkv[0].ttft_s == pytest.approx((6 + 0.01 * kv_rows + steps_ms) / 1000)
+    assert fastkv[0].tpot_s < lossless[0].tpot_s
+    assert Profile.from_json(profile.to_json()) == profile                 # the FastKV fields round-trip
+    with pytest.raises(ValueError, match="no FastKV prefill measurements"):
+        simulate(trace, base, Candidate(fastkv=True))
+
+
 def _reference_decode(arrivals: list[tuple[float, int, int]], step_ms) -> list[float]:
     """Step by step: (arrival s, tokens to decode, context) -> finish time; joins at step ends."""
     pending = sorted(range(len(arrivals)), key=lambda i: arrivals[i][0])
