@@ -208,7 +208,8 @@ def parse_endpoints(values: list[str]) -> dict[str, tuple[str, ...]]:
     for value in values:
         stage, _, addresses = value.partition("=")
         if stage not in stages or not addresses:
-            raise SystemExit(f"--endpoints {value!r}: expected STAGE=ADDR[,ADDR...] with STAGE one of {', '.join(stages)}")
+            raise SystemExit(f"--endpoints {value!r}: expected STAGE=ADDR[,ADDR...] with STAGE one of "
+                             f"{', '.join(stages)}")
         if stage in endpoints:
             raise SystemExit(f"--endpoints: {stage} given twice (list its replicas comma-separated)")
         endpoints[stage] = tuple(a.strip() for a in addresses.split(",") if a.strip())
