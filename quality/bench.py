@@ -9,6 +9,9 @@ E -> P -> D (local clusters, greedy) next to the lossless path measured in the s
   pictures, never the held-out ones).
 - MOM mini-sequences: prefill with MLP / LM-head chunks of a few tokens gives the same answers as
   the lossless path (compared answer by answer).
+- FastKV (with --retrieval-model, a checkpoint from `python -m quality.train_retrieval`): retrieval
+  accuracy per context length and tsp_rate = retain_rate setting, next to the lossless path, per
+  depth of the answer in the context; rate 1.0 must give the lossless answers exactly.
 
 Invariant: every row is measured on the same held-out questions (seeds 0..N-1) with the same
 checkpoint; keep ratio 1.0 is the lossless path for every scorer, so its rows must agree.
@@ -29,6 +32,8 @@ from quality.eval_vqa import accuracy, served_answers
 from quality.vqa_data import TRAIN_SEED_BASE, example
 
 SCORERS = ("cls-attention", "feature-norm", "learned")
+FASTKV_RATES = (1.0, 0.5, 0.2, 0.1)   # tsp_rate = retain_rate
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the answer sits in the context, cycled over the examples
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
 MOM_CHUNK_TOKENS = 4  # VQA prompts are ~30 tokens: 4-token mini-sequences split every one of them
 
@@ -41,6 +46,10 @@ class QualityConfig:
     predictor_samples: int = 400           # generated training pictures for `epdserve sparsify train`
     predictor_steps: int = 2000
     mom: bool = True
+    retrieval_model: pathlib.Path | None = None
+    fastkv_contexts: tuple[int, ...] = (64, 128, 256)
+    fastkv_rates: tuple[float, ...] = FASTKV_RATES
+    retrieval_examples: int = 200
 
 
 def run_quality_bench(model_dir: pathlib.Path, config: QualityConfig, workdir: pathlib.Path,
@@ -73,7 +82,45 @@ def run_quality_bench(model_dir: pathlib.Path, config: QualityConfig, workdir: p
     if config.mom:
         result["mom"] = _mom_rows(model_dir, seeds, lossless)
         progress(f"MOM: {result['mom']}")
+    if config.retrieval_model is not None:
+        result["fastkv"] = fastkv_rows(config.retrieval_model, config, progress)
     return result
+
+
+def fastkv_rows(model_dir: pathlib.Path, config: QualityConfig, progress=print) -> list[dict]:
+    """Served retrieval accuracy per context length: lossless, then each FastKV rate."""
+    from quality.retrieval_data import example as retrieval_example
+
+    rows = []
+    with served_model(model_dir, {}) as client:
+        for tokens in config.fastkv_contexts:
+            examples = [retrieval_example(seed, tokens, depth=DEPTHS[seed % len(DEPTHS)])
+                        for seed in range(config.retrieval_examples)]
+            lossless = _retrieval_answers(client, examples, None)
+            rows.append(base := _retrieval_row(tokens, None, examples, lossless, lossless))
+            for rate in config.fastkv_rates:
+                answers = _retrieval_answers(client, examples, {"tsp_rate": rate, "retain_rate": rate})
+                rows.append(_retrieval_row(tokens, rate, examples, answers, lossless))
+                progress(f"FastKV {tokens} tokens, rate {rate}: accuracy {rows[-1]['accuracy']:.3f} "
+                         f"(lossless {base['accuracy']:.3f})")
+    return rows
+
+
+def _retrieval_answers(client, examples, fastkv) -> list[str]:
+    return [client.generate(e.prompt(), raw=True, max_tokens=2, temperature=0.0, ignore_eos=True, fastkv=fastkv).text
+            for e in examples]
+
+
+def _retrieval_row(tokens: int, rate: float | None, examples, answers: list[str], lossless: list[str]) -> dict:
+    hits = [a == e.answer for a, e in zip(answers, examples)]
+    by_depth = {f"{d:g}": _mean([h for h, e in zip(hits, examples) if e.depths[0] == d]) for d in DEPTHS}
+    return {"context_tokens": tokens, "fastkv_rate": rate, "accuracy": _mean(hits), "by_depth": by_depth,
+            "same_answers_as_lossless": _agreement(answers, lossless)}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(1, len(values))
 
 
 def train_image_predictor(model_dir: pathlib.Path, workdir: pathlib.Path, config: QualityConfig,
@@ -130,14 +177,25 @@ def served_model(model_dir: pathlib.Path, stage_args: dict[str, tuple[str, ...]]
 def markdown_table(result: dict) -> str:
     from epdserve.models.spec import kept_tokens
 
-    kinds = sorted(next(iter(result["sparsification"]))["accuracy"]) if result["sparsification"] else []
-    kinds = [k for k in kinds if k != "all"] + ["all"]
-    lines = ["| scorer | keep ratio | image tokens kept | " + " | ".join(kinds) + " |",
-             "|---|---:|---:|" + "---:|" * len(kinds)]
-    for row in result["sparsification"]:
-        kept = kept_tokens(result["tokens_per_image"], row["keep_ratio"])
-        cells = " | ".join(f"{row['accuracy'][k]:.3f}" for k in kinds)
-        lines.append(f"| {row['scorer']} | {row['keep_ratio']} | {kept} | {cells} |")
+    lines: list[str] = []
+    if result["sparsification"]:
+        kinds = sorted(next(iter(result["sparsification"]))["accuracy"])
+        kinds = [k for k in kinds if k != "all"] + ["all"]
+        lines += ["| scorer | keep ratio | image tokens kept | " + " | ".join(kinds) + " |",
+                  "|---|---:|---:|" + "---:|" * len(kinds)]
+        for row in result["sparsification"]:
+            kept = kept_tokens(result["tokens_per_image"], row["keep_ratio"])
+            cells = " | ".join(f"{row['accuracy'][k]:.3f}" for k in kinds)
+            lines.append(f"| {row['scorer']} | {row['keep_ratio']} | {kept} | {cells} |")
+    if result.get("fastkv"):
+        depths = list(result["fastkv"][0]["by_depth"])
+        lines += ["", "| context tokens | FastKV rate (tsp = retain) | accuracy | same answers as lossless | "
+                  + " | ".join(f"depth {d}" for d in depths) + " |", "|---:|---|---:|---:|" + "---:|" * len(depths)]
+        for row in result["fastkv"]:
+            rate = "lossless" if row["fastkv_rate"] is None else f"{row['fastkv_rate']:g}"
+            cells = " | ".join(f"{row['by_depth'][d]:.2f}" for d in depths)
+            lines.append(f"| {row['context_tokens']} | {rate} | {row['accuracy']:.3f} | "
+                         f"{row['same_answers_as_lossless']:.1%} | {cells} |")
     mom = result.get("mom")
     if mom:
         lines += ["", f"MOM (prefill mini-sequences of {mom['chunk_tokens']} tokens): accuracy "
@@ -156,11 +214,17 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=pathlib.Path, default=None, help="default: the shipped visual-QA model")
     parser.add_argument("--examples", type=int, default=QualityConfig.examples)
-    parser.add_argument("--scorers", nargs="+", choices=SCORERS, default=list(SCORERS))
+    parser.add_argument("--scorers", nargs="*", choices=SCORERS, default=list(SCORERS),
+                        help="sparsification scorers to measure (none: skip sparsification)")
     parser.add_argument("--keep-ratios", type=float, nargs="+", default=list(KEEP_RATIOS))
     parser.add_argument("--predictor-steps", type=int, default=QualityConfig.predictor_steps)
     parser.add_argument("--predictor-samples", type=int, default=QualityConfig.predictor_samples)
     parser.add_argument("--no-mom", action="store_true", help="skip the MOM comparison")
+    parser.add_argument("--retrieval-model", type=pathlib.Path, default=None,
+                        help="a checkpoint from `python -m quality.train_retrieval`: also measure FastKV on it")
+    parser.add_argument("--fastkv-contexts", type=int, nargs="+", default=list(QualityConfig.fastkv_contexts))
+    parser.add_argument("--fastkv-rates", type=float, nargs="+", default=list(FASTKV_RATES))
+    parser.add_argument("--retrieval-examples", type=int, default=QualityConfig.retrieval_examples)
     parser.add_argument("--out", type=pathlib.Path, default=None, help="write quality.json and quality.md here")
 
 
@@ -172,7 +236,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("no --model and the shipped visual-QA model is missing")
     config = QualityConfig(examples=args.examples, scorers=tuple(args.scorers), keep_ratios=tuple(args.keep_ratios),
                            predictor_samples=args.predictor_samples, predictor_steps=args.predictor_steps,
-                           mom=not args.no_mom)
+                           mom=not args.no_mom, retrieval_model=args.retrieval_model,
+                           fastkv_contexts=tuple(args.fastkv_contexts), fastkv_rates=tuple(args.fastkv_rates),
+                           retrieval_examples=args.retrieval_examples)
     with tempfile.TemporaryDirectory(prefix="epdserve-quality-") as workdir:
         result = run_quality_bench(pathlib.Path(model_dir), config, pathlib.Path(workdir),
                                    progress=lambda line: print(line, file=sys.stderr, flush=True))

@@ -13,16 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pathlib
 import shutil
 import sys
 import tempfile
-import time
 
 import torch
 
 from epdserve.models.tiny import TinySpec, build_tiny_checkpoint
+from quality.training import TrainConfig, add_train_arguments, fit, train_config_from_args
 from quality.vqa_data import IMAGE_SIZE, TRAIN_SEED_BASE, example
 
 # one 16-pixel patch per grid cell: 9 image tokens, so a CPU trains it in minutes
@@ -30,18 +29,6 @@ VQA_SPEC = TinySpec(backbone="llama", vision="clip", seed=0, hidden_size=128, in
                     num_heads=4, num_kv_heads=2, max_context=256, image_size=IMAGE_SIZE, patch_size=16,
                     init_std=0.02, vision_hidden_size=128, vision_intermediate_size=384, vision_layers=3,
                     vision_heads=4)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 9000
-    batch_size: int = 32
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    seed: int = 0
-    eval_every: int = 500
-    eval_examples: int = 400
 
 
 class Batcher:
@@ -120,52 +107,20 @@ def train(out_dir: pathlib.Path, config: TrainConfig = TrainConfig(), log=print)
 
 
 def _fit(model, batcher: Batcher, config: TrainConfig, log) -> list[dict]:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
-    history, started = [], time.perf_counter()
-    model.train()
-    for step in range(1, config.steps + 1):
+    def make_batch(step: int) -> dict:
         first = TRAIN_SEED_BASE + (config.seed * 10_000_000) + step * config.batch_size
-        batch = batcher([example(s) for s in range(first, first + config.batch_size)])
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % config.eval_every == 0 or step == config.steps:
-            model.eval()
-            accuracy = exact_match(model, batcher, range(config.eval_examples))
-            model.train()
-            history.append({"step": step, "loss": loss.item(), "accuracy": accuracy,
-                            "elapsed_s": time.perf_counter() - started})
-            log(f"step {step}: loss {loss.item():.3f}, held-out exact match {accuracy}, "
-                f"{time.perf_counter() - started:.0f} s")
-    model.eval()
-    return history
+        return batcher([example(s) for s in range(first, first + config.batch_size)])
 
-
-def _lr_factor(step: int, config: TrainConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return fit(model, make_batch, config, lambda m: exact_match(m, batcher, range(config.eval_examples)), log)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quality.train_vqa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, required=True)
-    for field in dataclasses.fields(TrainConfig):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    add_train_arguments(parser, TrainConfig())
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    config = train_config_from_args(args)
     report = train(args.out, config, log=lambda line: print(line, flush=True))
     print(json.dumps(report["history"][-1]))
     return 0

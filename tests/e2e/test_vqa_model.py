@@ -57,3 +57,25 @@ def test_quality_bench_runs_every_measurement_end_to_end(model_dir, tmp_path, ca
     assert result["mom"]["same_answers_as_lossless"] == 1.0
     table = (tmp_path / "quality.md").read_text()
     assert "| learned | 0.25 | 2 |" in table and "MOM" in table
+
+
+def test_quality_bench_measures_fastkv_on_a_retrieval_checkpoint(tmp_path):
+    """The FastKV part of `epdserve bench quality` on a random-weight checkpoint of the retrieval
+    model's shape: every setting is served, and FastKV at rate 1.0 answers exactly as the lossless
+    path (it must reduce to it)."""
+    import json
+
+    from epdserve.cli import main
+    from epdserve.models.tiny import build_tiny_checkpoint
+    from quality.train_retrieval import RETRIEVAL_SPEC
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "retrieval", RETRIEVAL_SPEC)
+    argv = ["bench", "quality", "--scorers", "--no-mom", "--examples", "0", "--retrieval-model", str(checkpoint),
+            "--fastkv-contexts", "96", "--fastkv-rates", "1.0", "0.2", "--retrieval-examples", "10",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    rows = {row["fastkv_rate"]: row for row in json.loads((tmp_path / "out" / "quality.json").read_text())["fastkv"]}
+    assert set(rows) == {None, 1.0, 0.2}
+    assert rows[1.0]["same_answers_as_lossless"] == 1.0
+    assert all(row["context_tokens"] == 96 and set(row["by_depth"]) == {"0", "0.25", "0.5", "0.75", "1"}
+               for row in rows.values())

@@ -1,0 +1,134 @@
+"""Train the tiny long-context retrieval checkpoint from scratch on multi-key associative recall
+(`quality.retrieval_data`), the model FastKV's accuracy is measured on.
+
+The result is an ordinary `LlavaForConditionalGeneration` directory (the tiny builder's layout, so
+epdserve serves it as is; its small vision tower is never trained or used: prompts are text only,
+sent raw). The decoder is Llama-style with GQA (4 query / 2 KV heads), 4 layers, so FastKV's
+token-selective propagation has layers before and after its TSP layer. Context lengths are drawn
+per batch from --min-context..--max-context; held-out examples (seeds below TRAIN_SEED_BASE) are
+scored at --max-context.
+
+    python -m quality.train_retrieval --out DIR [--max-context 256] [--steps 3000]   # CPU: minutes
+    python -m quality.train_retrieval --out DIR --max-context 16384 ...               # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import random
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from epdserve.models.tiny import TinySpec, build_tiny_checkpoint
+from quality.retrieval_data import TRAIN_SEED_BASE, example
+from quality.training import TrainConfig, add_train_arguments, fit, train_config_from_args
+
+RETRIEVAL_SPEC = TinySpec(backbone="llama", vision="clip", seed=0, hidden_size=128, intermediate_size=384,
+                          num_layers=4, num_heads=4, num_kv_heads=2, max_context=16384 + 256, image_size=32,
+                          patch_size=16, init_std=0.02, vision_hidden_size=32, vision_intermediate_size=64,
+                          vision_layers=1, vision_heads=2)
+TRAIN_DEFAULTS = TrainConfig(steps=3000, batch_size=16, lr=1e-3, warmup_steps=200, eval_every=500, eval_examples=200)
+TRAIN_QUERIES = 4  # queries per training sequence (evaluation asks one)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextRange:
+    min_tokens: int = 64
+    max_tokens: int = 256
+
+
+class RetrievalBatcher:
+    """Token ids and labels (answer digits only) of retrieval examples, one byte per token after BOS."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, examples, queries_scored: int | None = None) -> dict[str, torch.Tensor]:
+        rows, labels = [], []
+        for e in examples:
+            text, spans = e.training_text()
+            ids = self.tokenizer(text)["input_ids"]
+            if len(ids) != len(text) + 1:
+                raise ValueError("the retrieval task needs a byte-level tokenizer with one token per ASCII byte")
+            label = [-100] * len(ids)
+            for start, end in spans[:queries_scored]:
+                label[start + 1:end + 1] = ids[start + 1:end + 1]
+            rows.append(ids)
+            labels.append(label)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+                "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+                "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])}
+
+
+@torch.inference_mode()
+def exact_match(model, batcher: RetrievalBatcher, seeds, context_tokens: int, batch_size: int = 50) -> float:
+    """Fraction of held-out single-query examples whose both answer digits are the argmax given
+    the right prefix (what greedy decoding answers)."""
+    seeds, hits = list(seeds), 0
+    for start in range(0, len(seeds), batch_size):
+        batch = batcher([example(s, context_tokens) for s in seeds[start:start + batch_size]], queries_scored=1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        predicted, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+        hits += int(((predicted == labels) | (labels == -100)).all(dim=1).sum())
+    return hits / max(1, len(seeds))
+
+
+def train(out_dir: pathlib.Path, config: TrainConfig = TRAIN_DEFAULTS, contexts: ContextRange = ContextRange(),
+          log=print) -> dict:
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    torch.manual_seed(config.seed)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix="retrieval-init-"))
+    try:
+        build_tiny_checkpoint(staging / "init", RETRIEVAL_SPEC)
+        batcher = RetrievalBatcher(AutoTokenizer.from_pretrained(staging / "init"))
+        model = LlavaForConditionalGeneration.from_pretrained(staging / "init", dtype=torch.float32)
+        history = fit(model, _batches(batcher, config, contexts), config,
+                      lambda m: exact_match(m, batcher, range(config.eval_examples), contexts.max_tokens), log)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        for path in (staging / "init").iterdir():
+            if not path.name.startswith(("model", "config.json")):
+                shutil.copy2(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report = {"spec": dataclasses.asdict(RETRIEVAL_SPEC), "train": dataclasses.asdict(config),
+              "contexts": dataclasses.asdict(contexts), "queries_per_sequence": TRAIN_QUERIES, "history": history,
+              "parameters": sum(p.numel() for p in model.parameters())}
+    (out_dir / "training.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _batches(batcher: RetrievalBatcher, config: TrainConfig, contexts: ContextRange):
+    def make_batch(step: int) -> dict:
+        first = TRAIN_SEED_BASE + config.seed * 10_000_000 + step * config.batch_size
+        tokens = random.Random(first).randint(contexts.min_tokens, contexts.max_tokens)  # one length per batch
+        return batcher([example(s, tokens, queries=TRAIN_QUERIES) for s in range(first, first + config.batch_size)])
+    return make_batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quality.train_retrieval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--min-context", type=int, default=ContextRange.min_tokens)
+    parser.add_argument("--max-context", type=int, default=ContextRange.max_tokens)
+    add_train_arguments(parser, TRAIN_DEFAULTS)
+    args = parser.parse_args(argv)
+    config = train_config_from_args(args)
+    report = train(args.out, config, ContextRange(args.min_context, args.max_context),
+                   log=lambda line: print(line, flush=True))
+    print(json.dumps(report["history"][-1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The training loop the quality models share: AdamW (weight decay on matrices only), linear
+warm-up then cosine decay to 5% of the peak rate, gradient clipping at 1, a held-out evaluation
+every `eval_every` steps recorded as the learning curve.
+
+Invariant: the loop draws nothing random itself; `make_batch(step)` decides every batch from the
+step number, so a config and seed give the same weights on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 9000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+    eval_every: int = 500
+    eval_examples: int = 400
+
+
+def fit(model: torch.nn.Module, make_batch: Callable[[int], dict], config: TrainConfig,
+        evaluate: Callable[[torch.nn.Module], dict], log: Callable[[str], None] = print) -> list[dict]:
+    """Train `model` in place for config.steps steps on `make_batch(step)` (keyword arguments of the
+    model's forward, labels included); returns the learning curve (step, loss, evaluation, seconds)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    history, started = [], time.perf_counter()
+    model.train()
+    for step in range(1, config.steps + 1):
+        loss = model(**make_batch(step)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % config.eval_every == 0 or step == config.steps:
+            model.eval()
+            accuracy = evaluate(model)
+            model.train()
+            elapsed = time.perf_counter() - started
+            history.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "elapsed_s": elapsed})
+            log(f"step {step}: loss {loss.item():.3f}, held-out exact match {accuracy}, {elapsed:.0f} s")
+    model.eval()
+    return history
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """--steps, --batch-size, ... with `defaults`, plus --threads."""
+    for field in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, field.name)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(default), default=default)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})

@@ -1,0 +1,48 @@
+"""The generated retrieval task: pure in its seed, every queried key once in the context, the
+answer is that key's value, depth places the pair, and the batcher scores exactly the digits."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from quality.retrieval_data import PAIR_BYTES, example
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("tokens", [64, 256, 1024])
+def test_examples_are_pure_and_answerable(tokens):
+    for seed in range(20):
+        e = example(seed, tokens, queries=3)
+        assert e == example(seed, tokens, queries=3)
+        pairs = re.findall(r"([a-z]{3})=(\d\d);", e.context)
+        assert len(pairs) * PAIR_BYTES == len(e.context) <= tokens
+        keys = [k for k, _ in pairs]
+        assert len(set(keys)) == len(keys)
+        for query in e.queries:
+            assert keys.count(query.key) == 1 and dict(pairs)[query.key] == query.value
+        assert e.prompt() == e.context + f"?{e.queries[0].key}=" and e.answer == e.queries[0].value
+
+
+def test_depth_places_the_first_query():
+    for depth, index in ((0.0, 0), (1.0, -1)):
+        e = example(7, 300, depth=depth)
+        pairs = re.findall(r"([a-z]{3})=(\d\d);", e.context)
+        assert pairs[index] == (e.queries[0].key, e.answer) and e.depths[0] == depth
+
+
+def test_the_batcher_scores_exactly_the_answer_digits(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from quality.train_retrieval import RetrievalBatcher
+
+    batcher = RetrievalBatcher(AutoTokenizer.from_pretrained(tiny_checkpoint))
+    examples = [example(1, 100, queries=2), example(2, 60, queries=2)]
+    batch = batcher(examples)
+    for row, labels, e in zip(batch["input_ids"], batch["labels"], examples):
+        scored = [int(t) for t in labels if t != -100]
+        assert batcher.tokenizer.decode(scored) == "".join(q.value for q in e.queries)
+    first_only = batcher(examples, queries_scored=1)["labels"][0]
+    assert batcher.tokenizer.decode([int(t) for t in first_only if t != -100]) == examples[0].answer
