@@ -41,7 +41,7 @@ def test_the_batcher_scores_exactly_the_answer_digits(tiny_checkpoint):
     batcher = RetrievalBatcher(AutoTokenizer.from_pretrained(tiny_checkpoint))
     examples = [example(1, 100, queries=2), example(2, 60, queries=2)]
     batch = batcher(examples)
-    for row, labels, e in zip(batch["input_ids"], batch["labels"], examples):
+    for labels, e in zip(batch["labels"], examples):
         scored = [int(t) for t in labels if t != -100]
         assert batcher.tokenizer.decode(scored) == "".join(q.value for q in e.queries)
     first_only = batcher(examples, queries_scored=1)["labels"][0]
