@@ -86,6 +86,7 @@ class Orchestrator:
         # observed TTFT minus the replica-level prediction, per first-token path (moving averages):
         # what the load reports cannot see (RPCs, embedding and prefix fetches, KV hand-off)
         self.ttft_residual_s = {"prefill": 0.0, "local": 0.0}
+        self._finishing: set[asyncio.Task] = set()  # decode streams whose final response has arrived
 
     def _pool(self, stage: str, module, service: str, stub_cls) -> ReplicaPool:
         """A static pool, or an empty one that a Kubernetes EndpointSlice watcher fills (k8s://)."""
@@ -392,10 +393,10 @@ class Orchestrator:
                 if run is not None and run.admission is not None:
                     self.admission.started(run.admission, replica)
                 call = replica.stub.Decode(request, timeout=_remaining(deadline), metadata=tracing.grpc_metadata(span))
-                answered = False
+                answered = finished = False
                 try:
                     async for response in _stream("decode", call):
-                        answered = True
+                        answered, finished = True, bool(response.finish_reason)
                         yield response
                     return
                 except UnavailableError as exc:
@@ -403,9 +404,21 @@ class Orchestrator:
                         raise
                     self.decode.mark_down(replica, exc.message)
                 finally:
-                    call.cancel()
+                    self._end_call(call, finished)
             tried.append(replica)
             replica = None
+
+    def _end_call(self, call, finished: bool) -> None:
+        """A decode stream the router stops reading: cancel it, unless its final response came (the
+        consumer stops there, before the status arrives). That one is left to end OK on its own, its
+        status read in the background: a cancel, or dropping the call (grpc cancels calls it
+        collects), could reach the replica first and count a completed request as cancelled."""
+        if not finished:
+            call.cancel()
+            return
+        task = asyncio.ensure_future(_status(call))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     def _decode_candidates(self, request: decode_pb2.DecodeRequest, tried: list[Replica]) -> list[Replica]:
         """Healthy decode replicas not tried yet; for a local prompt (E -> PD), only those that
@@ -430,6 +443,8 @@ class Orchestrator:
     async def close(self) -> None:
         for watcher in self._watchers:
             watcher.stop()
+        for task in self._finishing:
+            task.cancel()
         await asyncio.gather(self.encode.close(), self.prefill.close(), self.decode.close())
         if self.prefixes is not None:
             await self.prefixes.close()
@@ -493,6 +508,13 @@ async def _call(stage: str, call):
         return await call
     except grpc.RpcError as exc:
         raise from_rpc_error(exc, peer=stage) from None
+
+
+async def _status(call) -> None:
+    try:
+        await call.code()
+    except (grpc.RpcError, asyncio.CancelledError):
+        pass
 
 
 async def _stream(stage: str, call):
