@@ -1,5 +1,6 @@
-"""The generated retrieval task: pure in its seed, every queried key once in the context, the
-answer is that key's value, depth places the pair, and the batcher scores exactly the digits."""
+"""The generated retrieval task: pure in its seed, every queried key once in the context (filler is
+letters only), the answer is that key's value, depth places the needle, and the batcher scores
+exactly the digits."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 
 import pytest
 
-from quality.retrieval_data import PAIR_BYTES, example
+from quality.retrieval_data import KEYS, example
 
 pytestmark = pytest.mark.unit
 
@@ -17,20 +18,21 @@ def test_examples_are_pure_and_answerable(tokens):
     for seed in range(20):
         e = example(seed, tokens, queries=3)
         assert e == example(seed, tokens, queries=3)
-        pairs = re.findall(r"([a-z]{3})=(\d\d);", e.context)
-        assert len(pairs) * PAIR_BYTES == len(e.context) <= tokens
-        keys = [k for k, _ in pairs]
+        needles = re.findall(rf"([{re.escape(KEYS)}])(\d\d)", e.context)
+        assert len(needles) == 4 and len(e.prompt()) <= tokens
+        assert re.sub(rf"[{re.escape(KEYS)}]\d\d", "", e.context).isalpha()   # filler: letters only
+        keys = [k for k, _ in needles]
         assert len(set(keys)) == len(keys)
         for query in e.queries:
-            assert keys.count(query.key) == 1 and dict(pairs)[query.key] == query.value
-        assert e.prompt() == e.context + f"?{e.queries[0].key}=" and e.answer == e.queries[0].value
+            assert dict(needles)[query.key] == query.value
+        assert e.prompt() == e.context + f"?{e.queries[0].key}" and e.answer == e.queries[0].value
 
 
 def test_depth_places_the_first_query():
-    for depth, index in ((0.0, 0), (1.0, -1)):
+    for depth in (0.0, 0.5, 1.0):
         e = example(7, 300, depth=depth)
-        pairs = re.findall(r"([a-z]{3})=(\d\d);", e.context)
-        assert pairs[index] == (e.queries[0].key, e.answer) and e.depths[0] == depth
+        at = e.context.index(e.queries[0].key)
+        assert abs(at / len(e.context) - depth) < 0.05 and e.depths[0] == depth
 
 
 def test_the_batcher_scores_exactly_the_answer_digits(tiny_checkpoint):
