@@ -2,15 +2,15 @@
 byte on the tiny tokenizer).
 
 A context is filler (random lowercase letters) of about `context_tokens` tokens with needles in it:
-a key symbol followed by a 2-digit value (`#42`), each key at most once. Queries `?#` are answered
-by that key's value: `...qhzt#42wkcp...$07...?#42?$07`. Keys are single symbols so that finding
-one is a single-token match (what a small model learns quickly); the haystack around them is what
-FastKV has to see through. Training examples carry several needles and query each (more signal
-per sequence); evaluation asks one, at the end of the prompt, with its needle at a chosen depth.
+a key symbol followed by a 1-digit value (`#4`), each key at most once. Queries `?#` are answered
+by that key's value: `...qhzt#4wkcp...$7...?#4?$7`. Keys and values are single tokens, so a lookup
+is one induction step; the haystack around them is what FastKV has to see through. Training
+examples carry several needles and ask each (more signal per sequence); evaluation asks one, at
+the end of the prompt, with its needle at a chosen depth.
 
 Invariant: `example(seed, ...)` is a pure function of its arguments, every queried key occurs
 exactly once in the context, the filler never contains a key, a digit or `?`, and answers are
-exactly 2 digits.
+exactly 1 digit.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import random
 import string
 
 KEYS = "#$%&@*+!^~"
-NEEDLE_BYTES = 3               # "#42"
+NEEDLE_BYTES = 2               # "#4"
 QUERY_BYTES = 2                # "?#"
 TRAIN_SEED_BASE = 1_000_000    # training examples use seeds from here on; held-out ones are below it
 
@@ -66,7 +66,7 @@ def example(seed: int, context_tokens: int, queries: int = 1, needles: int = 4,
     depths = [rng.random() for _ in range(needles)]
     if depth is not None:
         depths[0] = depth
-    pairs = [Pair(k, f"{rng.randrange(100):02d}") for k in rng.sample(KEYS, needles)]
+    pairs = [Pair(k, str(rng.randrange(10))) for k in rng.sample(KEYS, needles)]
     text = [rng.choice(string.ascii_lowercase) for _ in range(filler)]
     for pair, d in sorted(zip(pairs, depths), key=lambda item: -item[1]):  # from the end: offsets stay valid
         at = round(d * filler)

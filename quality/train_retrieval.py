@@ -10,6 +10,9 @@ scored at --max-context.
 
     python -m quality.train_retrieval --out DIR [--max-context 256] [--steps 3000]   # CPU: minutes
     python -m quality.train_retrieval --out DIR --max-context 16384 ...               # a GPU
+
+Status (docs/BENCHMARKS.md): CPU runs of up to 4,000 steps learn which values the context holds
+but not which key each belongs to (accuracy about 1 / needles); no trained checkpoint yet.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ RETRIEVAL_SPEC = TinySpec(backbone="llama", vision="clip", seed=0, hidden_size=1
                           patch_size=16, init_std=0.02, vision_hidden_size=32, vision_intermediate_size=64,
                           vision_layers=1, vision_heads=2)
 TRAIN_DEFAULTS = TrainConfig(steps=3000, batch_size=16, lr=1e-3, warmup_steps=200, eval_every=500, eval_examples=200)
-TRAIN_QUERIES = 4  # queries per training sequence (evaluation asks one)
+TRAIN_QUERIES = 8  # needles, all of them asked, per training sequence (evaluation: 4 needles, 1 asked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +114,8 @@ def _batches(batcher: RetrievalBatcher, config: TrainConfig, contexts: ContextRa
     def make_batch(step: int) -> dict:
         first = TRAIN_SEED_BASE + config.seed * 10_000_000 + step * config.batch_size
         tokens = random.Random(first).randint(contexts.min_tokens, contexts.max_tokens)  # one length per batch
-        return batcher([example(s, tokens, queries=TRAIN_QUERIES) for s in range(first, first + config.batch_size)])
+        return batcher([example(s, tokens, queries=TRAIN_QUERIES, needles=TRAIN_QUERIES)
+                        for s in range(first, first + config.batch_size)])
     return make_batch
 
 
