@@ -416,6 +416,8 @@ class Orchestrator:
         if not finished:
             call.cancel()
             return
+        if call.done():
+            return
         task = asyncio.ensure_future(_status(call))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
