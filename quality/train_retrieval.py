@@ -11,7 +11,7 @@ scored at --max-context.
     python -m quality.train_retrieval --out DIR [--max-context 256] [--steps 3000]   # CPU: minutes
     python -m quality.train_retrieval --out DIR --max-context 16384 ...               # a GPU
 
-Status (docs/BENCHMARKS.md): CPU runs of up to 4,000 steps learn which values the context holds
+Status (docs/BENCHMARKS.md): CPU runs of up to 8,000 steps learn which values the context holds
 but not which key each belongs to (accuracy about 1 / needles); no trained checkpoint yet.
 """
 
