@@ -22,15 +22,13 @@ import dataclasses
 import json
 import pathlib
 import random
-import shutil
 import sys
-import tempfile
 
 import torch
 
-from epdserve.models.tiny import TinySpec, build_tiny_checkpoint
+from epdserve.models.tiny import TinySpec
 from quality.retrieval_data import TRAIN_SEED_BASE, example
-from quality.training import TrainConfig, add_train_arguments, fit, train_config_from_args
+from quality.training import TrainConfig, add_train_arguments, fit, train_checkpoint, train_config_from_args
 
 RETRIEVAL_SPEC = TinySpec(backbone="llama", vision="clip", seed=0, hidden_size=128, intermediate_size=384,
                           num_layers=4, num_heads=4, num_kv_heads=2, max_context=16384 + 256, image_size=32,
@@ -86,28 +84,15 @@ def exact_match(model, batcher: RetrievalBatcher, seeds, context_tokens: int, ba
 
 def train(out_dir: pathlib.Path, config: TrainConfig = TRAIN_DEFAULTS, contexts: ContextRange = ContextRange(),
           log=print) -> dict:
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoTokenizer
 
-    torch.manual_seed(config.seed)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix="retrieval-init-"))
-    try:
-        build_tiny_checkpoint(staging / "init", RETRIEVAL_SPEC)
-        batcher = RetrievalBatcher(AutoTokenizer.from_pretrained(staging / "init"))
-        model = LlavaForConditionalGeneration.from_pretrained(staging / "init", dtype=torch.float32)
-        history = fit(model, _batches(batcher, config, contexts), config,
-                      lambda m: exact_match(m, batcher, range(config.eval_examples), contexts.max_tokens), log)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        for path in (staging / "init").iterdir():
-            if not path.name.startswith(("model", "config.json")):
-                shutil.copy2(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    report = {"spec": dataclasses.asdict(RETRIEVAL_SPEC), "train": dataclasses.asdict(config),
-              "contexts": dataclasses.asdict(contexts), "queries_per_sequence": TRAIN_QUERIES, "history": history,
-              "parameters": sum(p.numel() for p in model.parameters())}
-    (out_dir / "training.json").write_text(json.dumps(report, indent=2))
-    return report
+    def run(model, init_dir: pathlib.Path) -> list[dict]:
+        batcher = RetrievalBatcher(AutoTokenizer.from_pretrained(init_dir))
+        return fit(model, _batches(batcher, config, contexts), config,
+                   lambda m: exact_match(m, batcher, range(config.eval_examples), contexts.max_tokens), log)
+
+    report = {"contexts": dataclasses.asdict(contexts), "queries_per_sequence": TRAIN_QUERIES}
+    return train_checkpoint(out_dir, RETRIEVAL_SPEC, config, run, report)
 
 
 def _batches(batcher: RetrievalBatcher, config: TrainConfig, contexts: ContextRange):

@@ -11,17 +11,14 @@ overlap; the same config and seed give the same weights on the same machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
-import shutil
 import sys
-import tempfile
 
 import torch
 
-from epdserve.models.tiny import TinySpec, build_tiny_checkpoint
-from quality.training import TrainConfig, add_train_arguments, fit, train_config_from_args
+from epdserve.models.tiny import TinySpec
+from quality.training import TrainConfig, add_train_arguments, fit, train_checkpoint, train_config_from_args
 from quality.vqa_data import IMAGE_SIZE, TRAIN_SEED_BASE, example
 
 # one 16-pixel patch per grid cell: 9 image tokens, so a CPU trains it in minutes
@@ -84,26 +81,12 @@ def exact_match(model, batcher: Batcher, seeds, batch_size: int = 100) -> dict[s
 
 
 def train(out_dir: pathlib.Path, config: TrainConfig = TrainConfig(), log=print) -> dict:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
-    torch.manual_seed(config.seed)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix="vqa-init-"))
-    try:
-        build_tiny_checkpoint(staging / "init", VQA_SPEC)
-        processor = AutoProcessor.from_pretrained(staging / "init")
-        model = LlavaForConditionalGeneration.from_pretrained(staging / "init", dtype=torch.float32)
-        history = _fit(model, Batcher(processor), config, log)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        for path in (staging / "init").iterdir():
-            if not path.name.startswith(("model", "config.json")):
-                shutil.copy2(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    report = {"spec": dataclasses.asdict(VQA_SPEC), "train": dataclasses.asdict(config), "history": history,
-              "parameters": sum(p.numel() for p in model.parameters())}
-    (out_dir / "training.json").write_text(json.dumps(report, indent=2))
-    return report
+    def run(model, init_dir: pathlib.Path) -> list[dict]:
+        return _fit(model, Batcher(AutoProcessor.from_pretrained(init_dir)), config, log)
+
+    return train_checkpoint(out_dir, VQA_SPEC, config, run)
 
 
 def _fit(model, batcher: Batcher, config: TrainConfig, log) -> list[dict]:

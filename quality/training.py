@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import pathlib
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -27,6 +31,35 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 500
     eval_examples: int = 400
+
+
+def train_checkpoint(out_dir: pathlib.Path, spec, config: TrainConfig,
+                     run: Callable[[torch.nn.Module, pathlib.Path], list[dict]], report: dict | None = None) -> dict:
+    """Build the tiny LLaVA-layout checkpoint of `spec` (a TinySpec) with fresh weights, train it
+    with `run(model, init_dir)` (returns the learning curve; init_dir holds the tokenizer and
+    processor), save it to `out_dir` with those files and `training.json` (spec, config, curve,
+    parameter count, plus `report`). Returns that report."""
+    from transformers import LlavaForConditionalGeneration
+
+    from epdserve.models.tiny import build_tiny_checkpoint
+
+    torch.manual_seed(config.seed)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix="quality-init-"))
+    try:
+        init = build_tiny_checkpoint(staging / "init", spec)
+        model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        history = run(model, init)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        for path in init.iterdir():
+            if not path.name.startswith(("model", "config.json")):
+                shutil.copy2(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result = {"spec": dataclasses.asdict(spec), "train": dataclasses.asdict(config), **(report or {}),
+              "history": history, "parameters": sum(p.numel() for p in model.parameters())}
+    (out_dir / "training.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def fit(model: torch.nn.Module, make_batch: Callable[[int], dict], config: TrainConfig,
