@@ -22,10 +22,12 @@ def status_code(error: EpdserveError) -> grpc.StatusCode:
 
 
 def from_rpc_error(exc: grpc.RpcError, *, peer: str = "") -> EpdserveError:
-    """The typed error for a failed call (`peer` names the stage, e.g. "prefill")."""
+    """The typed error for a failed call (`peer` names the stage, e.g. "prefill"). From a peer,
+    CANCELLED is UNAVAILABLE: the caller's own cancellation surfaces as asyncio.CancelledError, so a
+    CANCELLED status means the peer cut the call (it is stopping, or its engine failed)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and peer:
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED) and peer:
         return UnavailableError(f"{peer} stage unavailable: {details}")
     error = error_for_code(code.name, details or code.name)
     error.retry_after_s = retry_after(exc)

@@ -524,8 +524,6 @@ async def _stream(stage: str, call):
         async for item in call:
             yield item
     except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.CANCELLED:
-            raise asyncio.CancelledError() from None
         raise from_rpc_error(exc, peer=stage) from None
 
 
