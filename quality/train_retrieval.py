@@ -11,8 +11,8 @@ scored at --max-context.
     python -m quality.train_retrieval --out DIR [--max-context 256] [--steps 3000]   # CPU: minutes
     python -m quality.train_retrieval --out DIR --max-context 16384 ...               # a GPU
 
-Status (docs/BENCHMARKS.md): CPU runs of up to 8,000 steps learn which values the context holds
-but not which key each belongs to (accuracy about 1 / needles); no trained checkpoint yet.
+Half of each batch (--repeat-fraction) is repeated random text (`repeat_example`): without it
+the recall circuit did not form in 8,000 steps (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -27,21 +27,23 @@ import sys
 import torch
 
 from epdserve.models.tiny import TinySpec
-from quality.retrieval_data import TRAIN_SEED_BASE, example
-from quality.training import TrainConfig, add_train_arguments, fit, train_checkpoint, train_config_from_args
+from quality.retrieval_data import TRAIN_SEED_BASE, example, repeat_example
+from quality.training import TrainConfig, add_train_arguments, fit, to_device, train_checkpoint, train_config_from_args
 
 RETRIEVAL_SPEC = TinySpec(backbone="llama", vision="clip", seed=0, hidden_size=128, intermediate_size=384,
                           num_layers=4, num_heads=4, num_kv_heads=2, max_context=16384 + 256, image_size=32,
                           patch_size=16, init_std=0.02, vision_hidden_size=32, vision_intermediate_size=64,
-                          vision_layers=1, vision_heads=2)
+                          vision_layers=1, vision_heads=2,
+                          rope_parameters=(("rope_type", "default"), ("rope_theta", 500000.0)))
 TRAIN_DEFAULTS = TrainConfig(steps=3000, batch_size=16, lr=1e-3, warmup_steps=200, eval_every=500, eval_examples=200)
 TRAIN_QUERIES = 8  # needles, all of them asked, per training sequence (evaluation: 4 needles, 1 asked)
 
 
 @dataclasses.dataclass(frozen=True)
-class ContextRange:
+class RetrievalTask:
     min_tokens: int = 64
     max_tokens: int = 256
+    repeat_fraction: float = 0.5   # sequences of a batch that are repeated text, not recall
 
 
 class RetrievalBatcher:
@@ -75,31 +77,34 @@ def exact_match(model, batcher: RetrievalBatcher, seeds, context_tokens: int, ba
     the right prefix (what greedy decoding answers)."""
     seeds, hits = list(seeds), 0
     for start in range(0, len(seeds), batch_size):
-        batch = batcher([example(s, context_tokens) for s in seeds[start:start + batch_size]], queries_scored=1)
+        batch = to_device(batcher([example(s, context_tokens) for s in seeds[start:start + batch_size]],
+                                  queries_scored=1), model.device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         predicted, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
         hits += int(((predicted == labels) | (labels == -100)).all(dim=1).sum())
     return hits / max(1, len(seeds))
 
 
-def train(out_dir: pathlib.Path, config: TrainConfig = TRAIN_DEFAULTS, contexts: ContextRange = ContextRange(),
-          log=print) -> dict:
+def train(out_dir: pathlib.Path, config: TrainConfig = TRAIN_DEFAULTS, task: RetrievalTask = RetrievalTask(),
+          log=print, start_from: pathlib.Path | None = None) -> dict:
     from transformers import AutoTokenizer
 
     def run(model, init_dir: pathlib.Path) -> list[dict]:
         batcher = RetrievalBatcher(AutoTokenizer.from_pretrained(init_dir))
-        return fit(model, _batches(batcher, config, contexts), config,
-                   lambda m: exact_match(m, batcher, range(config.eval_examples), contexts.max_tokens), log)
+        return fit(model, _batches(batcher, config, task), config,
+                   lambda m: exact_match(m, batcher, range(config.eval_examples), task.max_tokens), log)
 
-    report = {"contexts": dataclasses.asdict(contexts), "queries_per_sequence": TRAIN_QUERIES}
-    return train_checkpoint(out_dir, RETRIEVAL_SPEC, config, run, report)
+    report = {"task": dataclasses.asdict(task), "queries_per_sequence": TRAIN_QUERIES}
+    return train_checkpoint(out_dir, RETRIEVAL_SPEC, config, run, report, start_from)
 
 
-def _batches(batcher: RetrievalBatcher, config: TrainConfig, contexts: ContextRange):
+def _batches(batcher: RetrievalBatcher, config: TrainConfig, task: RetrievalTask):
     def make_batch(step: int) -> dict:
         first = TRAIN_SEED_BASE + config.seed * 10_000_000 + step * config.batch_size
-        tokens = random.Random(first).randint(contexts.min_tokens, contexts.max_tokens)  # one length per batch
-        return batcher([example(s, tokens, queries=TRAIN_QUERIES, needles=TRAIN_QUERIES)
+        rng = random.Random(first)
+        tokens = rng.randint(task.min_tokens, task.max_tokens)  # one length per batch
+        return batcher([repeat_example(s, tokens) if rng.random() < task.repeat_fraction
+                        else example(s, tokens, queries=TRAIN_QUERIES, needles=TRAIN_QUERIES)
                         for s in range(first, first + config.batch_size)])
     return make_batch
 
@@ -108,13 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quality.train_retrieval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--min-context", type=int, default=ContextRange.min_tokens)
-    parser.add_argument("--max-context", type=int, default=ContextRange.max_tokens)
+    parser.add_argument("--min-context", type=int, default=RetrievalTask.min_tokens)
+    parser.add_argument("--max-context", type=int, default=RetrievalTask.max_tokens)
+    parser.add_argument("--repeat-fraction", type=float, default=RetrievalTask.repeat_fraction)
+    parser.add_argument("--start-from", type=pathlib.Path, default=None,
+                        help="a checkpoint of this script to go on training (e.g. at longer contexts)")
     add_train_arguments(parser, TRAIN_DEFAULTS)
     args = parser.parse_args(argv)
     config = train_config_from_args(args)
-    report = train(args.out, config, ContextRange(args.min_context, args.max_context),
-                   log=lambda line: print(line, flush=True))
+    report = train(args.out, config, RetrievalTask(args.min_context, args.max_context, args.repeat_fraction),
+                   log=lambda line: print(line, flush=True), start_from=args.start_from)
     print(json.dumps(report["history"][-1]))
     return 0
 

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from epdserve.models.tiny import TinySpec
-from quality.training import TrainConfig, add_train_arguments, fit, train_checkpoint, train_config_from_args
+from quality.training import TrainConfig, add_train_arguments, fit, to_device, train_checkpoint, train_config_from_args
 from quality.vqa_data import IMAGE_SIZE, TRAIN_SEED_BASE, example
 
 # one 16-pixel patch per grid cell: 9 image tokens, so a CPU trains it in minutes
@@ -67,7 +67,7 @@ def exact_match(model, batcher: Batcher, seeds, batch_size: int = 100) -> dict[s
     seeds = list(seeds)
     for start in range(0, len(seeds), batch_size):
         examples = [example(s) for s in seeds[start:start + batch_size]]
-        batch = batcher(examples)
+        batch = to_device(batcher(examples), model.device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=batch["pixel_values"]).logits
         predicted, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]

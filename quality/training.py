@@ -1,6 +1,8 @@
 """The training loop the quality models share: AdamW (weight decay on matrices only), linear
 warm-up then cosine decay to 5% of the peak rate, gradient clipping at 1, a held-out evaluation
-every `eval_every` steps recorded as the learning curve.
+every `eval_every` steps recorded as the learning curve. On a GPU (`device`), batches are built on
+the CPU one step ahead of the model, forward passes run in bf16 autocast (weights and optimizer
+state float32), and the weights come back to the CPU when training ends.
 
 Invariant: the loop draws nothing random itself; `make_batch(step)` decides every batch from the
 step number, so a config and seed give the same weights on the same machine.
@@ -9,6 +11,8 @@ step number, so a config and seed give the same weights on the same machine.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,14 +35,17 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 500
     eval_examples: int = 400
+    device: str = "cpu"          # where the model trains ("cuda" on a GPU machine)
 
 
 def train_checkpoint(out_dir: pathlib.Path, spec, config: TrainConfig,
-                     run: Callable[[torch.nn.Module, pathlib.Path], list[dict]], report: dict | None = None) -> dict:
-    """Build the tiny LLaVA-layout checkpoint of `spec` (a TinySpec) with fresh weights, train it
-    with `run(model, init_dir)` (returns the learning curve; init_dir holds the tokenizer and
-    processor), save it to `out_dir` with those files and `training.json` (spec, config, curve,
-    parameter count, plus `report`). Returns that report."""
+                     run: Callable[[torch.nn.Module, pathlib.Path], list[dict]], report: dict | None = None,
+                     start_from: pathlib.Path | None = None) -> dict:
+    """Build the tiny LLaVA-layout checkpoint of `spec` (a TinySpec) with fresh weights, or load
+    `start_from` (a checkpoint this function saved: training goes on from it), train it with
+    `run(model, init_dir)` (returns the learning curve; init_dir holds the tokenizer and processor),
+    save it to `out_dir` with those files and `training.json` (spec, config, curve, parameter count,
+    plus `report`; a continued run also keeps the earlier runs' records). Returns that report."""
     from transformers import LlavaForConditionalGeneration
 
     from epdserve.models.tiny import build_tiny_checkpoint
@@ -46,18 +53,21 @@ def train_checkpoint(out_dir: pathlib.Path, spec, config: TrainConfig,
     torch.manual_seed(config.seed)
     staging = pathlib.Path(tempfile.mkdtemp(prefix="quality-init-"))
     try:
-        init = build_tiny_checkpoint(staging / "init", spec)
+        init = start_from or build_tiny_checkpoint(staging / "init", spec)
         model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
         history = run(model, init)
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
         for path in init.iterdir():
-            if not path.name.startswith(("model", "config.json")):
+            if not path.name.startswith(("model", "config.json", "training.json")):
                 shutil.copy2(path, out_dir / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result = {"spec": dataclasses.asdict(spec), "train": dataclasses.asdict(config), **(report or {}),
               "history": history, "parameters": sum(p.numel() for p in model.parameters())}
+    if start_from is not None:
+        earlier = json.loads((start_from / "training.json").read_text())
+        result["earlier_runs"] = [*earlier.pop("earlier_runs", []), earlier]
     (out_dir / "training.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -66,15 +76,21 @@ def fit(model: torch.nn.Module, make_batch: Callable[[int], dict], config: Train
         evaluate: Callable[[torch.nn.Module], dict], log: Callable[[str], None] = print) -> list[dict]:
     """Train `model` in place for config.steps steps on `make_batch(step)` (keyword arguments of the
     model's forward, labels included); returns the learning curve (step, loss, evaluation, seconds)."""
+    model.to(config.device).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     history, started = [], time.perf_counter()
-    model.train()
+    prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches")
+    upcoming = prefetch.submit(make_batch, 1)
     for step in range(1, config.steps + 1):
-        loss = model(**make_batch(step)).loss
+        batch = to_device(upcoming.result(), config.device)
+        if step < config.steps:
+            upcoming = prefetch.submit(make_batch, step + 1)
+        with _autocast(config.device):
+            loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -82,13 +98,27 @@ def fit(model: torch.nn.Module, make_batch: Callable[[int], dict], config: Train
         schedule.step()
         if step % config.eval_every == 0 or step == config.steps:
             model.eval()
-            accuracy = evaluate(model)
+            with _autocast(config.device):
+                accuracy = evaluate(model)
             model.train()
             elapsed = time.perf_counter() - started
             history.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "elapsed_s": elapsed})
             log(f"step {step}: loss {loss.item():.3f}, held-out exact match {accuracy}, {elapsed:.0f} s")
-    model.eval()
+    prefetch.shutdown()
+    model.to("cpu").eval()
     return history
+
+
+def _autocast(device: str):
+    """bf16 mixed precision on a GPU (weights and optimizer state stay float32); nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict, device: str | torch.device) -> dict:
+    """A batch's tensors moved to `device` (the model's)."""
+    return {name: value.to(device) for name, value in batch.items()}
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:

@@ -52,15 +52,17 @@ def check_embedding_ref(ref: common_pb2.TensorRef, field: str, *, hidden_size: i
         raise InvalidArgumentError(f"{field}: {exc}") from None
 
 
-def fastkv_from_proto(parent, default: FastKVConfig | None, *, field: str = "fastkv") -> FastKVConfig | None:
+def fastkv_from_proto(parent, default: FastKVConfig | None, *, base: FastKVConfig | None = None,
+                      field: str = "fastkv") -> FastKVConfig | None:
     """The FastKV settings a request asks for: `parent.fastkv` when set (enabled=false turns it
-    off), else the deployment's default (None = lossless). Zero fields take the default's values."""
+    off), else the deployment's default (None = lossless). Zero fields take the default's values,
+    or `base`'s (the deployment's settings while FastKV is off by default: its TSP layer, rates)."""
     if not parent.HasField("fastkv"):
         return default
     msg = parent.fastkv
     if not msg.enabled:
         return None
-    base = default or FastKVConfig()
+    base = default or base or FastKVConfig()
     try:
         return dataclasses.replace(
             base, tsp_rate=msg.tsp_rate or base.tsp_rate, retain_rate=msg.retain_rate or base.retain_rate,

@@ -39,7 +39,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.metrics = metrics
         self.prefixes = prefixes
         self.load = load or LoadTracker("prefill", "")
-        self.fastkv_default = _fastkv_default(config)
+        self.fastkv_settings = _fastkv_settings(config)
+        self.fastkv_default = self.fastkv_settings if config.fastkv else None
         self._background: set[asyncio.Task] = set()
 
     @unary_errors
@@ -51,7 +52,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         sampling = sampling_from_proto(request.sampling)
-        fastkv = fastkv_from_proto(request, self.fastkv_default)
+        fastkv = fastkv_from_proto(request, self.fastkv_default, base=self.fastkv_settings)
         token_ids = list(request.token_ids)
         watch = Stopwatch()
         hit = PrefixHit([], [], [])
@@ -180,9 +181,9 @@ def _prefix_fields(prefixes: PrefixCache, host_id: str, report) -> None:
     report.host_id = host_id
 
 
-def _fastkv_default(config: PrefillConfig) -> FastKVConfig | None:
-    if not config.fastkv:
-        return None
+def _fastkv_settings(config: PrefillConfig) -> FastKVConfig:
+    """FastKV as this deployment's flags configure it: every request's under --fastkv, and the
+    base of a request that turns it on itself otherwise."""
     return FastKVConfig(tsp_rate=config.fastkv_tsp_rate, retain_rate=config.fastkv_retain_rate,
                         tsp_layer=config.fastkv_tsp_layer)
 

@@ -60,9 +60,9 @@ def test_quality_bench_runs_every_measurement_end_to_end(model_dir, tmp_path, ca
 
 
 def test_quality_bench_measures_fastkv_on_a_retrieval_checkpoint(tmp_path):
-    """The FastKV part of `epdserve bench quality` on a random-weight checkpoint of the retrieval
-    model's shape: every setting is served, and FastKV at rate 1.0 answers exactly as the lossless
-    path (it must reduce to it)."""
+    """The FastKV and generated-token parts of `epdserve bench quality` on a random-weight
+    checkpoint of the retrieval model's shape: every setting is served, and FastKV at rate 1.0
+    answers exactly as the lossless path (it must reduce to it)."""
     import json
 
     from epdserve.cli import main
@@ -72,10 +72,16 @@ def test_quality_bench_measures_fastkv_on_a_retrieval_checkpoint(tmp_path):
     checkpoint = build_tiny_checkpoint(tmp_path / "retrieval", RETRIEVAL_SPEC)
     argv = ["bench", "quality", "--scorers", "--no-mom", "--examples", "0", "--retrieval-model", str(checkpoint),
             "--fastkv-contexts", "96", "--fastkv-rates", "1.0", "0.2", "--retrieval-examples", "10",
-            "--out", str(tmp_path / "out")]
+            "--text-keep-rates", "1.0", "0.5", "--copy-context", "128", "--out", str(tmp_path / "out")]
     assert main(argv) == 0
-    rows = {row["fastkv_rate"]: row for row in json.loads((tmp_path / "out" / "quality.json").read_text())["fastkv"]}
+    result = json.loads((tmp_path / "out" / "quality.json").read_text())
+    generated = result["generated_sparsification"]
+    assert [row["text_keep_rate"] for row in generated] == [1.0, 0.5]
+    assert generated[0]["same_answers_as_lossless"] == 1.0 and generated[1]["answer_bytes"] == 88
+    assert "| 0.5 |" in (tmp_path / "out" / "quality.md").read_text()
+    rows = {row["fastkv_rate"]: row for row in result["fastkv"]}
     assert set(rows) == {None, 1.0, 0.2}
-    assert rows[1.0]["same_answers_as_lossless"] == 1.0
+    assert rows[1.0]["same_answers_as_lossless"] == 1.0 and rows[1.0]["copy"]["same_answers_as_lossless"] == 1.0
+    assert rows[0.2]["copy"]["answer_bytes"] == 88
     assert all(row["context_tokens"] == 96 and set(row["by_depth"]) == {"0", "0.25", "0.5", "0.75", "1"}
                for row in rows.values())

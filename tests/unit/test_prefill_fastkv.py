@@ -162,3 +162,19 @@ def test_fastkv_refuses_the_prefix_cache(model):
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FastKVConfig(**kwargs)
+
+
+def test_a_request_turning_fastkv_on_takes_the_deployments_settings():
+    """--fastkv-tsp-layer etc. shape the FastKV a request asks for even while the deployment's
+    default is lossless; the request's own non-zero fields still win; enabled=false is lossless."""
+    from epdserve.v1 import common_pb2, prefill_pb2
+    from services.wire import fastkv_from_proto
+
+    deployment = FastKVConfig(tsp_layer=1, window=4, tsp_rate=0.3)
+    asks = prefill_pb2.PrefillRequest(fastkv=common_pb2.FastKVSettings(enabled=True, retain_rate=0.5))
+    assert fastkv_from_proto(asks, None, base=deployment) == FastKVConfig(tsp_layer=1, window=4, tsp_rate=0.3,
+                                                                          retain_rate=0.5)
+    assert fastkv_from_proto(asks, None) == FastKVConfig(retain_rate=0.5)
+    assert fastkv_from_proto(prefill_pb2.PrefillRequest(), None, base=deployment) is None
+    off = prefill_pb2.PrefillRequest(fastkv=common_pb2.FastKVSettings(enabled=False))
+    assert fastkv_from_proto(off, deployment, base=deployment) is None

@@ -1,6 +1,6 @@
 """The generated retrieval task: pure in its seed, every queried key once in the context (filler is
-letters only), the answer is that key's value, depth places the needle, and the batcher scores
-exactly the answer digits."""
+letters only), the answer is that key's value, depth places the needle, the batcher scores
+exactly the answer digits, and repeated-text examples score exactly their second copy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from quality.retrieval_data import KEYS, example
+from quality.retrieval_data import ALPHABET, KEYS, example, repeat_example
 
 pytestmark = pytest.mark.unit
 
@@ -48,3 +48,16 @@ def test_the_batcher_scores_exactly_the_answer_digits(tiny_checkpoint):
         assert batcher.tokenizer.decode(scored) == "".join(q.value for q in e.queries)
     first_only = batcher(examples, queries_scored=1)["labels"][0]
     assert batcher.tokenizer.decode([int(t) for t in first_only if t != -100]) == examples[0].answer
+
+
+@pytest.mark.parametrize("tokens", [48, 256, 4096])
+def test_repeat_examples_score_the_second_copy(tokens):
+    for seed in range(20):
+        e = repeat_example(seed, tokens)
+        assert e == repeat_example(seed, tokens)
+        text, [(start, end)] = e.training_text()
+        segment = text[e.repeated_from:]
+        assert end == len(text) and start == e.repeated_from + 1 and 8 <= len(segment) <= 256
+        assert abs(len(text) - tokens) <= 8 and set(segment) <= set(ALPHABET)
+        assert text[:e.repeated_from].find(segment) >= 0      # the copy is earlier in the text
+        assert "?" not in text
