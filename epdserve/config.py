@@ -175,6 +175,9 @@ class EncodeConfig:
             raise ValueError("scorer 'learned' needs --predictor-path")
 
 
+FASTKV_HEAD_SELECTIONS = ("group", "per-head")   # GQA-aware (the paper's) | each query head picks, picks summed
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
     kv_ttl_s: float = setting(120.0, "seconds published KV stays leased for its decode before it is freed")
@@ -190,6 +193,8 @@ class PrefillConfig:
     fastkv_tsp_rate: float = setting(0.2, "FastKV: fraction of the prompt propagated past the TSP layer")
     fastkv_retain_rate: float = setting(0.1, "FastKV: fraction of the prompt's KV kept per layer and KV head")
     fastkv_tsp_layer: int = setting(-1, "FastKV TSP layer (0-based; -1: layer 15 of 32 scaled to the model)")
+    fastkv_head_selection: str = setting("group", "FastKV KV selection per KV head: group (GQA-aware: query "
+                                                  "heads' scores summed) | per-head (ablation: their picks summed)")
 
     def __post_init__(self) -> None:
         if self.prefix_block_tokens < 1:
@@ -199,6 +204,9 @@ class PrefillConfig:
         for name in ("fastkv_tsp_rate", "fastkv_retain_rate"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1] (got {getattr(self, name)})")
+        if self.fastkv_head_selection not in FASTKV_HEAD_SELECTIONS:
+            raise ValueError(f"fastkv_head_selection must be one of {FASTKV_HEAD_SELECTIONS} "
+                             f"(got {self.fastkv_head_selection!r})")
 
 
 EXPERT_PREFETCH = ("skip-gate", "learned", "reorder", "on-demand")

@@ -56,6 +56,7 @@ class QualityConfig:
     fastkv_contexts: tuple[int, ...] = (64, 128, 256)
     fastkv_rates: tuple[float, ...] = FASTKV_RATES
     fastkv_tsp_layer: int = -1             # prefill --fastkv-tsp-layer (-1: the service's default)
+    fastkv_head_selection: str = "group"   # prefill --fastkv-head-selection (group = GQA-aware)
     retrieval_examples: int = 200
     text_keep_rates: tuple[float, ...] = TEXT_KEEP_RATES
     copy_context: int = 1024               # tokens of the long-answer prompts
@@ -95,6 +96,7 @@ def run_quality_bench(model_dir: pathlib.Path, config: QualityConfig, workdir: p
         progress(f"MOM: {result['mom']}")
     if config.retrieval_model is not None:
         result["fastkv_tsp_layer"] = config.fastkv_tsp_layer
+        result["fastkv_head_selection"] = config.fastkv_head_selection
         result["fastkv"] = fastkv_rows(config.retrieval_model, config, progress)
         result["generated_sparsification"] = generated_sparsification_rows(config.retrieval_model, config, progress)
     return result
@@ -107,7 +109,9 @@ def fastkv_rows(model_dir: pathlib.Path, config: QualityConfig, progress=print) 
     from quality.retrieval_data import example as retrieval_example
 
     rows = []
-    prefill_args = ("--fastkv-tsp-layer", str(config.fastkv_tsp_layer)) if config.fastkv_tsp_layer >= 0 else ()
+    prefill_args = ("--fastkv-head-selection", config.fastkv_head_selection)
+    if config.fastkv_tsp_layer >= 0:
+        prefill_args += ("--fastkv-tsp-layer", str(config.fastkv_tsp_layer))
     with served_model(model_dir, {"prefill": prefill_args}, config.device) as client:
         for tokens in config.fastkv_contexts:
             examples = [retrieval_example(seed, tokens, depth=DEPTHS[seed % len(DEPTHS)])
@@ -295,6 +299,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fastkv-rates", type=float, nargs="+", default=list(FASTKV_RATES))
     parser.add_argument("--fastkv-tsp-layer", type=int, default=QualityConfig.fastkv_tsp_layer,
                         help="the layer whose attention selects the tokens that go on (default: the service's)")
+    parser.add_argument("--fastkv-head-selection", choices=("group", "per-head"),
+                        default=QualityConfig.fastkv_head_selection,
+                        help="GQA-aware selection (group) or the per-head-then-summed ablation")
     parser.add_argument("--retrieval-examples", type=int, default=QualityConfig.retrieval_examples)
     parser.add_argument("--text-keep-rates", type=float, nargs="*", default=list(TEXT_KEEP_RATES),
                         help="decode --text-keep-rate values for the long-answer rows (with --retrieval-model; "
@@ -314,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
                            predictor_samples=args.predictor_samples, predictor_steps=args.predictor_steps,
                            mom=not args.no_mom, retrieval_model=args.retrieval_model,
                            fastkv_contexts=tuple(args.fastkv_contexts), fastkv_rates=tuple(args.fastkv_rates),
-                           fastkv_tsp_layer=args.fastkv_tsp_layer,
+                           fastkv_tsp_layer=args.fastkv_tsp_layer, fastkv_head_selection=args.fastkv_head_selection,
                            retrieval_examples=args.retrieval_examples, text_keep_rates=tuple(args.text_keep_rates),
                            copy_context=args.copy_context, device=args.device)
     with tempfile.TemporaryDirectory(prefix="epdserve-quality-") as workdir:

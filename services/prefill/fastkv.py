@@ -1,7 +1,8 @@
 """FastKV (ALGORITHMS.md §3): token-selective propagation (TSP) and GQA-aware KV compression.
 
 Invariants: scores come from the last `window` queries recomputed by hand (never an eager
-attention layer); one selection per KV head (group scores summed after pooling); the window is
+attention layer); one selection per KV head (group scores summed after pooling; the `per-head`
+ablation sums the query heads' own top-k picks instead, same budget); the window is
 always kept and never scored; the TSP index set is sorted, in range, of the exact size and holds
 the window; surviving tokens keep their original positions. With budget >= n and TSP length >= n
 nothing is selected and the lossless path runs unchanged.
@@ -14,6 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from epdserve.config import FASTKV_HEAD_SELECTIONS
 
 POOLINGS = ("avg", "max")
 
@@ -28,6 +31,7 @@ class FastKVConfig:
     window: int = 8
     pool_kernel: int = 7
     pooling: str = "avg"
+    head_selection: str = "group"
 
     def __post_init__(self) -> None:
         for name in ("tsp_rate", "retain_rate"):
@@ -38,6 +42,9 @@ class FastKVConfig:
             raise ValueError(f"fastkv window must be >= 1 and pool_kernel odd (got {self.window}, {self.pool_kernel})")
         if self.pooling not in POOLINGS:
             raise ValueError(f"fastkv pooling must be one of {POOLINGS} (got {self.pooling!r})")
+        if self.head_selection not in FASTKV_HEAD_SELECTIONS:
+            raise ValueError(f"fastkv head_selection must be one of {FASTKV_HEAD_SELECTIONS} "
+                             f"(got {self.head_selection!r})")
         if self.tsp_length < 0 or self.kv_budget < 0:
             raise ValueError("fastkv tsp_length and kv_budget must be >= 0")
 
@@ -71,18 +78,37 @@ class FastKVPlan:
 def window_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConfig) -> torch.Tensor:
     """Per-KV-head saliency of every prefix key: q_win [H, w, D] (the last w queries, RoPE applied),
     keys [H_kv, n, D] -> [H_kv, n - w] (pooled per query head, then summed over each group)."""
+    pooled = _pooled_head_scores(q_win, keys, config)
+    return pooled.view(keys.shape[0], -1, pooled.shape[-1]).sum(dim=1)
+
+
+def selection_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConfig, picks: int) -> torch.Tensor:
+    """[H_kv, n - w] scores whose top-k is what each KV head keeps. `group`: window_scores. `per-head`
+    (the ablation of GQA-aware selection): each query head picks its own top `picks` prefix
+    positions, a KV head ranks positions by how many of its query heads picked them, ties broken by
+    the group's summed score."""
+    if config.head_selection == "group":
+        return window_scores(q_win, keys, config)
+    pooled = _pooled_head_scores(q_win, keys, config)                              # [H, n - w]
+    kv_heads, prefix = keys.shape[0], pooled.shape[-1]
+    picked = torch.zeros_like(pooled).scatter_(1, pooled.topk(min(picks, prefix), dim=-1).indices, 1.0)
+    votes = picked.view(kv_heads, -1, prefix).sum(dim=1)
+    grouped = pooled.view(kv_heads, -1, prefix).sum(dim=1)                         # >= 0: softmax sums
+    return votes * (grouped.max() + 1.0) + grouped
+
+
+def _pooled_head_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConfig) -> torch.Tensor:
+    """[H, n - w]: attention of the window's queries to each prefix key, summed over the window and
+    pooled along the sequence, per query head."""
     heads, w, head_dim = q_win.shape
     kv_heads, n, _ = keys.shape
-    group = heads // kv_heads
-    expanded = keys.repeat_interleave(group, dim=0).float()                      # [H, n, D]
+    expanded = keys.repeat_interleave(heads // kv_heads, dim=0).float()          # [H, n, D]
     logits = torch.matmul(q_win.float(), expanded.transpose(1, 2)) / math.sqrt(head_dim)   # [H, w, n]
     future = torch.ones(w, w, dtype=torch.bool, device=keys.device).triu(1)    # causal inside the window
     logits[:, :, n - w:] = logits[:, :, n - w:].masked_fill(future, float("-inf"))
     per_head = logits.softmax(dim=-1)[:, :, : n - w].sum(dim=1)                 # [H, n - w]
     pool = F.avg_pool1d if config.pooling == "avg" else F.max_pool1d
-    pooled = pool(per_head[:, None], kernel_size=config.pool_kernel, stride=1,
-                  padding=config.pool_kernel // 2)[:, 0]
-    return pooled.view(kv_heads, group, n - w).sum(dim=1)
+    return pool(per_head[:, None], kernel_size=config.pool_kernel, stride=1, padding=config.pool_kernel // 2)[:, 0]
 
 
 def kv_keep_index(scores: torch.Tensor, n: int, budget: int, window: int) -> torch.Tensor:

@@ -185,7 +185,7 @@ def _fastkv_settings(config: PrefillConfig) -> FastKVConfig:
     """FastKV as this deployment's flags configure it: every request's under --fastkv, and the
     base of a request that turns it on itself otherwise."""
     return FastKVConfig(tsp_rate=config.fastkv_tsp_rate, retain_rate=config.fastkv_retain_rate,
-                        tsp_layer=config.fastkv_tsp_layer)
+                        tsp_layer=config.fastkv_tsp_layer, head_selection=config.fastkv_head_selection)
 
 
 def main(argv: list[str] | None = None) -> int:

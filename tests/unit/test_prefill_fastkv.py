@@ -10,7 +10,7 @@ import torch
 from epdserve.engine.sampler import SamplingParams
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
-from services.prefill.fastkv import FastKVConfig, kv_keep_index, tsp_index, window_scores
+from services.prefill.fastkv import FastKVConfig, kv_keep_index, selection_scores, tsp_index, window_scores
 from services.prefill.layer_kv import CollectedLayers, OffloadingKV
 from services.prefill.minisequence import MiniSequenceConfig
 from services.prefill.prefill import PromptPrefiller, forward_prompt
@@ -158,7 +158,8 @@ def test_fastkv_refuses_the_prefix_cache(model):
 
 
 @pytest.mark.parametrize("kwargs,match", [({"tsp_rate": 0.0}, "tsp_rate"), ({"retain_rate": 1.5}, "retain_rate"),
-                                          ({"pool_kernel": 4}, "pool_kernel"), ({"pooling": "min"}, "pooling")])
+                                          ({"pool_kernel": 4}, "pool_kernel"), ({"pooling": "min"}, "pooling"),
+                                          ({"head_selection": "per-query"}, "head_selection")])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FastKVConfig(**kwargs)
@@ -178,3 +179,39 @@ def test_a_request_turning_fastkv_on_takes_the_deployments_settings():
     assert fastkv_from_proto(prefill_pb2.PrefillRequest(), None, base=deployment) is None
     off = prefill_pb2.PrefillRequest(fastkv=common_pb2.FastKVSettings(enabled=False))
     assert fastkv_from_proto(off, deployment, base=deployment) is None
+
+
+def test_per_head_selection_keeps_what_most_query_heads_picked(monkeypatch):
+    """The ablation of GQA-aware selection: a KV head keeps the positions most of its query heads
+    picked themselves, ties broken by the summed score, where GQA-aware keeps the top summed
+    scores. Head 0 picks {0, 2}, head 1 picks {1, 2}: votes keep 2 (both) then 0 (larger sum)."""
+    import services.prefill.fastkv as fastkv
+
+    pooled = torch.tensor([[0.90, 0.04, 0.05, 0.0, 0.0], [0.01, 0.50, 0.45, 0.0, 0.0]])
+    monkeypatch.setattr(fastkv, "_pooled_head_scores", lambda q_win, keys, config: pooled)
+    keys, q = torch.zeros(1, 6, 4), torch.zeros(2, 1, 4)     # one KV head, two query heads, window 1
+    gqa = selection_scores(q, keys, FastKVConfig(window=1), picks=2)
+    per_head = selection_scores(q, keys, FastKVConfig(window=1, head_selection="per-head"), picks=2)
+    assert set(kv_keep_index(gqa, 6, budget=3, window=1)[0, :2].tolist()) == {0, 1}
+    assert set(kv_keep_index(per_head, 6, budget=3, window=1)[0, :2].tolist()) == {0, 2}
+
+
+def test_per_head_selection_without_gqa_is_the_same_selection():
+    generator = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(2, 4, 8, generator=generator), torch.randn(2, 50, 8, generator=generator)
+    for picks in (1, 10, 30):
+        config = FastKVConfig(window=4)
+        gqa = kv_keep_index(selection_scores(q, keys, config, picks), 50, picks + 4, 4)
+        per_head = kv_keep_index(selection_scores(q, keys, FastKVConfig(window=4, head_selection="per-head"), picks),
+                                 50, picks + 4, 4)
+        for head in range(2):
+            assert set(gqa[head].tolist()) == set(per_head[head].tolist())
+
+
+def test_per_head_selection_keeps_everything_when_nothing_is_compressed(model):
+    _, decoder = model
+    embeds = _embeds(decoder, 40)
+    lossless_logits, lossless_kv = _run(decoder, embeds, None)
+    logits, kv = _run(decoder, embeds, FastKVConfig(tsp_length=64, kv_budget=64, head_selection="per-head"))
+    assert torch.equal(logits, lossless_logits)
+    assert all(torch.equal(a, b) for a, b in zip(kv, lossless_kv))
