@@ -218,8 +218,10 @@ class DecodeConfig:
     max_running: int = setting(64, "sequences decoding at once (the largest batch)")
     max_context: int = setting(131072, "most KV rows one sequence may reserve (prompt rows + max_new_tokens)")
     block_size: int = setting(16, "KV rows per cache block (a power of two, 1..256)")
-    kv_cache_gib: float = setting(0.0, "GiB of KV cache blocks (0 = auto: 90 percent of free GPU memory after the "
-                                       "weights, 256 MiB on CPU)")
+    kv_cache_gib: float = setting(0.0, "GiB of KV cache blocks (0 = auto: --kv-cache-fraction of free GPU memory "
+                                       "after the weights, 256 MiB on CPU)")
+    kv_cache_fraction: float = setting(0.9, "share of the GPU's free memory an automatic KV cache takes (lower it "
+                                            "when other stages share the GPU)")
     cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (dense models on CUDA)")
     text_keep_rate: float = setting(1.0, "generated-token sparsification (Dynamic-LLaVA decode): target fraction "
                                          "of new tokens whose KV is kept (1.0 = off, exact)")
@@ -251,6 +253,8 @@ class DecodeConfig:
         self._check_expert_offload()
         if self.block_size < 1 or self.block_size > 256 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two in [1, 256] (got {self.block_size})")
+        if not 0.0 < self.kv_cache_fraction <= 0.95:
+            raise ValueError(f"kv_cache_fraction must be in (0, 0.95] (got {self.kv_cache_fraction})")
         for name in ("max_running", "max_context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")

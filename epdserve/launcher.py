@@ -29,6 +29,12 @@ from epdserve.redis_server import PrivateRedis
 STAGES = ("encode", "prefill", "decode")
 
 
+# Every stage of a local cluster shares one GPU: decode's automatic KV cache (its replicas together)
+# takes this share of the memory free when it starts, leaving the rest to encode and prefill
+# (weights and activations: a 16k-token prefill OOMed next to a 90% KV cache).
+COLOCATED_DECODE_KV_FRACTION = 0.4
+
+
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     model_dir: pathlib.Path
@@ -119,15 +125,20 @@ class LocalCluster:
     def _stage_args(self, stage: str, name: str) -> list[str]:
         c = self.config
         extra = [*c.stage_args.get(stage, ()), *(c.stage_args.get(name, ()) if name != stage else ())]
+        if stage == "decode" and self._on_gpu() and not {"--kv-cache-gib", "--kv-cache-fraction"} & set(extra):
+            extra = ["--kv-cache-fraction", f"{COLOCATED_DECODE_KV_FRACTION / len(c.names(stage)):.3f}", *extra]
         return [*self._common_args(name), "--dtype", c.dtype, "--device", c.device, "--threads", str(self._threads()),
                 "--redis-url", self.redis_url, "--shm-dir", str(self.shm_root / name), *extra]
+
+    def _on_gpu(self) -> bool:
+        return self.config.device not in ("auto", "cpu") or (self.config.device == "auto" and _has_cuda())
 
     def _threads(self) -> int:
         """Model services on one machine's CPU share its cores (each with torch's default of one
         thread per core they would spin against each other: tail latency grows ~10x on 2 cores)."""
         if self.config.threads >= 0:
             return self.config.threads
-        if self.config.device not in ("auto", "cpu") or (self.config.device == "auto" and _has_cuda()):
+        if self._on_gpu():
             return 0
         services = sum(len(self.config.names(stage)) for stage in STAGES)
         return max(1, len(os.sched_getaffinity(0)) // services)

@@ -39,7 +39,6 @@ FASTKV_RATES = (1.0, 0.5, 0.2, 0.1)   # tsp_rate = retain_rate
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the answer sits in the context, cycled over the examples
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
 TEXT_KEEP_RATES = (1.0, 0.5, 0.25)
-SHARED_GPU_KV_GIB = 4  # decode's KV cache when the local cluster runs on a GPU
 COPY_CUE = 8          # bytes of the second copy the prompt already holds
 MOM_CHUNK_TOKENS = 4  # VQA prompts are ~30 tokens: 4-token mini-sequences split every one of them
 
@@ -231,8 +230,6 @@ def served_model(model_dir: pathlib.Path, stage_args: dict[str, tuple[str, ...]]
     from epdserve.launcher import ClusterConfig, LocalCluster
     from epdserve.sdk import Client
 
-    if device != "cpu":   # all stages share one GPU: decode's automatic KV size would take what prefill needs
-        stage_args = {**stage_args, "decode": (*stage_args.get("decode", ()), "--kv-cache-gib", str(SHARED_GPU_KV_GIB))}
     with (LocalCluster(ClusterConfig(model_dir=model_dir, device=device, stage_args=stage_args)) as cluster,
           Client(cluster.router_address, timeout_s=120) as client):
         yield client

@@ -25,7 +25,7 @@ from epdserve.config import (
     config_from_args,
 )
 from epdserve.env import read_env
-from epdserve.errors import EngineFailedError, EpdserveError, UnavailableError
+from epdserve.errors import EngineFailedError, EpdserveError, ResourceExhaustedError, UnavailableError
 from epdserve.security import NO_CREDENTIALS, Credentials, load_credentials
 
 if TYPE_CHECKING:
@@ -169,12 +169,22 @@ def new_owner_id(stage: str) -> str:
     return f"{stage}-{uuid.uuid4().hex[:12]}"
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA or another accelerator), recognised without importing torch."""
+    return type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.split(".")[0] == "torch"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
 class ModelExecutor:
     """One thread that runs all model work of a process, so the event loop stays responsive and
     model calls from concurrent requests interleave step by step instead of racing.
 
     Failure policy: a call that raises an `EpdserveError` (bad input) says nothing about the
-    engine; any other exception counts, a success resets the count. At `fatal_after` unexpected
+    engine, nor does running out of accelerator memory (one request too big for what is free now:
+    RESOURCE_EXHAUSTED); any other exception counts, a success resets the count. At `fatal_after` unexpected
     failures in a row (a GPU that faults every call) the engine is declared failed: `on_fatal` runs
     once and every later call raises UnavailableError at once, so callers fail fast and the router
     places the work elsewhere."""
@@ -206,7 +216,14 @@ class ModelExecutor:
         if 0 <= self._inject_after < self._calls:
             raise RuntimeError(f"injected model fault (call {self._calls} > --inject-model-fault-after "
                                f"{self._inject_after})")
-        return fn(*args)
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if _out_of_memory(exc):
+                raise ResourceExhaustedError(f"out of accelerator memory for this request ({_first_line(exc)}); "
+                                             "retry later, on another replica, or with a shorter prompt",
+                                             retry_after_s=1.0) from exc
+            raise
 
     def _failed_once(self, exc: BaseException) -> None:
         self._failures_in_a_row += 1

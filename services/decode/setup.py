@@ -16,16 +16,16 @@ from services.decode.text_sparsify import TextKeepScorer, TextSparsifyConfig, bu
 from services.prefill.prefill import PromptPrefiller
 
 CPU_AUTO_KV_BYTES = 256 << 20
-GPU_AUTO_KV_FRACTION = 0.9
 
 
 def kv_budget_bytes(config: DecodeConfig, device: torch.device) -> int:
-    """The KV cache's size: the configured GiB, else 90% of the GPU's free memory (256 MiB on CPU)."""
+    """The KV cache's size: the configured GiB, else --kv-cache-fraction of the GPU's free memory
+    (256 MiB on CPU)."""
     if config.kv_cache_gib > 0:
         return int(config.kv_cache_gib * (1 << 30))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * GPU_AUTO_KV_FRACTION)
+        return int(free * config.kv_cache_fraction)
     return CPU_AUTO_KV_BYTES
 
 

@@ -12,13 +12,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epdserve.config import ServerConfig
-from epdserve.errors import EngineFailedError, InvalidArgumentError, UnavailableError
+from epdserve.errors import EngineFailedError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from epdserve.transport.server import ServiceServer, run_until_signalled
 from services.runtime import ModelExecutor
 
 
 def _boom():
     raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def _out_of_memory():
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.06 GiB.\nmore details")
 
 
 def _bad_input():
@@ -83,3 +89,20 @@ async def test_a_failed_server_reports_not_serving_and_stops_with_engine_failed(
                                                  for name in ("", "epdserve.v1.DecodeService")}
     finally:
         await channel.close()
+
+
+async def test_running_out_of_memory_is_resource_exhausted_not_an_engine_failure():
+    """A request too big for the memory free now (found serving 16k prompts on a GPU the decode
+    stage's KV cache had mostly taken) must not count toward declaring the engine failed."""
+    fatal: list[BaseException] = []
+    executor = ModelExecutor("t", fatal_after=2, on_fatal=fatal.append)
+    try:
+        for _ in range(4):
+            with pytest.raises(ResourceExhaustedError, match="out of accelerator memory .*Tried to allocate 3.06 GiB"
+                               ) as caught:
+                await executor.run(_out_of_memory)
+            assert caught.value.retry_after_s is not None and "more details" not in caught.value.message
+        assert executor.failed is None and not fatal
+        assert await executor.run(lambda: 7) == 7
+    finally:
+        executor.shutdown()
