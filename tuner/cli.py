@@ -366,7 +366,8 @@ def _check_reachable(objective, slos) -> None:
     from tuner.sim import Candidate
 
     keep = min(objective.space.image_keep_ratio)
-    alone = [objective.bounds.unloaded(Candidate(image_keep_ratio=keep, fastkv=fastkv))
+    local = max(objective.space.local_prefill_tokens)
+    alone = [objective.bounds.unloaded(Candidate(image_keep_ratio=keep, fastkv=fastkv, local_prefill_tokens=local))
              for fastkv in objective.space.fastkv]
     for slo in slos:
         floor = min(float(np.percentile(a[slo.metric], slo.percentile)) if len(a[slo.metric]) else 0.0 for a in alone)

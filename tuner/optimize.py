@@ -79,6 +79,7 @@ class SearchSpace:
     decode_max_running: tuple[int, ...] = (16, 32, 64, 128, 256)
     image_keep_ratio: tuple[float, ...] = (1.0,)  # lossless unless the user allows sparsification
     fastkv: tuple[bool, ...] = (False,)           # lossless unless the user allows FastKV
+    local_prefill_tokens: tuple[int, ...] = (0, 512, 2048)   # router E -> PD threshold (0 = off; lossless)
 
     def cost(self, candidate: Candidate) -> float:
         gpus = candidate.gpus(self.gpus_per_replica)
@@ -195,7 +196,8 @@ class WorkloadBounds:
         fixed = tower.predict(images=0, megapixels=0)
         encode_ms = batches * fixed + tower.predict(images=self.distinct_images,
                                                     megapixels=self.distinct_megapixels) - fixed
-        prefill_ms = sum(self._prefill_ms(r, c, hits) for r, hits in zip(self.requests, self.prefix_hits))
+        prefill_ms = sum(self._prefill_ms(r, c, hits) for r, hits in zip(self.requests, self.prefix_hits)
+                         if not self._may_prefill_locally(r, c))   # a lower bound: those may all go E -> PD
         step = p.decode.step_ms
         batch = max(1, c.decode_max_running)
         per_token_ms = step.predict(batch=batch, context=0) / batch
@@ -204,6 +206,9 @@ class WorkloadBounds:
         return {"encode": encode_ms / (span_ms * c.encode_replicas),
                 "prefill": prefill_ms / (span_ms * c.prefill_replicas),
                 "decode": decode_ms / (span_ms * c.decode_replicas)}
+
+    def _may_prefill_locally(self, r: TraceRequest, c: Candidate) -> bool:
+        return r.context_tokens + r.num_images * self.profile.image_tokens(c.image_keep_ratio) <= c.local_prefill_tokens
 
     def _prefill_ms(self, r: TraceRequest, c: Candidate, hits: int) -> float:
         prompt = r.context_tokens + r.num_images * self.profile.image_tokens(c.image_keep_ratio)
@@ -216,15 +221,17 @@ class WorkloadBounds:
         ttft, tpot, e2e = [], [], []
         for r, hits in zip(self.requests, self.prefix_hits):
             prompt = r.context_tokens + r.num_images * p.image_tokens(candidate.image_keep_ratio)
+            local = self._may_prefill_locally(r, candidate)   # E -> PD: no prefill call, no KV hand-off
             ms = p.router_ms.predict(prompt_tokens=prompt) + self._prefill_ms(r, candidate, hits)
-            ms += p.prefill.call_ms.predict(tokens=prompt)
+            ms += 0.0 if local else p.prefill.call_ms.predict(tokens=prompt)
             if r.images:
                 mp = sum(i.width * i.height for i in r.images) / 1e6
                 ms += p.encode.tower_ms.predict(images=r.num_images, megapixels=mp)
                 ms += p.encode.call_ms.predict(images=r.num_images, megapixels=mp)
             kv_rows = p.prefill.kv_rows(prompt, candidate.fastkv)
             step = p.decode.step_ms.predict(batch=1, context=kv_rows)
-            rest = p.decode.join_ms.predict(kv_tokens=kv_rows) + step * max(r.generated_tokens - 1, 0)
+            join = 0.0 if local else p.decode.join_ms.predict(kv_tokens=kv_rows)
+            rest = join + step * max(r.generated_tokens - 1, 0)
             ttft.append(ms / 1000.0)
             tpot.append(rest / max(r.generated_tokens - 1, 1) / 1000.0)
             e2e.append((ms + rest) / 1000.0)
@@ -297,6 +304,7 @@ def suggest(trial, space: SearchSpace) -> Candidate:
         decode_max_running=trial.suggest_categorical("decode_max_running", list(space.decode_max_running)),
         image_keep_ratio=trial.suggest_categorical("image_keep_ratio", list(space.image_keep_ratio)),
         fastkv=trial.suggest_categorical("fastkv", list(space.fastkv)),
+        local_prefill_tokens=trial.suggest_categorical("local_prefill_tokens", list(space.local_prefill_tokens)),
     )
 
 
@@ -304,7 +312,8 @@ def candidate_params(candidate: Candidate) -> dict:
     return {"encode_replicas": candidate.encode_replicas, "prefill_replicas": candidate.prefill_replicas,
             "decode_replicas": candidate.decode_replicas, "encode_max_batch": candidate.encode_max_batch,
             "encode_max_wait_ms": candidate.encode_max_wait_ms, "decode_max_running": candidate.decode_max_running,
-            "image_keep_ratio": candidate.image_keep_ratio, "fastkv": candidate.fastkv}
+            "image_keep_ratio": candidate.image_keep_ratio, "fastkv": candidate.fastkv,
+            "local_prefill_tokens": candidate.local_prefill_tokens}
 
 
 @dataclasses.dataclass

@@ -32,6 +32,8 @@ def settings_text(c: Candidate) -> str:
         parts.append(f"keep {c.image_keep_ratio:g}")
     if c.fastkv:
         parts.append("FastKV")
+    if c.local_prefill_tokens:
+        parts.append(f"E->PD <= {c.local_prefill_tokens}")
     return ", ".join(parts)
 
 
@@ -81,8 +83,10 @@ def helm_values(candidate: Candidate, *, gpus_per_replica: Sequence[int] = (1, 1
         "decode": {"replicas": candidate.decode_replicas, "gpus": gpus_per_replica[2],
                    "args": ["--max-running", str(candidate.decode_max_running)]},
     }
-    if candidate.image_keep_ratio < 1:
-        values["router"] = {"args": ["--image-keep-ratio", f"{candidate.image_keep_ratio:g}"]}
+    router = (["--image-keep-ratio", f"{candidate.image_keep_ratio:g}"] if candidate.image_keep_ratio < 1 else []) + (
+        ["--local-prefill-tokens", str(candidate.local_prefill_tokens)] if candidate.local_prefill_tokens else [])
+    if router:
+        values["router"] = {"args": router}
     body = yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
     return "".join(f"# {line}\n" for line in header.splitlines()) + body
 

@@ -6,7 +6,10 @@ when full or when its oldest image has waited max_wait, one batch at a time), an
 keyed by image hash; prefill replicas one request at a time, chosen by predicted finish, with a
 prefix cache over the trace's block hashes; then the KV hand-off and a decode replica (fewest
 sequences first) that steps every running sequence together (continuous batching: joins at the
-next step, admission bounded by max_running and KV rows reserved for prompt + output). Service
+next step, admission bounded by max_running and KV rows reserved for prompt + output). With
+`local_prefill_tokens`, a prompt that short takes E -> PD when that is predicted to give its first
+token sooner, as the router decides: the decode replica prefills it between two steps (its running
+sequences wait) and it joins the batch with no KV hand-off. Service
 times come from the profile's fits times a draw from each fit's residuals. With a shared-host
 profile (`host_cores` > 0) every busy replica and every request's overheads (RPCs, image decoding,
 the router's work) share those cores (processor sharing), as the processes of a local deployment do.
@@ -47,6 +50,7 @@ class Candidate:
     prefix_cache: bool = True           # prefill --prefix-cache
     encoder_cache_images: int = 100_000  # embeddings the mmcache keeps (LRU)
     prefix_cache_blocks: int = 100_000   # trace blocks the prefix cache keeps (LRU)
+    local_prefill_tokens: int = 0       # router --local-prefill-tokens: E -> PD for prompts this short (0 = never)
 
     def gpus(self, per_replica: Sequence[int] = (1, 1, 1)) -> int:
         e, p, d = per_replica
@@ -190,20 +194,50 @@ class _DecodeReplica:
     def __init__(self, sim: Simulation) -> None:
         self.sim, self.waiting, self.running = sim, collections.deque(), []
         self.stepping, self.reserved = False, 0
+        self.local_prefills: collections.deque = collections.deque()   # (ms, done) of E -> PD prompts
+        self.prefilling = False
         self._segment = (0.0, 0, 0.0, 0.0)   # (start, steps, first step ms, ms added per step)
         self._version = 0
         self._job: Job | None = None
 
     @property
     def load(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self.running) + len(self.waiting) + len(self.local_prefills) + self.prefilling
+
+    def local_prefill_wait_s(self) -> float:
+        """Predicted wait before a new local prefill starts: the step in progress, then the local
+        prefills queued here."""
+        step_s = self._segment[2] / 1000.0 if self.stepping and not self.prefilling else 0.0
+        return step_s + sum(ms for ms, _ in self.local_prefills) / 1000.0
 
     def submit(self, seq: _Seq) -> None:
         self.waiting.append(seq)
+        self._wake()
+
+    def submit_local_prefill(self, ms: float, done: Callable[[], None]) -> None:
+        """Prefill a prompt here between two steps; `done` runs when its first token is out."""
+        self.local_prefills.append((ms, done))
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.prefilling:
+            return                  # the plan after the prefill admits it
         if not self.stepping:
             self._plan()
         else:
             self._cut()
+
+    def _run_local_prefill(self) -> None:
+        ms, done = self.local_prefills.popleft()
+        self.prefilling = self.stepping = True
+        self.sim.busy["decode"] += ms / 1000.0
+
+        def finished() -> None:
+            self.prefilling = self.stepping = False
+            done()
+            if not self.stepping:
+                self._plan()
+        self.sim.cpu.run(ms, finished)
 
     def _admit(self) -> None:
         candidate, capacity = self.sim.candidate, self.sim.profile.decode.kv_capacity_tokens
@@ -215,6 +249,9 @@ class _DecodeReplica:
             self.running.append(seq)
 
     def _plan(self) -> None:
+        if self.local_prefills:
+            self._run_local_prefill()
+            return
         self._admit()
         if not self.running:
             self.stepping = False
@@ -369,7 +406,33 @@ class Simulation:
         ms = self.noise.draw(pre.compute_fit(fastkv), pre.compute_ms_for(req.prompt_tokens, cached, fastkv))
         call = self.noise.draw(pre.call_ms, pre.call_ms.predict(tokens=req.prompt_tokens - cached))
         replica = min(self.prefills, key=lambda r: r.predicted_finish(ms))
+        if self._prefilled_locally(req, replica.predicted_finish(ms) - self.clock.now + call / 1000.0):
+            return
         replica.submit(ms, lambda: self._overhead(call, functools.partial(self._first_token, req)))
+
+    def _prefilled_locally(self, req: _Req, remote_s: float) -> bool:
+        """E -> PD when the prompt is short enough and its first token is predicted sooner on the
+        least loaded decode replica (the decode model prefills it whole: no prefix cache, no FastKV)."""
+        if req.prompt_tokens > self.candidate.local_prefill_tokens or req.trace.generated_tokens < 1:
+            return False
+        pre = self.profile.prefill
+        ms = self.noise.draw(pre.compute_fit(False), pre.compute_ms_for(req.prompt_tokens, 0, False))
+        decode = min(self.decoders, key=lambda r: r.load)
+        if decode.local_prefill_wait_s() + ms / 1000.0 > remote_s:   # a tie goes to E -> PD, as in the router
+            return False
+        decode.submit_local_prefill(ms, functools.partial(self._first_token_local, req, decode))
+        return True
+
+    def _first_token_local(self, req: _Req, decode: _DecodeReplica) -> None:
+        now = self.clock.now
+        req.first_token_s = now
+        outcome = self.outcomes[req.index]
+        outcome.ttft_s = now - req.trace.arrival_s
+        if req.trace.generated_tokens <= 1:
+            outcome.e2e_s = outcome.ttft_s
+            return
+        rows = req.prompt_tokens
+        decode.submit(_Seq(req, req.trace.generated_tokens - 1, rows, rows + req.trace.generated_tokens))
 
     def _first_token(self, req: _Req) -> None:
         now = self.clock.now

@@ -66,7 +66,7 @@ def test_parse_slo_rejects_bad_input(text, message):
 
 def small_space(**changes) -> SearchSpace:
     return dataclasses.replace(SearchSpace(max_replicas=3, encode_max_batch=(32,), encode_max_wait_ms=(5.0,),
-                                           decode_max_running=(64,)), **changes)
+                                           decode_max_running=(64,), local_prefill_tokens=(0,)), **changes)
 
 
 def test_prefilter_skips_hopeless_candidates_without_simulating(trace, profile, monkeypatch):
@@ -187,3 +187,23 @@ def test_fastkv_is_searched_only_when_allowed_and_exported_when_chosen(tmp_path,
     code = cli.main(["optimize", "--slo", "ttft=2s", "--synthetic", SPEC, "--allow-fastkv", "--no-progress",
                      "--out", str(tmp_path / "o")])
     assert code == 1 and "no FastKV prefill measurements" in capsys.readouterr().err
+
+
+def test_the_e_to_pd_threshold_is_searched_bounded_and_exported():
+    """The router's --local-prefill-tokens is a (lossless) search knob: the closed-form bounds let
+    short prompts skip the prefill stage (no prefill call, no KV hand-off), the optimizer tries
+    every threshold of the space, and values.yaml sets the router flag only when it is on."""
+    from tuner.report import helm_values, settings_text
+
+    trace = synthesize(parse_spec(SPEC))
+    objective = Objective(trace, queueing_profile(), [parse_slo("ttft=2s")], small_space(local_prefill_tokens=(0, 512)))
+    everything_local = Candidate(local_prefill_tokens=1 << 20)
+    assert objective.bounds.utilization(everything_local)["prefill"] == 0.0
+    remote, local = objective.bounds.unloaded(Candidate()), objective.bounds.unloaded(everything_local)
+    assert (local["ttft"] < remote["ttft"]).all() and (local["e2e"] < remote["e2e"]).all()
+    outcome = run_study(objective, trials=12, progress=False, top=2)
+    assert {t.params["local_prefill_tokens"] for t in outcome.study.trials} == {0, 512}
+    values = yaml.safe_load(helm_values(Candidate(local_prefill_tokens=512, image_keep_ratio=0.5)))
+    assert values["router"]["args"] == ["--image-keep-ratio", "0.5", "--local-prefill-tokens", "512"]
+    assert "router" not in yaml.safe_load(helm_values(Candidate()))
+    assert "E->PD <= 512" in settings_text(Candidate(local_prefill_tokens=512))

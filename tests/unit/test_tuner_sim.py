@@ -219,3 +219,42 @@ def test_more_decode_replicas_never_hurt_and_load_raises_latency():
     assert four.mean("tpot") < one.mean("tpot")
     slow = [dataclasses.replace(r, arrival_s=r.arrival_s * 4) for r in trace]
     assert simulate(slow, profile, Candidate()).percentile("e2e", 90) < one.percentile("e2e", 90)
+
+
+# --- E -> PD (local prefill on a decode replica) -----------------------------------------------
+
+def test_a_short_prompt_takes_e_to_pd_with_no_prefill_call_and_no_hand_off():
+    profile = make_profile()
+    short, long = request(0.0, text=84, out=5), request(10.0, text=1000, out=5)
+    result = simulate([short, long], profile, Candidate(local_prefill_tokens=512))
+    local_ttft_ms = 1 + (5 + 0.01 * 84)                      # router + prefill compute on the decode replica
+    assert result.outcomes[0].ttft_s == pytest.approx(local_ttft_ms / 1000)
+    steps_ms = sum(4 + 1 + 0.001 * (84 + k) for k in range(4))
+    assert result.outcomes[0].e2e_s == pytest.approx((local_ttft_ms + steps_ms) / 1000)   # no 6 ms join
+    assert result.outcomes[1].ttft_s == pytest.approx((1 + (5 + 0.01 * 1000) + 2) / 1000)  # over the limit: E -> P -> D
+    assert result.busy_s["prefill"] == pytest.approx((5 + 0.01 * 1000) / 1000)
+    off = simulate([short, long], profile, Candidate())
+    assert off.outcomes[0].ttft_s == pytest.approx((local_ttft_ms + 2) / 1000)
+
+
+def test_a_local_prefill_pauses_the_running_sequences_and_is_skipped_when_slower():
+    profile = make_profile(prefill=dataclasses.replace(make_profile().prefill, call_ms=constant(20.0)))
+    running = request(0.0, text=1000, out=50)
+    alone = simulate([running], profile, Candidate(local_prefill_tokens=512)).outcomes[0]
+    both = simulate([running, request(0.1, text=84, out=2)], profile, Candidate(local_prefill_tokens=512))
+    prefill_ms = 5 + 0.01 * 84
+    assert both.busy_s["prefill"] == pytest.approx((5 + 0.01 * 1000) / 1000)        # the short one went E -> PD
+    assert both.outcomes[0].e2e_s - alone.e2e_s >= prefill_ms / 1000                 # decoding waited for it
+    # a cheap prefill call makes E -> P -> D sooner than waiting for the decode step in progress
+    cheap = make_profile()
+    routed = simulate([running, request(0.1, text=84, out=2)], cheap, Candidate(local_prefill_tokens=512))
+    assert routed.busy_s["prefill"] == pytest.approx((5 + 0.01 * 1000 + prefill_ms) / 1000)
+
+
+def test_e_to_pd_runs_are_reproducible_and_account_for_every_request():
+    rng = random.Random(5)
+    trace = [request(i * 0.01, text=rng.choice([50, 300, 3000]), out=rng.randint(1, 30)) for i in range(200)]
+    candidate = Candidate(prefill_replicas=1, decode_replicas=2, local_prefill_tokens=512)
+    first, second = (simulate(trace, make_profile(), candidate, seed=3) for _ in range(2))
+    assert [o.ttft_s for o in first.outcomes] == [o.ttft_s for o in second.outcomes]
+    assert all(not math.isnan(o.ttft_s) and not math.isnan(o.e2e_s) for o in first.outcomes)
