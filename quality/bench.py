@@ -132,7 +132,8 @@ def generated_sparsification_rows(model_dir: pathlib.Path, config: QualityConfig
     """Long answers (copy continuations) per decode text keep rate, next to keep 1.0 (lossless)."""
     tasks = _copy_tasks(config, config.copy_context)
     rows, lossless = [], None
-    for rate in config.text_keep_rates:
+    rates = (1.0, *(r for r in config.text_keep_rates if r != 1.0)) if config.text_keep_rates else ()
+    for rate in rates:   # keep 1.0 first: the lossless answers every other rate is compared with
         with served_model(model_dir, {"decode": ("--text-keep-rate", str(rate))}, config.device) as client:
             answers = _copy_answers(client, tasks, None)
         lossless = lossless or answers

@@ -50,6 +50,8 @@ def train_checkpoint(out_dir: pathlib.Path, spec, config: TrainConfig,
 
     from epdserve.models.tiny import build_tiny_checkpoint
 
+    if start_from is not None and start_from.resolve() == out_dir.resolve():
+        raise ValueError(f"--out must differ from --start-from ({out_dir}): the checkpoint is read while training")
     torch.manual_seed(config.seed)
     staging = pathlib.Path(tempfile.mkdtemp(prefix="quality-init-"))
     try:
@@ -67,6 +69,7 @@ def train_checkpoint(out_dir: pathlib.Path, spec, config: TrainConfig,
               "history": history, "parameters": sum(p.numel() for p in model.parameters())}
     if start_from is not None:
         earlier = json.loads((start_from / "training.json").read_text())
+        result["spec"] = earlier["spec"]   # the weights' shape is the first run's, whatever `spec` says now
         result["earlier_runs"] = [*earlier.pop("earlier_runs", []), earlier]
     (out_dir / "training.json").write_text(json.dumps(result, indent=2))
     return result
@@ -84,27 +87,32 @@ def fit(model: torch.nn.Module, make_batch: Callable[[int], dict], config: Train
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     history, started = [], time.perf_counter()
     prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches")
-    upcoming = prefetch.submit(make_batch, 1)
-    for step in range(1, config.steps + 1):
-        batch = to_device(upcoming.result(), config.device)
-        if step < config.steps:
-            upcoming = prefetch.submit(make_batch, step + 1)
-        with _autocast(config.device):
-            loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % config.eval_every == 0 or step == config.steps:
-            model.eval()
+    try:
+        upcoming = prefetch.submit(make_batch, 1)
+        for step in range(1, config.steps + 1):
+            batch = to_device(upcoming.result(), config.device)
+            evaluating = step % config.eval_every == 0 or step == config.steps
+            if step < config.steps and not evaluating:   # evaluation uses the same tokenizer: not meanwhile
+                upcoming = prefetch.submit(make_batch, step + 1)
             with _autocast(config.device):
-                accuracy = evaluate(model)
-            model.train()
-            elapsed = time.perf_counter() - started
-            history.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "elapsed_s": elapsed})
-            log(f"step {step}: loss {loss.item():.3f}, held-out exact match {accuracy}, {elapsed:.0f} s")
-    prefetch.shutdown()
+                loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            if evaluating:
+                model.eval()
+                with _autocast(config.device):
+                    accuracy = evaluate(model)
+                model.train()
+                elapsed = time.perf_counter() - started
+                history.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "elapsed_s": elapsed})
+                log(f"step {step}: loss {loss.item():.3f}, held-out exact match {accuracy}, {elapsed:.0f} s")
+                if step < config.steps:
+                    upcoming = prefetch.submit(make_batch, step + 1)
+    finally:
+        prefetch.shutdown(cancel_futures=True)
     model.to("cpu").eval()
     return history
 

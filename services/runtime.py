@@ -115,7 +115,8 @@ async def run_stage(stage: str, service_name: str, server_config: ServerConfig, 
     identity = CacheIdentity(new_owner_id(stage), server.bind(), server_config.host, server_config.advertise_host)
     cache = await MMCache.open(cache_config, identity, credentials)
     executor = ModelExecutor(f"{stage}-model", fatal_after=server_config.engine_failures_fatal,
-                             on_fatal=server.fail, inject_fault_after=server_config.inject_model_fault_after)
+                             on_fatal=server.fail, inject_fault_after=server_config.inject_model_fault_after,
+                             calls_serve_one_request=stage in ONE_REQUEST_PER_CALL_STAGES)
     load = LoadTracker(stage, identity.owner_id)
     metrics = StageMetrics(server.registry, stage, load)
     server.registry.register(registry_collector(cache.metrics.registry))
@@ -169,7 +170,10 @@ def new_owner_id(stage: str) -> str:
     return f"{stage}-{uuid.uuid4().hex[:12]}"
 
 
-def _out_of_memory(exc: BaseException) -> bool:
+ONE_REQUEST_PER_CALL_STAGES = ("prefill",)   # encode batches images of many requests, decode steps a batch
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
     """torch's OutOfMemoryError (CUDA or another accelerator), recognised without importing torch."""
     return type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.split(".")[0] == "torch"
 
@@ -183,14 +187,18 @@ class ModelExecutor:
     model calls from concurrent requests interleave step by step instead of racing.
 
     Failure policy: a call that raises an `EpdserveError` (bad input) says nothing about the
-    engine, nor does running out of accelerator memory (one request too big for what is free now:
-    RESOURCE_EXHAUSTED); any other exception counts, a success resets the count. At `fatal_after` unexpected
+    engine; any other exception counts, a success resets the count. Running out of accelerator
+    memory is RESOURCE_EXHAUSTED; where each call serves one request (`calls_serve_one_request`:
+    prefill) it does not count either (that request is too big for what is free now), where a call
+    serves a batch (encode, decode) it does, so a replica that can no longer run at all is still
+    declared failed. At `fatal_after` unexpected
     failures in a row (a GPU that faults every call) the engine is declared failed: `on_fatal` runs
     once and every later call raises UnavailableError at once, so callers fail fast and the router
     places the work elsewhere."""
 
     def __init__(self, name: str, *, fatal_after: int = 0, on_fatal: Callable[[BaseException], None] | None = None,
-                 inject_fault_after: int = -1) -> None:
+                 inject_fault_after: int = -1, calls_serve_one_request: bool = False) -> None:
+        self._oom_is_the_requests = calls_serve_one_request
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._fatal_after, self._on_fatal = fatal_after, on_fatal
         self._inject_after, self._calls = inject_fault_after, 0
@@ -203,7 +211,9 @@ class ModelExecutor:
                                    "retry on another replica")
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn, *args)
-        except EpdserveError:
+        except EpdserveError as exc:
+            if _out_of_memory(exc.__cause__) and not self._oom_is_the_requests:
+                self._failed_once(exc)
             raise
         except Exception as exc:
             self._failed_once(exc)
@@ -220,8 +230,8 @@ class ModelExecutor:
             return fn(*args)
         except Exception as exc:
             if _out_of_memory(exc):
-                raise ResourceExhaustedError(f"out of accelerator memory for this request ({_first_line(exc)}); "
-                                             "retry later, on another replica, or with a shorter prompt",
+                raise ResourceExhaustedError(f"out of accelerator memory ({_first_line(exc)}); retry later, "
+                                             "on another replica, or with a shorter prompt",
                                              retry_after_s=1.0) from exc
             raise
 

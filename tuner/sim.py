@@ -9,7 +9,8 @@ sequences first) that steps every running sequence together (continuous batching
 next step, admission bounded by max_running and KV rows reserved for prompt + output). With
 `local_prefill_tokens`, a prompt that short takes E -> PD when that is predicted to give its first
 token sooner, as the router decides: the decode replica prefills it between two steps (its running
-sequences wait) and it joins the batch with no KV hand-off. Service
+sequences wait) and it joins the batch with no KV hand-off. Simplified: the prefill goes first at
+the next step (the service's insertion policy may defer it, and waits for a free slot). Service
 times come from the profile's fits times a draw from each fit's residuals. With a shared-host
 profile (`host_cores` > 0) every busy replica and every request's overheads (RPCs, image decoding,
 the router's work) share those cores (processor sharing), as the processes of a local deployment do.
@@ -196,6 +197,7 @@ class _DecodeReplica:
         self.stepping, self.reserved = False, 0
         self.local_prefills: collections.deque = collections.deque()   # (ms, done) of E -> PD prompts
         self.prefilling = False
+        self._prefill_job: Job | None = None
         self._segment = (0.0, 0, 0.0, 0.0)   # (start, steps, first step ms, ms added per step)
         self._version = 0
         self._job: Job | None = None
@@ -205,10 +207,13 @@ class _DecodeReplica:
         return len(self.running) + len(self.waiting) + len(self.local_prefills) + self.prefilling
 
     def local_prefill_wait_s(self) -> float:
-        """Predicted wait before a new local prefill starts: the step in progress, then the local
-        prefills queued here."""
-        step_s = self._segment[2] / 1000.0 if self.stepping and not self.prefilling else 0.0
-        return step_s + sum(ms for ms, _ in self.local_prefills) / 1000.0
+        """Predicted wait before a new local prefill starts: the step or local prefill in progress,
+        then the local prefills queued here."""
+        if self.prefilling:
+            in_progress_ms = self._prefill_ms - self.sim.cpu.progress_ms(self._prefill_job)
+        else:
+            in_progress_ms = self._segment[2] if self.stepping else 0.0
+        return (max(0.0, in_progress_ms) + sum(ms for ms, _ in self.local_prefills)) / 1000.0
 
     def submit(self, seq: _Seq) -> None:
         self.waiting.append(seq)
@@ -237,7 +242,7 @@ class _DecodeReplica:
             done()
             if not self.stepping:
                 self._plan()
-        self.sim.cpu.run(ms, finished)
+        self._prefill_ms, self._prefill_job = ms, self.sim.cpu.run(ms, finished)
 
     def _admit(self) -> None:
         candidate, capacity = self.sim.candidate, self.sim.profile.decode.kv_capacity_tokens
@@ -389,16 +394,23 @@ class Simulation:
             self._prefill(req)
 
     def _cached_tokens(self, req: _Req) -> int:
-        if not self.candidate.prefix_cache or self.candidate.fastkv or not req.trace.prefix_blocks:
+        if not self._uses_prefix_cache(req):
             return 0
         hits = 0
         for block in req.trace.prefix_blocks:
             if not self.prefixes.hit(block):
                 break
             hits += 1
-        for block in req.trace.prefix_blocks:
-            self.prefixes.add(block)
         return min(hits * TRACE_BLOCK_TOKENS, req.prompt_tokens - 1)
+
+    def _uses_prefix_cache(self, req: _Req) -> bool:
+        return self.candidate.prefix_cache and not self.candidate.fastkv and bool(req.trace.prefix_blocks)
+
+    def _publish_prefix(self, req: _Req) -> None:
+        """A prefill replica's blocks of this prompt become reusable (a local prefill publishes none)."""
+        if self._uses_prefix_cache(req):
+            for block in req.trace.prefix_blocks:
+                self.prefixes.add(block)
 
     def _prefill(self, req: _Req) -> None:
         pre, fastkv = self.profile.prefill, self.candidate.fastkv
@@ -408,6 +420,7 @@ class Simulation:
         replica = min(self.prefills, key=lambda r: r.predicted_finish(ms))
         if self._prefilled_locally(req, replica.predicted_finish(ms) - self.clock.now + call / 1000.0):
             return
+        self._publish_prefix(req)
         replica.submit(ms, lambda: self._overhead(call, functools.partial(self._first_token, req)))
 
     def _prefilled_locally(self, req: _Req, remote_s: float) -> bool:

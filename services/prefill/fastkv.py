@@ -86,15 +86,15 @@ def selection_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConf
     """[H_kv, n - w] scores whose top-k is what each KV head keeps. `group`: window_scores. `per-head`
     (the ablation of GQA-aware selection): each query head picks its own top `picks` prefix
     positions, a KV head ranks positions by how many of its query heads picked them, ties broken by
-    the group's summed score."""
+    the group's summed score. Only the KV kept differs: TSP always ranks by window_scores."""
     if config.head_selection == "group":
         return window_scores(q_win, keys, config)
-    pooled = _pooled_head_scores(q_win, keys, config)                              # [H, n - w]
+    pooled = _pooled_head_scores(q_win, keys, config).double()                     # [H, n - w]
     kv_heads, prefix = keys.shape[0], pooled.shape[-1]
     picked = torch.zeros_like(pooled).scatter_(1, pooled.topk(min(picks, prefix), dim=-1).indices, 1.0)
     votes = picked.view(kv_heads, -1, prefix).sum(dim=1)
     grouped = pooled.view(kv_heads, -1, prefix).sum(dim=1)                         # >= 0: softmax sums
-    return votes * (grouped.max() + 1.0) + grouped
+    return votes * (grouped.max() + 1.0) + grouped     # float64: the tie-break survives next to the votes
 
 
 def _pooled_head_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConfig) -> torch.Tensor:

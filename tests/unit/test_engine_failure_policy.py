@@ -93,9 +93,10 @@ async def test_a_failed_server_reports_not_serving_and_stops_with_engine_failed(
 
 async def test_running_out_of_memory_is_resource_exhausted_not_an_engine_failure():
     """A request too big for the memory free now (found serving 16k prompts on a GPU the decode
-    stage's KV cache had mostly taken) must not count toward declaring the engine failed."""
+    stage's KV cache had mostly taken) must not count toward declaring the engine failed where a
+    call serves one request (prefill); where a call serves a batch (decode steps) it still counts."""
     fatal: list[BaseException] = []
-    executor = ModelExecutor("t", fatal_after=2, on_fatal=fatal.append)
+    executor = ModelExecutor("t", fatal_after=2, on_fatal=fatal.append, calls_serve_one_request=True)
     try:
         for _ in range(4):
             with pytest.raises(ResourceExhaustedError, match="out of accelerator memory .*Tried to allocate 3.06 GiB"
@@ -106,3 +107,11 @@ async def test_running_out_of_memory_is_resource_exhausted_not_an_engine_failure
         assert await executor.run(lambda: 7) == 7
     finally:
         executor.shutdown()
+    batched = ModelExecutor("t", fatal_after=2, on_fatal=fatal.append)
+    try:
+        for _ in range(2):
+            with pytest.raises(ResourceExhaustedError):
+                await batched.run(_out_of_memory)
+        assert batched.failed is not None and len(fatal) == 1
+    finally:
+        batched.shutdown()

@@ -215,3 +215,28 @@ def test_per_head_selection_keeps_everything_when_nothing_is_compressed(model):
     logits, kv = _run(decoder, embeds, FastKVConfig(tsp_length=64, kv_budget=64, head_selection="per-head"))
     assert torch.equal(logits, lossless_logits)
     assert all(torch.equal(a, b) for a, b in zip(kv, lossless_kv))
+
+
+def test_per_head_selection_changes_only_the_kv_kept(model, monkeypatch):
+    """In the prefill loop the ablation decides each layer's kept KV from the votes, while TSP
+    still ranks tokens by the GQA-aware scores (so the ablation isolates KV selection)."""
+    import services.prefill.prefill as prefill
+
+    _, decoder = model
+    calls = []
+    real_keep, real_tsp = prefill.kv_keep_index, prefill.tsp_index
+    monkeypatch.setattr(prefill, "kv_keep_index",
+                        lambda scores, *a: calls.append(("keep", scores)) or real_keep(scores, *a))
+    monkeypatch.setattr(prefill, "tsp_index", lambda scores, *a: calls.append(("tsp", scores)) or real_tsp(scores, *a))
+    embeds = _embeds(decoder, 80)
+    _run(decoder, embeds, FastKVConfig(tsp_length=40, kv_budget=16, head_selection="per-head"))
+    per_head = list(calls)
+    calls.clear()
+    _run(decoder, embeds, FastKVConfig(tsp_length=40, kv_budget=16))
+    group = list(calls)
+    kinds = [kind for kind, _ in group]
+    assert [kind for kind, _ in per_head] == kinds and "tsp" in kinds and "keep" in kinds
+    for (kind, a), (_, b) in zip(per_head, group):
+        if kind == "tsp":
+            assert torch.equal(a, b)
+    assert any(kind == "keep" and not torch.equal(a.float(), b.float()) for (kind, a), (_, b) in zip(per_head, group))

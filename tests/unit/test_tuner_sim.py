@@ -258,3 +258,13 @@ def test_e_to_pd_runs_are_reproducible_and_account_for_every_request():
     first, second = (simulate(trace, make_profile(), candidate, seed=3) for _ in range(2))
     assert [o.ttft_s for o in first.outcomes] == [o.ttft_s for o in second.outcomes]
     assert all(not math.isnan(o.ttft_s) and not math.isnan(o.e2e_s) for o in first.outcomes)
+
+
+def test_a_local_prefill_publishes_no_prefix_blocks():
+    """Only a prefill replica publishes a prompt's prefix blocks: after a short prompt went E -> PD,
+    a long one sharing its first block computes everything (with E -> PD off it reuses 512 tokens)."""
+    short, long = request(0.0, text=84, out=3, blocks=(7,)), request(1.0, text=1000, out=3, blocks=(7, 8))
+    local = simulate([short, long], make_profile(), Candidate(local_prefill_tokens=512))
+    remote = simulate([short, long], make_profile(), Candidate())
+    assert local.busy_s["prefill"] == pytest.approx((5 + 0.01 * 1000) / 1000)
+    assert remote.busy_s["prefill"] == pytest.approx((5 + 0.01 * 84 + 5 + 0.01 * (1000 - 512)) / 1000)
