@@ -186,7 +186,8 @@ def _up(args: argparse.Namespace) -> int:
                            router_port=args.port, device=args.device, redis_server_bin=env.redis_server_bin,
                            trace=_trace_config(args), security=security)
     cluster = LocalCluster(config)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):   # SIGINT too: a shell's background job starts with it ignored
+        signal.signal(signum, _interrupt)
     try:
         address = cluster.start()
         print(f"epdserve is up: router {address} (redis {cluster.redis_url}); Ctrl-C to stop", flush=True)

@@ -86,9 +86,12 @@ def _children(pid: int) -> list[int]:
 
 def test_up_serves_until_interrupted_and_leaves_nothing(tmp_path):
     """`epdserve up` prints the router address, serves SDK requests (PIL images too), and on Ctrl-C
-    stops every child (redis included) and exits 0."""
+    stops every child (redis included) and exits 0. Its output is read all along (a full pipe
+    would block it) and shown when the test fails."""
+    import queue
     import re
     import signal
+    import threading
     import time
 
     from PIL import Image
@@ -97,12 +100,24 @@ def test_up_serves_until_interrupted_and_leaves_nothing(tmp_path):
 
     up = subprocess.Popen([sys.executable, "-m", "epdserve.cli", "up", "--port", "0"], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "EPDSERVE_CACHE_DIR": str(tmp_path)})
+    lines: queue.Queue = queue.Queue()
+    output: list[str] = []
+    threading.Thread(target=lambda: [lines.put(line) for line in up.stdout] and None, daemon=True).start()
+
+    def next_line(timeout: float) -> str | None:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        output.append(line)
+        return line
+
     try:
         deadline, address = time.monotonic() + 240, None
         while address is None and time.monotonic() < deadline:
-            line = up.stdout.readline()
-            assert line or up.poll() is None, "epdserve up exited early"
-            match = re.search(r"router (\S+:\d+)", line)
+            line = next_line(1.0)
+            assert line is not None or up.poll() is None, "epdserve up exited early"
+            match = re.search(r"router (\S+:\d+)", line or "")
             address = match.group(1) if match else None
         assert address, "no router address printed"
         children = _children(up.pid)
@@ -113,9 +128,16 @@ def test_up_serves_until_interrupted_and_leaves_nothing(tmp_path):
         assert result.usage.image_tokens == (load_spec(default).tokens_per_image if default else 16)
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
-        assert "router exit 0" in up.stdout.read()
+        while next_line(1.0) is not None:
+            pass
+        assert "router exit 0" in "".join(output)
         time.sleep(0.2)
         assert [pid for pid in children if os.path.exists(f"/proc/{pid}")] == []
+    except BaseException:
+        while next_line(0.5) is not None:
+            pass
+        print("epdserve up printed:\n" + "".join(output)[-6000:])
+        raise
     finally:
         if up.poll() is None:
             up.kill()
