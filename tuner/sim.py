@@ -298,6 +298,11 @@ class _DecodeReplica:
         self._plan()
 
 
+def _decoding(req: _Req, kv_rows: int) -> _Seq:
+    """The sequence a decode replica runs after the first token: KV rows reserved for the rest."""
+    return _Seq(req, req.trace.generated_tokens - 1, kv_rows, kv_rows + req.trace.generated_tokens)
+
+
 def _segment_ms(steps: int, first_ms: float, growth_ms: float) -> float:
     return steps * first_ms + growth_ms * steps * (steps - 1) / 2.0
 
@@ -437,30 +442,28 @@ class Simulation:
         return True
 
     def _first_token_local(self, req: _Req, decode: _DecodeReplica) -> None:
-        now = self.clock.now
-        req.first_token_s = now
-        outcome = self.outcomes[req.index]
-        outcome.ttft_s = now - req.trace.arrival_s
-        if req.trace.generated_tokens <= 1:
-            outcome.e2e_s = outcome.ttft_s
-            return
-        rows = req.prompt_tokens
-        decode.submit(_Seq(req, req.trace.generated_tokens - 1, rows, rows + req.trace.generated_tokens))
+        if self._first_token_out(req):
+            decode.submit(_decoding(req, req.prompt_tokens))
 
     def _first_token(self, req: _Req) -> None:
-        now = self.clock.now
-        req.first_token_s = now
-        outcome = self.outcomes[req.index]
-        outcome.ttft_s = now - req.trace.arrival_s
-        if req.trace.generated_tokens <= 1:
-            outcome.e2e_s = outcome.ttft_s
+        if not self._first_token_out(req):
             return
         fit = self.profile.decode.join_ms
         kv_rows = self.profile.prefill.kv_rows(req.prompt_tokens, self.candidate.fastkv)
         delay = self.noise.draw(fit, fit.predict(kv_tokens=kv_rows))
         replica = min(self.decoders, key=lambda r: r.load)
-        seq = _Seq(req, req.trace.generated_tokens - 1, kv_rows, kv_rows + req.trace.generated_tokens)
-        self._overhead(delay, functools.partial(replica.submit, seq))
+        self._overhead(delay, functools.partial(replica.submit, _decoding(req, kv_rows)))
+
+    def _first_token_out(self, req: _Req) -> bool:
+        """Record the TTFT now; True when tokens are left to decode (else the request is done)."""
+        now = self.clock.now
+        req.first_token_s = now
+        outcome = self.outcomes[req.index]
+        outcome.ttft_s = now - req.trace.arrival_s
+        if req.trace.generated_tokens <= 1:
+            outcome.e2e_s = outcome.ttft_s
+            return False
+        return True
 
     def finish(self, req: _Req, now: float) -> None:
         outcome = self.outcomes[req.index]
