@@ -82,19 +82,22 @@ def window_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConfig)
     return pooled.view(keys.shape[0], -1, pooled.shape[-1]).sum(dim=1)
 
 
-def selection_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConfig, picks: int) -> torch.Tensor:
-    """[H_kv, n - w] scores whose top-k is what each KV head keeps. `group`: window_scores. `per-head`
-    (the ablation of GQA-aware selection): each query head picks its own top `picks` prefix
-    positions, a KV head ranks positions by how many of its query heads picked them, ties broken by
-    the group's summed score. Only the KV kept differs: TSP always ranks by window_scores."""
-    if config.head_selection == "group":
-        return window_scores(q_win, keys, config)
-    pooled = _pooled_head_scores(q_win, keys, config).double()                     # [H, n - w]
+def selection_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConfig,
+                     picks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(window_scores, the [H_kv, n - w] scores whose top-k each KV head keeps), from one pass over
+    the window. TSP always ranks by window_scores. The kept KV: `group` ranks by window_scores too;
+    `per-head` (the ablation of GQA-aware selection) lets each query head pick its own top `picks`
+    prefix positions and ranks positions by how many of a KV head's query heads picked them, ties
+    broken by the group's summed score."""
+    pooled = _pooled_head_scores(q_win, keys, config)                              # [H, n - w]
     kv_heads, prefix = keys.shape[0], pooled.shape[-1]
-    picked = torch.zeros_like(pooled).scatter_(1, pooled.topk(min(picks, prefix), dim=-1).indices, 1.0)
-    votes = picked.view(kv_heads, -1, prefix).sum(dim=1)
     grouped = pooled.view(kv_heads, -1, prefix).sum(dim=1)                         # >= 0: softmax sums
-    return votes * (grouped.max() + 1.0) + grouped     # float64: the tie-break survives next to the votes
+    if config.head_selection == "group":
+        return grouped, grouped
+    picked = torch.zeros_like(pooled).scatter_(1, pooled.topk(min(picks, prefix), dim=-1).indices, 1.0)
+    votes = picked.view(kv_heads, -1, prefix).sum(dim=1).double()
+    tie_break = pooled.double().view(kv_heads, -1, prefix).sum(dim=1)
+    return grouped, votes * (tie_break.max() + 1.0) + tie_break   # float64: the tie-break survives next to the votes
 
 
 def _pooled_head_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConfig) -> torch.Tensor:

@@ -18,7 +18,7 @@ from epdserve.engine.sampler import SamplingParams, sample_token
 from epdserve.errors import InvalidArgumentError
 from epdserve.models.decoder import Decoder, merge_image_embeddings
 from epdserve.models.spec import LlavaSpec
-from services.prefill.fastkv import FastKVConfig, FastKVPlan, kv_keep_index, selection_scores, tsp_index, window_scores
+from services.prefill.fastkv import FastKVConfig, FastKVPlan, kv_keep_index, selection_scores, tsp_index
 from services.prefill.layer_kv import CollectedLayers, OffloadingKV, OnLayer
 from services.prefill.minisequence import MiniSequenceConfig, chunk_bounds, map_chunks, residual_chunks
 from services.wire import check_finite
@@ -165,10 +165,7 @@ def _fastkv_select(plan: FastKVPlan, layer_index: int, q: torch.Tensor, kv: Offl
     if not (compress or propagate):
         return None, None
     window = plan.config.window
-    q_win = q[0, :, -window:]
-    scores = window_scores(q_win, keys, plan.config)
-    kept_by = scores if plan.config.head_selection == "group" else selection_scores(
-        q_win, keys, plan.config, picks=plan.kv_budget - window)
+    scores, kept_by = selection_scores(q[0, :, -window:], keys, plan.config, picks=plan.kv_budget - window)
     keep = kv_keep_index(kept_by, n, plan.kv_budget, window) if compress else None
     selected = tsp_index(scores, n, plan.tsp_length, window) if propagate else None
     return keep, selected

@@ -190,8 +190,8 @@ def test_per_head_selection_keeps_what_most_query_heads_picked(monkeypatch):
     pooled = torch.tensor([[0.90, 0.04, 0.05, 0.0, 0.0], [0.01, 0.50, 0.45, 0.0, 0.0]])
     monkeypatch.setattr(fastkv, "_pooled_head_scores", lambda q_win, keys, config: pooled)
     keys, q = torch.zeros(1, 6, 4), torch.zeros(2, 1, 4)     # one KV head, two query heads, window 1
-    gqa = selection_scores(q, keys, FastKVConfig(window=1), picks=2)
-    per_head = selection_scores(q, keys, FastKVConfig(window=1, head_selection="per-head"), picks=2)
+    gqa = selection_scores(q, keys, FastKVConfig(window=1), picks=2)[1]
+    per_head = selection_scores(q, keys, FastKVConfig(window=1, head_selection="per-head"), picks=2)[1]
     assert set(kv_keep_index(gqa, 6, budget=3, window=1)[0, :2].tolist()) == {0, 1}
     assert set(kv_keep_index(per_head, 6, budget=3, window=1)[0, :2].tolist()) == {0, 2}
 
@@ -201,8 +201,8 @@ def test_per_head_selection_without_gqa_is_the_same_selection():
     q, keys = torch.randn(2, 4, 8, generator=generator), torch.randn(2, 50, 8, generator=generator)
     for picks in (1, 10, 30):
         config = FastKVConfig(window=4)
-        gqa = kv_keep_index(selection_scores(q, keys, config, picks), 50, picks + 4, 4)
-        per_head = kv_keep_index(selection_scores(q, keys, FastKVConfig(window=4, head_selection="per-head"), picks),
+        gqa = kv_keep_index(selection_scores(q, keys, config, picks)[1], 50, picks + 4, 4)
+        per_head = kv_keep_index(selection_scores(q, keys, FastKVConfig(window=4, head_selection="per-head"), picks)[1],
                                  50, picks + 4, 4)
         for head in range(2):
             assert set(gqa[head].tolist()) == set(per_head[head].tolist())
