@@ -164,13 +164,16 @@ class EncodeConfig:
     max_batch_wait_ms: float = setting(5.0, "longest the first image of a batch waits for more to arrive")
     scorer: str = setting("cls-attention", "token scorer for sparsification: cls-attention | feature-norm | learned")
     predictor_path: str = setting("", "safetensors file of a trained image predictor (scorer 'learned')")
-    cuda_graphs: bool = setting(False, "on CUDA, replay the vision tower + projector as CUDA graphs, one per batch "
-                                       "bucket up to max_batch_size, captured at start (opt-in until measured on "
-                                       "a GPU: bench/encode_gpu.py --service-only)")
+    cuda_graphs: bool = setting(True, "on CUDA, replay the vision tower + projector as CUDA graphs, one per batch "
+                                      "bucket up to max_batch_size, captured at start (H100: 1.5x images/s at "
+                                      "batch 1, even at 32; docs/BENCHMARKS.md)")
+    decode_threads: int = setting(0, "threads decoding and keying images (0: half the cores, at most 8)")
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 (got {self.max_batch_size})")
+        if self.decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0 (got {self.decode_threads})")
         if self.scorer == "learned" and not self.predictor_path:
             raise ValueError("scorer 'learned' needs --predictor-path")
 

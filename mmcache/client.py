@@ -17,7 +17,6 @@ Ownership and lease protocol (what always holds):
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 import pathlib
@@ -31,6 +30,7 @@ from epdserve import tracing
 from epdserve.config import CacheConfig
 from epdserve.errors import UnavailableError
 from epdserve.security import NO_CREDENTIALS, Credentials
+from epdserve.threadpool import DealtPool, run_all
 from epdserve.transport.channels import aio_channel
 from epdserve.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 from mmcache.codec import (
@@ -50,7 +50,7 @@ from mmcache.metrics import CacheMetrics
 from mmcache.owners import OwnerInfo, OwnerRegistry, disk_dir, local_host_id, pool_file, remove_owner_files
 from mmcache.pool import PoolMappings, SharedMemoryPool
 from mmcache.readiness import ReadinessStream
-from mmcache.store import PutResult, TieredStore, default_store_dir
+from mmcache.store import Entry, PutResult, TieredStore, default_store_dir
 from mmcache.tiers import DeviceTier, DiskTier, HostTier
 from mmcache.transfer import CacheControlServicer, DataClient, DataServer
 
@@ -83,8 +83,7 @@ class MMCache:
         self.mappings = PoolMappings()
         self.data_server: DataServer | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._worker_count = _worker_count()
-        self._workers = concurrent.futures.ThreadPoolExecutor(self._worker_count, thread_name_prefix="mmcache")
+        self._workers = DealtPool(_worker_count(), "mmcache")
         self._tasks: list[asyncio.Task] = []
         self._closed = False
 
@@ -141,8 +140,9 @@ class MMCache:
         options = dict(ttl_s=ttl_s, ephemeral=ephemeral, lease_s=lease_s)
         puts: list = [None] * len(items)
         fills = []  # (position, key, meta, reservation, source bytes)
+        intact = await self._intact_held([key for key, _ in items if key.startswith(CONTENT_KEY_KINDS)])
         for i, (key, tensor) in enumerate(items):
-            if key.startswith(CONTENT_KEY_KINDS) and self._holds_intact(key):
+            if key in intact and self.store.get(key) is intact[key]:  # still the entry that was verified
                 puts[i] = self._keep_held(key, options)  # same content key: the bytes are already here
                 continue
             meta, host = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}, tensor_bytes(tensor)
@@ -162,12 +162,18 @@ class MMCache:
         await self._sync_index(new=refs, ttl_s=ttl_s)
         return refs
 
-    def _holds_intact(self, key: str) -> bool:
-        held = self.store.get(key)
-        if held is None:
-            return False
-        data = tensor_bytes(held.handle) if held.tier == "device" else self.store.host_bytes(key)
-        return checksum(data) == held.meta["checksum"]  # damaged bytes are replaced, not kept
+    async def _intact_held(self, keys: Sequence[str]) -> dict[str, Entry]:
+        """The held entries of `keys` whose bytes still match their checksum (damaged bytes are
+        replaced, not kept), checksummed off the event loop when large. Returns key -> entry."""
+        held = {key: self.store.get(key) for key in keys}
+        held = {key: entry for key, entry in held.items() if entry is not None}
+        if not held:
+            return {}
+        data = {key: tensor_bytes(e.handle) if e.tier == "device" else self.store.host_bytes(key)
+                for key, e in held.items()}
+        small = sum(len(v) for v in data.values()) < PARALLEL_MIN_BYTES
+        good = await self._parallel(_verified_sync, [(data[k], held[k].meta["checksum"]) for k in held], inline=small)
+        return {key: entry for (key, entry), ok in zip(held.items(), good) if ok}
 
     def _keep_held(self, key: str, options: dict):
         """A content-keyed put of a key already held: keep the held bytes (equal keys mean equal
@@ -177,25 +183,17 @@ class MMCache:
         return PutResult(self.store.get(key), lease_id or "")
 
     async def _parallel(self, fn, jobs: list[tuple], *, on_error=None, inline: bool = False) -> list:
-        """fn(*job) for each job, the jobs split into one batch per worker thread (copies and
-        checksums release the GIL, so batches run in parallel); `inline` runs them here instead
-        (small work, where a thread hop costs more than it saves). Results in job order."""
-        if not jobs:
-            return []
+        """fn(*job) for each job, one chunk of jobs per worker thread (copies and checksums release
+        the GIL, so chunks run in parallel); `inline` runs them here instead (small work, where a
+        thread hop costs more than it saves). Results in job order."""
         if inline:
-            return _run_batch(fn, jobs)
-        batches = [jobs[w :: self._worker_count] for w in range(self._worker_count)]
-        loop = asyncio.get_running_loop()
+            return run_all(fn, jobs)
         try:
-            done = await asyncio.gather(*(loop.run_in_executor(self._workers, _run_batch, fn, b) for b in batches if b))
+            return await self._workers.map(fn, jobs)
         except BaseException:
             if on_error is not None:
                 on_error()
             raise
-        results: list = [None] * len(jobs)
-        for w, batch_results in enumerate(done):
-            results[w :: self._worker_count] = batch_results
-        return results
 
     async def put(self, key: str, tensor, *, ttl_s: float, lease_s: float | None = None,
                   ephemeral: bool = False) -> common_pb2.TensorRef:
@@ -518,7 +516,7 @@ class MMCache:
         remove_owner_files(pathlib.Path(self.owner.store_dir), self.owner.owner_id)
         self.data_client.close()
         self.mappings.clear()
-        self._workers.shutdown(wait=False)
+        self._workers.shutdown()
         await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
         await self.redis.aclose()
 
@@ -548,10 +546,6 @@ def _worker_count() -> int:
     import os
 
     return max(1, min(4, len(os.sched_getaffinity(0))))
-
-
-def _run_batch(fn, jobs: list[tuple]) -> list:
-    return [fn(*job) for job in jobs]
 
 
 def _copy_and_checksum(destination: memoryview, source: memoryview) -> str:

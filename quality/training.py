@@ -36,6 +36,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_examples: int = 400
     device: str = "cpu"          # where the model trains ("cuda" on a GPU machine)
+    data_workers: int = 0        # processes building batches (0: one thread, a step ahead)
 
 
 def train_checkpoint(out_dir: pathlib.Path, spec, config: TrainConfig,
@@ -86,14 +87,11 @@ def fit(model: torch.nn.Module, make_batch: Callable[[int], dict], config: Train
                                    {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     history, started = [], time.perf_counter()
-    prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches")
+    batches = _WorkerBatches(make_batch, config) if config.data_workers else _PrefetchedBatches(make_batch, config)
     try:
-        upcoming = prefetch.submit(make_batch, 1)
         for step in range(1, config.steps + 1):
-            batch = to_device(upcoming.result(), config.device)
             evaluating = step % config.eval_every == 0 or step == config.steps
-            if step < config.steps and not evaluating:   # evaluation uses the same tokenizer: not meanwhile
-                upcoming = prefetch.submit(make_batch, step + 1)
+            batch = to_device(batches.take(step, evaluating), config.device)
             with _autocast(config.device):
                 loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
@@ -109,12 +107,67 @@ def fit(model: torch.nn.Module, make_batch: Callable[[int], dict], config: Train
                 elapsed = time.perf_counter() - started
                 history.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "elapsed_s": elapsed})
                 log(f"step {step}: loss {loss.item():.3f}, held-out exact match {accuracy}, {elapsed:.0f} s")
-                if step < config.steps:
-                    upcoming = prefetch.submit(make_batch, step + 1)
+                batches.resume(step)
     finally:
-        prefetch.shutdown(cancel_futures=True)
+        batches.close()
     model.to("cpu").eval()
     return history
+
+
+class _PrefetchedBatches:
+    """make_batch(step) for steps 1, 2, ... built one step ahead on a thread, except across an
+    evaluation (it uses the same tokenizer, which is not thread-safe): `take(step, pausing=True)`
+    builds nothing meanwhile, `resume(step)` starts the next one."""
+
+    def __init__(self, make_batch: Callable[[int], dict], config: TrainConfig) -> None:
+        self._make, self._last = make_batch, config.steps
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches")
+        self._upcoming = self._pool.submit(make_batch, 1)
+
+    def take(self, step: int, pausing: bool) -> dict:
+        batch = self._upcoming.result()
+        if not pausing:
+            self.resume(step)
+        return batch
+
+    def resume(self, step: int) -> None:
+        if step < self._last:
+            self._upcoming = self._pool.submit(self._make, step + 1)
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    def __init__(self, make_batch: Callable[[int], dict], steps: int) -> None:
+        self.make_batch, self.steps = make_batch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> dict:
+        return self.make_batch(index + 1)
+
+
+class _WorkerBatches:
+    """make_batch(step) for steps 1, 2, ... built by `config.data_workers` forked processes
+    (torch's DataLoader, batches in step order): the batch builder's Python no longer shares the
+    training loop's GIL. Each process has its own tokenizer, so evaluation need not pause them."""
+
+    def __init__(self, make_batch: Callable[[int], dict], config: TrainConfig) -> None:
+        self._loader = torch.utils.data.DataLoader(
+            _StepBatches(make_batch, config.steps), batch_size=None, shuffle=False,
+            num_workers=config.data_workers, prefetch_factor=4, multiprocessing_context="fork")
+        self._batches = iter(self._loader)
+
+    def take(self, step: int, pausing: bool) -> dict:
+        return next(self._batches)
+
+    def resume(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self._batches = None  # the loader's iterator stops its processes when it goes away
 
 
 def _autocast(device: str):

@@ -48,6 +48,18 @@ class ServiceTimeModel:
         return mean_w / mean_s, 0.0
 
 
+class RunningWork:
+    """One piece of work counted as running by a LoadTracker (see `LoadTracker.start_running`)."""
+
+    def __init__(self, tracker: LoadTracker, work: int, started: float) -> None:
+        self._tracker, self._work, self._started = tracker, work, started
+
+    def end(self, completed: bool) -> None:
+        self._tracker._stopped_running()
+        if completed:
+            self._tracker.record(self._work, time.perf_counter() - self._started)
+
+
 class LoadTracker:
     """In-flight work and the service-time model of one stage replica. Thread-safe: `running`
     wraps work on the model thread while the event loop reads `report()`."""
@@ -88,17 +100,26 @@ class LoadTracker:
         """`fn` wrapped to count as running while it executes and, when it returns, to add
         (work, its duration) to the service-time model."""
         def run() -> T:
-            with self._lock:
-                self._running += 1
-            start = time.perf_counter()
+            span = self.start_running(work)
+            completed = False
             try:
                 result = fn()
+                completed = True
             finally:
-                with self._lock:
-                    self._running -= 1
-            self.record(work, time.perf_counter() - start)
+                span.end(completed)
             return result
         return run
+
+    def start_running(self, work: int) -> RunningWork:
+        """Count `work` as running from now until `end()` on the result (from any thread); work
+        that ran to completion adds (work, its duration) to the service-time model."""
+        with self._lock:
+            self._running += 1
+        return RunningWork(self, work, time.perf_counter())
+
+    def _stopped_running(self) -> None:
+        with self._lock:
+            self._running -= 1
 
     def record(self, work: float, seconds: float) -> None:
         with self._lock:

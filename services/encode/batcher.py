@@ -2,7 +2,9 @@
 
 Invariants: each queued job is encoded exactly once and its future resolved (result or error);
 jobs with equal keys that overlap in time share one tower run; a batch holds at most `max_batch`
-images and the first image of a batch waits at most `max_wait_ms` for company.
+images and the first image of a batch waits at most `max_wait_ms` for company; at most
+PIPELINE_DEPTH batches are launched and not yet complete (one on the device while the model
+thread prepares the next), and batches complete in launch order on the device.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import time
 from typing import NamedTuple
 
 from services.encode.encoder import ImageEncoder
-from services.load import LoadTracker
+from services.load import LoadTracker, RunningWork
 from services.runtime import ModelExecutor
+
+PIPELINE_DEPTH = 2
 
 
 @dataclasses.dataclass
@@ -55,6 +59,8 @@ class EncodeBatcher:
         self._inflight: dict[str, asyncio.Future] = {}
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self._launch_slots = asyncio.Semaphore(PIPELINE_DEPTH)
+        self._completions: set[asyncio.Task] = set()
 
     async def encode(self, key: str, image, keep_ratio: float) -> Encoded:
         """The embedding for one image, with the batch it ran in."""
@@ -73,12 +79,15 @@ class EncodeBatcher:
     async def _run(self) -> None:
         while True:
             await self._arrived.wait()
+            await self._launch_slots.acquire()   # a pipeline slot first: the batch gathers meanwhile
             await self._gather()
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
             if not self._queue:
                 self._arrived.clear()
             if batch:
-                await self._encode(batch)
+                await self._launch(batch)
+            else:
+                self._launch_slots.release()
 
     async def _gather(self) -> None:
         """Wait for company: until the batch is full or the oldest job has waited max_wait."""
@@ -88,21 +97,44 @@ class EncodeBatcher:
                 return
             await asyncio.sleep(min(left, 0.002))
 
-    async def _encode(self, batch: list[_Job]) -> None:
+    async def _launch(self, batch: list[_Job]) -> None:
+        """Queue the batch's device work on the model thread, then complete it in the background
+        (the loop goes on gathering the next batch). Owns one pipeline slot, released when done."""
         started = time.monotonic()
+        running = self.load.start_running(len(batch))
         try:
-            tensors = await self.executor.run(self.load.running(len(batch), functools.partial(
-                self.encoder.encode, [j.image for j in batch], [j.keep_ratio for j in batch], to_host=self.to_host)))
+            pending = await self.executor.run(functools.partial(
+                self.encoder.launch, [j.image for j in batch], [j.keep_ratio for j in batch], to_host=self.to_host))
         except Exception as exc:  # every waiter learns of the failure
-            for job in batch:
-                self._finish(job, exc=exc)
+            self._fail(batch, exc, running)
             return
+        task = asyncio.create_task(self._complete(batch, pending, started, running))
+        self._completions.add(task)
+        task.add_done_callback(self._completions.discard)
+
+    async def _complete(self, batch: list[_Job], pending, started: float, running: RunningWork) -> None:
+        """Wait (off the loop) for a launched batch's embeddings and hand them to its waiters. A
+        device fault surfacing here fails this batch; the engine's failure count sees it at the
+        next launch (device errors are sticky)."""
+        try:
+            tensors = await asyncio.to_thread(pending.wait)
+        except Exception as exc:
+            self._fail(batch, exc, running)
+            return
+        running.end(completed=True)
+        self._launch_slots.release()
         self.stats.batches += 1
         self.stats.images += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         tower_s = time.monotonic() - started
         for job, tensor in zip(batch, tensors):
             self._finish(job, result=Encoded(tensor, len(batch), False, started - job.queued_at, tower_s))
+
+    def _fail(self, batch: list[_Job], exc: BaseException, running: RunningWork) -> None:
+        running.end(completed=False)
+        self._launch_slots.release()
+        for job in batch:
+            self._finish(job, exc=exc)
 
     def _finish(self, job: _Job, *, result=None, exc: BaseException | None = None) -> None:
         self._inflight.pop(job.key, None)
@@ -114,6 +146,7 @@ class EncodeBatcher:
             job.future.set_result(result)
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        tasks = [t for t in (self._worker, *self._completions) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

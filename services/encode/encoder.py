@@ -16,6 +16,19 @@ from mmcache.keys import image_bytes_fingerprint, image_key, processor_digest
 from services.encode.sparsify import TokenScorer, VisionFeatures, sparsify
 
 
+class PendingEmbeddings:
+    """A launched batch's embeddings, in image order. `wait()` blocks (releasing the GIL) until the
+    device work that fills them has finished and returns them; read them only through it."""
+
+    def __init__(self, tensors: list[torch.Tensor], ready: torch.cuda.Event | None) -> None:
+        self._tensors, self._ready = tensors, ready
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._tensors
+
+
 class ImageEncoder:
     def __init__(self, spec: LlavaSpec, model_dir: pathlib.Path, revision: str, scorer: TokenScorer, *,
                  scorer_digest: str = "", dtype: str, device: str, graph_batch: int = 0) -> None:
@@ -50,13 +63,21 @@ class ImageEncoder:
         settings = self.settings_digest if keep_ratio == 1.0 else f"{self.settings_digest}/keep={keep_ratio!r}"
         return image_key(image, model_revision=self.revision, processor_digest=settings, tenant_salt=salt)
 
-    @torch.inference_mode()
     def encode(self, images: list[Image.Image], keep_ratios: list[float], *, to_host: bool = True
                ) -> list[torch.Tensor]:
-        """RGB images -> one embedding per image [kept_tokens, hidden]. The tower runs once for the
-        batch; images are then sparsified per keep ratio. With `to_host` the embeddings come back
-        in (pinned) host memory, copied here on the model thread with one sync for the batch, so
-        callers never block their own thread on the GPU; otherwise they stay on the model's device."""
+        """RGB images -> one embedding per image [kept_tokens, hidden], once they are ready
+        (`launch(...).wait()`)."""
+        return self.launch(images, keep_ratios, to_host=to_host).wait()
+
+    @torch.inference_mode()
+    def launch(self, images: list[Image.Image], keep_ratios: list[float], *, to_host: bool = True
+               ) -> PendingEmbeddings:
+        """Queue the encoding of a batch: preprocessing, one tower run for the batch, sparsification
+        per keep ratio, and (with `to_host`) the copies into pinned host memory, all in stream
+        order on the model's device. Returns without waiting for the device, so the model thread
+        can prepare the next batch while this one runs; `wait()` on the result (from any thread)
+        blocks until the embeddings are complete. Without `to_host` they stay on the device, copied
+        out of the tower's graph memory (the next launch overwrites it)."""
         embeddings, hidden_states = self.tower.encode(self._pixels(images))  # may be graph memory
         out: list[torch.Tensor | None] = [None] * len(images)
         for ratio in sorted(set(keep_ratios)):
@@ -69,8 +90,11 @@ class ImageEncoder:
             for i, tensor in zip(rows, sparsify(features, self.scorer, ratio)):
                 out[i] = tensor
         if self.model.device.type != "cuda":
-            return out
-        return _to_host(out) if to_host else [t.clone() for t in out]  # nothing may alias graph memory
+            return PendingEmbeddings(out, None)
+        out = _copy_to_host(out) if to_host else [t.clone() for t in out]  # nothing may alias graph memory
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.model.device))
+        return PendingEmbeddings(out, ready)
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """Preprocess with the checkpoint's processor; torchvision-backed processors run on the
@@ -116,10 +140,10 @@ class RecentKeys:
                 self._keys.popitem(last=False)
 
 
-def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Device tensors -> pinned host copies: asynchronous copies, then one sync for all of them."""
+def _copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Pinned host tensors that the current stream fills from `tensors` (asynchronous copies: read
+    them only after the stream has passed this point)."""
     host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
     for dst, src in zip(host, tensors):
         dst.copy_(src, non_blocking=True)
-    torch.cuda.current_stream(tensors[0].device).synchronize()
     return host

@@ -52,3 +52,23 @@ def test_encode_stage_embeddings_same_with_and_without_graphs(tiny_checkpoint):
         for x, y, z in zip(a, b, first):
             assert x.shape == y.shape and torch.equal(y, z)
             torch.testing.assert_close(x, y, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("to_host", [True, False])
+def test_launches_in_flight_together_each_get_their_own_embeddings(tiny_checkpoint, to_host):
+    """Two batches launched back to back (the second replay overwrites the graph's outputs before
+    anyone waits on the first) give what each batch gives alone."""
+    spec = load_spec(tiny_checkpoint)
+    rng = np.random.RandomState(1)
+    images = [Image.fromarray(rng.randint(0, 256, (48, 48, 3), dtype=np.uint8)) for _ in range(6)]
+    encoder = ImageEncoder(spec, tiny_checkpoint, "rev", ClsAttentionScorer(), graph_batch=4,
+                           dtype="float16", device="cuda")
+    first_keeps, second_keeps = [1.0, 0.5, 1.0], [0.25, 1.0, 1.0]
+    alone = [encoder.encode(images[:3], first_keeps, to_host=to_host),
+             encoder.encode(images[3:], second_keeps, to_host=to_host)]
+    first = encoder.launch(images[:3], first_keeps, to_host=to_host)
+    second = encoder.launch(images[3:], second_keeps, to_host=to_host)
+    for pending, expected in zip((second, first), alone[::-1]):
+        got = pending.wait()
+        assert [t.device.type for t in got] == ["cpu" if to_host else "cuda"] * 3
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -151,13 +151,13 @@ def test_batcher_batches_across_callers_and_runs_one_tower_call_per_key(tiny_che
     spec = load_spec(tiny_checkpoint)
     encoder = ImageEncoder(spec, tiny_checkpoint, "rev", ClsAttentionScorer(), dtype="float32", device="cpu")
     calls = []
-    real = encoder.encode
+    real = encoder.launch
 
     def spy(images, ratios, **kwargs):
         calls.append(len(images))
         return real(images, ratios, **kwargs)
 
-    encoder.encode = spy
+    encoder.launch = spy
     images = _images(5, seed=9)
 
     async def run():
@@ -173,5 +173,5 @@ def test_batcher_batches_across_callers_and_runs_one_tower_call_per_key(tiny_che
     assert stats.deduplicated == 1 and results[-1].shared is True
     assert torch.equal(results[-1][0], results[0][0])
     with torch.inference_mode():
-        alone = real([images[3]], [1.0])[0]
+        alone = encoder.encode([images[3]], [1.0])[0]
     torch.testing.assert_close(results[3][0], alone, rtol=1e-5, atol=1e-5)  # batching does not change results
