@@ -393,3 +393,20 @@ def test_sync_facade(config, tmp_path):
         assert torch.equal(got, torch.arange(5))
         cache.release([ref])
         assert cache.lookup_many(["img:sync"])[0] is not None
+
+
+@pytest.mark.parametrize("numel", [64, 1 << 17])  # checked on the event loop; in worker threads (512 KB)
+async def test_put_of_a_held_content_key_keeps_intact_bytes_and_replaces_damaged_ones(config, tmp_path, numel):
+    owner = await Owner.start(config, "owner")
+    tensor = torch.arange(numel, dtype=torch.float32)
+    first = await owner.cache.put("img:h", tensor, ttl_s=60)
+    again = await owner.cache.put("img:h", tensor.clone(), ttl_s=60)
+    assert (again.path, again.offset) == (first.path, first.offset)   # intact: the held bytes are kept
+    with open(first.path, "r+b") as f:
+        f.seek(first.offset + 5)
+        f.write(b"\xff")
+    replaced = await owner.cache.put("img:h", tensor.clone(), ttl_s=60)
+    consumer = await MMCache.open(_other(config, tmp_path), CacheIdentity("c", ""))
+    (got,) = await consumer.get_many([replaced])
+    assert got is not None and torch.equal(got, tensor)               # damaged: replaced with the new bytes
+    await consumer.close(), await owner.stop()

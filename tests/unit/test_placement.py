@@ -100,3 +100,19 @@ def test_service_time_model_fits_overhead_and_rate():
     single = ServiceTimeModel()
     single.add(100, 0.2)
     assert single.fit() == (pytest.approx(500.0), 0.0)
+
+
+def test_work_started_on_one_thread_ends_on_another_and_only_completed_work_is_fitted():
+    import threading
+
+    from services.load import LoadTracker
+
+    tracker = LoadTracker("encode", "e0")
+    completed, failed = tracker.start_running(32), tracker.start_running(8)
+    assert tracker.counts() == (0, 2)
+    ender = threading.Thread(target=completed.end, args=(True,))
+    ender.start()
+    ender.join()
+    failed.end(False)
+    assert tracker.counts() == (0, 0)
+    assert tracker.model.fit()[0] > 0 and len(tracker.model._samples) == 1
