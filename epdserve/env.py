@@ -15,6 +15,7 @@ import pathlib
 class Env:
     cache_dir: pathlib.Path        # where built demo checkpoints and other caches live
     log_level: str                 # default logging level for services and CLI
+    log_format: str                # default log line format for services: text | json
     redis_server_bin: str          # redis-server binary used for a private Redis
     otlp_endpoint: str             # OpenTelemetry's standard OTLP endpoint (traces-specific one first); "" = unset
     otel_service_name: str         # OpenTelemetry's standard service name; "" = epdserve-<stage>
@@ -29,6 +30,7 @@ def read_env(environ: os._Environ[str] | dict[str, str] | None = None) -> Env:
     return Env(
         cache_dir=cache_dir,
         log_level=env.get("EPDSERVE_LOG_LEVEL", "INFO").upper(),
+        log_format=env.get("EPDSERVE_LOG_FORMAT", "text").lower(),
         redis_server_bin=env.get("EPDSERVE_REDIS_SERVER", "redis-server"),
         otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
         otel_service_name=env.get("OTEL_SERVICE_NAME", ""),

@@ -80,13 +80,14 @@ def exact_match(model, batcher: Batcher, seeds, batch_size: int = 100) -> dict[s
     return result
 
 
-def train(out_dir: pathlib.Path, config: TrainConfig = TrainConfig(), log=print) -> dict:
+def train(out_dir: pathlib.Path, config: TrainConfig = TrainConfig(), log=print,
+          start_from: pathlib.Path | None = None) -> dict:
     from transformers import AutoProcessor
 
     def run(model, init_dir: pathlib.Path) -> list[dict]:
         return _fit(model, Batcher(AutoProcessor.from_pretrained(init_dir)), config, log)
 
-    return train_checkpoint(out_dir, VQA_SPEC, config, run)
+    return train_checkpoint(out_dir, VQA_SPEC, config, run, start_from=start_from)
 
 
 def _fit(model, batcher: Batcher, config: TrainConfig, log) -> list[dict]:
@@ -101,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quality.train_vqa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--start-from", type=pathlib.Path, default=None,
+                        help="go on training this checkpoint (saved by this command) instead of fresh weights; "
+                             "give another --seed so it sees new examples")
     add_train_arguments(parser, TrainConfig())
     args = parser.parse_args(argv)
     config = train_config_from_args(args)
-    report = train(args.out, config, log=lambda line: print(line, flush=True))
+    report = train(args.out, config, log=lambda line: print(line, flush=True), start_from=args.start_from)
     print(json.dumps(report["history"][-1]))
     return 0
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
+from epdserve import logs
 from epdserve.config import (
     CacheConfig,
     ModelConfig,
@@ -37,11 +38,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def setup_logging(level: str | None = None) -> None:
-    logging.basicConfig(
-        level=level or read_env().log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(level: str | None = None, log_format: str | None = None) -> None:
+    env = read_env()
+    logs.setup_logging(level or env.log_level, log_format or env.log_format)
 
 
 def service_arg_parser(stage: str, stage_config: type | None, *, with_cache: bool = True) -> argparse.ArgumentParser:
@@ -55,6 +54,8 @@ def service_arg_parser(stage: str, stage_config: type | None, *, with_cache: boo
     add_config_args(parser, SecurityConfig)
     add_config_args(parser, TraceConfig)
     parser.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING | ERROR")
+    parser.add_argument("--log-format", default=None, choices=logs.LOG_FORMATS,
+                        help="text | json: one JSON object per line (default: $EPDSERVE_LOG_FORMAT or text)")
     return parser
 
 
@@ -62,7 +63,7 @@ def parse_configs(parser: argparse.ArgumentParser, argv: list[str] | None, *clas
     """The configs of `classes`, in order; a SecurityConfig among them comes back as the loaded
     `Credentials` (files read now, the environment as fallback). Exits with a usage error."""
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
         configs = tuple(config_from_args(cls, args) for cls in classes)
         return tuple(load_credentials(c, read_env()) if isinstance(c, SecurityConfig) else c for c in configs)

@@ -108,10 +108,13 @@ class RequestRecord:
         ttft = (self.first_at or now) - self.start
         if outcome == "ok":
             self._observe_ok(now, ttft)
-        log.info("request id=%s trace_id=%s outcome=%s code=%s path=%s images=%d prompt_tokens=%d "
-                 "completion_tokens=%d ttft_ms=%.1f e2e_ms=%.1f", self.request_id or "-", self.trace_id or "-",
-                 outcome, code, self.path or "-", self.images, self.prompt_tokens, self.completion_tokens,
-                 ttft * 1000.0, (now - self.start) * 1000.0)
+        fields = {"request_id": self.request_id or "-", "trace_id": self.trace_id or "-", "outcome": outcome,
+                  "code": code, "path": self.path or "-", "images": self.images, "prompt_tokens": self.prompt_tokens,
+                  "completion_tokens": self.completion_tokens, "ttft_ms": round(ttft * 1000.0, 1),
+                  "e2e_ms": round((now - self.start) * 1000.0, 1)}
+        log.info("request id=%(request_id)s trace_id=%(trace_id)s outcome=%(outcome)s code=%(code)s path=%(path)s "
+                 "images=%(images)d prompt_tokens=%(prompt_tokens)d completion_tokens=%(completion_tokens)d "
+                 "ttft_ms=%(ttft_ms).1f e2e_ms=%(e2e_ms).1f", fields, extra={"fields": fields})
         return outcome, code
 
     def _observe_ok(self, now: float, ttft: float) -> None:

@@ -45,6 +45,8 @@ app.kubernetes.io/component: {{ .stage }}
 {{- end }}
 - --log-level
 - {{ .Values.logLevel }}
+- --log-format
+- {{ .Values.logFormat }}
 {{- if .Values.metrics.enabled }}
 - --metrics-host
 - 0.0.0.0
