@@ -54,10 +54,15 @@ class RunningWork:
     def __init__(self, tracker: LoadTracker, work: int, started: float) -> None:
         self._tracker, self._work, self._started = tracker, work, started
 
-    def end(self, completed: bool) -> None:
+    def end(self, completed: bool, busy_from: float = 0.0) -> float:
+        """Stop counting it; completed work is fitted with its duration from its start, or from
+        `busy_from` (a `time.perf_counter()` value) when later: pipelined work that queued behind
+        the previous piece costs the replica only its own share. Returns now."""
+        now = time.perf_counter()
         self._tracker._stopped_running()
         if completed:
-            self._tracker.record(self._work, time.perf_counter() - self._started)
+            self._tracker.record(self._work, now - max(self._started, busy_from))
+        return now
 
 
 class LoadTracker:

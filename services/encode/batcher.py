@@ -61,6 +61,7 @@ class EncodeBatcher:
         self._worker: asyncio.Task | None = None
         self._launch_slots = asyncio.Semaphore(PIPELINE_DEPTH)
         self._completions: set[asyncio.Task] = set()
+        self._last_done = 0.0   # perf_counter when the last batch completed (its successor's work starts then)
 
     async def encode(self, key: str, image, keep_ratio: float) -> Encoded:
         """The embedding for one image, with the batch it ran in."""
@@ -121,7 +122,7 @@ class EncodeBatcher:
         except Exception as exc:
             self._fail(batch, exc, running)
             return
-        running.end(completed=True)
+        self._last_done = running.end(completed=True, busy_from=self._last_done)
         self._launch_slots.release()
         self.stats.batches += 1
         self.stats.images += len(batch)

@@ -116,3 +116,18 @@ def test_work_started_on_one_thread_ends_on_another_and_only_completed_work_is_f
     failed.end(False)
     assert tracker.counts() == (0, 0)
     assert tracker.model.fit()[0] > 0 and len(tracker.model._samples) == 1
+
+
+def test_pipelined_work_is_fitted_from_when_the_previous_piece_finished():
+    import time
+
+    from services.load import LoadTracker
+
+    tracker = LoadTracker("encode", "e0")
+    first, second = tracker.start_running(32), tracker.start_running(32)
+    time.sleep(0.05)
+    first_done = first.end(True)
+    time.sleep(0.01)
+    second.end(True, busy_from=first_done)
+    samples = [seconds for _, seconds in tracker.model._samples]
+    assert samples[0] >= 0.05 and 0.01 <= samples[1] < 0.05
