@@ -171,8 +171,7 @@ class MMCache:
             return {}
         data = {key: tensor_bytes(e.handle) if e.tier == "device" else self.store.host_bytes(key)
                 for key, e in held.items()}
-        small = sum(len(v) for v in data.values()) < PARALLEL_MIN_BYTES
-        good = await self._parallel(_verified_sync, [(data[k], held[k].meta["checksum"]) for k in held], inline=small)
+        good = await self._verify([(data[k], held[k].meta["checksum"]) for k in held])
         return {key: entry for (key, entry), ok in zip(held.items(), good) if ok}
 
     def _keep_held(self, key: str, options: dict):
@@ -194,6 +193,12 @@ class MMCache:
             if on_error is not None:
                 on_error()
             raise
+
+    async def _verify(self, pairs: list[tuple]) -> list[bool]:
+        """Whether each (bytes, expected checksum) pair matches; in worker threads unless the bytes
+        are few in all."""
+        small = sum(len(data) for data, _ in pairs) < PARALLEL_MIN_BYTES
+        return await self._parallel(_verified_sync, pairs, inline=small)
 
     async def put(self, key: str, tensor, *, ttl_s: float, lease_s: float | None = None,
                   ephemeral: bool = False) -> common_pb2.TensorRef:
@@ -320,8 +325,7 @@ class MMCache:
             data = self._read_in_place(ref)
             if data is not None:
                 views[i] = data
-        small = sum(len(v) for v in views.values()) < PARALLEL_MIN_BYTES
-        good = await self._parallel(_verified_sync, [(views[i], refs[i].checksum) for i in views], inline=small)
+        good = await self._verify([(views[i], refs[i].checksum) for i in views])
         remote = [i for i in range(len(refs)) if results[i] is None and i not in views and i not in unsound]
         for (i, data), ok in zip(views.items(), good):
             if ok:
@@ -393,7 +397,7 @@ class MMCache:
         header, data = fetched
         if header.get("checksum") != ref.checksum or int(header.get("nbytes", -1)) != ref.nbytes:
             raise CorruptEntryError("owner's header differs from the ref")
-        checked = await self._parallel(_verified_sync, [(data, ref.checksum)], inline=len(data) < PARALLEL_MIN_BYTES)
+        checked = await self._verify([(data, ref.checksum)])
         if not checked[0]:
             raise CorruptEntryError("streamed bytes fail their checksum")
         self.metrics.bytes_read_remote.inc(len(data))
