@@ -28,6 +28,7 @@ from epdserve.env import read_env
 from epdserve.errors import EpdserveError, InvalidArgumentError
 
 STAGES = ("encode", "prefill", "decode", "router")
+LAYOUTS = ("separate", "colocated", "aggregated")   # `epdserve up --layout`
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="router bind address (default: loopback)")
     up.add_argument("--port", type=int, default=50051, help="router port (0 = a free port)")
     up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    up.add_argument("--layout", choices=LAYOUTS, default="separate",
+                    help="separate: encode, prefill and decode processes; colocated: the prefill process also "
+                         "encodes; aggregated: one decode process encodes, prefills and decodes")
     add_config_args(up, TraceConfig)
     add_config_args(up, SecurityConfig)
     up.set_defaults(run=_up)
@@ -184,7 +188,8 @@ def _up(args: argparse.Namespace) -> int:
     _credentials(args)  # unreadable files or a bad token fail here, not in four services
     config = ClusterConfig(model_dir=_default_model(args.model), redis_url=args.redis_url, router_host=args.host,
                            router_port=args.port, device=args.device, redis_server_bin=env.redis_server_bin,
-                           trace=_trace_config(args), security=security)
+                           trace=_trace_config(args), security=security, encode_colocated=args.layout != "separate",
+                           replicas={"prefill": 0} if args.layout == "aggregated" else {})
     cluster = LocalCluster(config)
     for signum in (signal.SIGINT, signal.SIGTERM):   # SIGINT too: a shell's background job starts with it ignored
         signal.signal(signum, _interrupt)

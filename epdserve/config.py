@@ -198,6 +198,9 @@ class PrefillConfig:
     fastkv_tsp_layer: int = setting(-1, "FastKV TSP layer (0-based; -1: layer 15 of 32 scaled to the model)")
     fastkv_head_selection: str = setting("group", "FastKV KV selection per KV head: group (GQA-aware: query "
                                                   "heads' scores summed) | per-head (ablation: their picks summed)")
+    with_encode: bool = setting(False, "E+P colocated: also serve the encode stage (EncodeService, the encode "
+                                       "flags) in this process, on the same port, model thread and cache; "
+                                       "route with the router's --encode-colocated")
 
     def __post_init__(self) -> None:
         if self.prefix_block_tokens < 1:
@@ -232,6 +235,10 @@ class DecodeConfig:
     text_scorer: str = setting("hidden-norm", "keep decision: hidden-norm (training-free) or learned")
     text_predictor: str = setting("", "safetensors file of a trained output-text predictor (--text-scorer learned)")
     local_prefill: bool = setting(True, "prefill short prompts here (the router's E -> PD path)")
+    with_encode: bool = setting(False, "aggregated E+PD: also serve the encode stage (EncodeService, the encode "
+                                       "flags; --cuda-graphs applies to both) in this process, on the same port, "
+                                       "model thread and cache; route with the router's --encode-colocated and "
+                                       "no --prefill")
     local_prefill_max_tokens: int = setting(4096, "longest prompt this service prefills itself")
     insertion_policy: str = setting("lagrangian", "when to pause decodes for local prefills: lagrangian or fcfs")
     host_kv_gib: float = setting(0.0, "GiB of pinned host memory for the KV of offloaded decoder layers "
@@ -299,6 +306,11 @@ class DecodeConfig:
 class RouterConfig:
     encode: tuple[str, ...] = setting((), "encode service address(es) host:port, or k8s://NAMESPACE/SERVICE[:PORT] "
                                           "to follow a Kubernetes Service's EndpointSlices")
+    encode_colocated: bool = setting(False, "E+P colocated: the prefill replicas also encode (they run "
+                                            "--with-encode); no --encode addresses. A request's images are "
+                                            "encoded on the prefill replica chosen for it. With no --prefill "
+                                            "either (aggregated), the decode replicas encode and prefill "
+                                            "every request themselves (E -> PD)")
     prefill: tuple[str, ...] = setting((), "prefill service address(es) host:port, or k8s://NAMESPACE/SERVICE[:PORT]")
     decode: tuple[str, ...] = setting((), "decode service address(es) host:port, or k8s://NAMESPACE/SERVICE[:PORT]")
     default_max_tokens: int = setting(16, "max_tokens when a request does not set it")
@@ -339,7 +351,12 @@ class RouterConfig:
                                            "not hold (blocks of another host or another process's GPU)")
 
     def __post_init__(self) -> None:
-        for stage in ("encode", "prefill", "decode"):
+        if self.encode_colocated and self.encode:
+            raise ValueError("--encode-colocated: encode runs in the prefill replicas; give no --encode address")
+        if self.aggregated and (self.slo_ttft_s > 0 or self.slo_tpot_s > 0):
+            raise ValueError("--slo-ttft-s / --slo-tpot-s (early rejection) need prefill replicas; an aggregated "
+                             "deployment (--encode-colocated, no --prefill) has none")
+        for stage in self.pool_stages():
             addresses = getattr(self, stage)
             if not addresses:
                 raise ValueError(f"router needs at least one --{stage} address")
@@ -350,6 +367,23 @@ class RouterConfig:
             raise ValueError(f"image_keep_ratio must be in (0, 1] (got {self.image_keep_ratio})")
         if self.max_in_flight < 0:
             raise ValueError(f"max_in_flight must be >= 0 (got {self.max_in_flight})")
+
+    def pool_stages(self) -> tuple[str, ...]:
+        """The stages that need their own replica addresses."""
+        if not self.encode_colocated:
+            return ("encode", "prefill", "decode")
+        return ("prefill", "decode") if self.prefill else ("decode",)
+
+    @property
+    def aggregated(self) -> bool:
+        """Every stage in the decode replicas: encode colocated there, every prompt prefilled there."""
+        return self.encode_colocated and not self.prefill
+
+    def encode_addresses(self) -> tuple[str, ...]:
+        """Where encode calls go: the encode replicas, or, colocated, the replicas that prefill."""
+        if not self.encode_colocated:
+            return self.encode
+        return self.prefill or self.decode
 
 
 # ---- CLI plumbing: flags from fields -------------------------------------------------------------

@@ -56,16 +56,39 @@ class ClusterConfig:
     # stage -> addresses of replicas that already run elsewhere: start only a router pointed at them
     # (with `redis_url` it reads their mmcache index for cache-aware placement; no private Redis)
     endpoints: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # E+P colocated: no encode processes; each prefill replica also encodes (--with-encode, with the
+    # "encode" stage_args) and the router runs --encode-colocated. With replicas={"prefill": 0} too
+    # (aggregated), the decode replicas encode and prefill every prompt themselves
+    encode_colocated: bool = False
 
     def __post_init__(self) -> None:
-        if self.endpoints and sorted(self.endpoints) != sorted(STAGES):
-            raise ValueError(f"endpoints: give addresses for every stage ({', '.join(STAGES)}); "
+        stages = self.stages()
+        if self.endpoints and sorted(self.endpoints) != sorted(stages):
+            raise ValueError(f"endpoints: give addresses for every stage ({', '.join(stages)}); "
                              f"got {', '.join(sorted(self.endpoints)) or 'none'}")
         if any(not addresses for addresses in self.endpoints.values()):
             raise ValueError("endpoints: every stage needs at least one address")
+        for stage in self.stages():
+            if self.replicas.get(stage, 1) < 1:
+                raise ValueError(f"replicas: {stage} needs at least 1 (only prefill may be 0, aggregated: "
+                                 "with encode_colocated)")
+
+    def stages(self) -> tuple[str, ...]:
+        """The stages that run as processes of their own."""
+        if not self.encode_colocated:
+            return STAGES
+        return ("prefill", "decode") if self.replicas.get("prefill", 1) > 0 else ("decode",)
+
+    def encode_host(self) -> str:
+        """The stage whose processes also encode (--with-encode); "" when encode runs alone."""
+        if not self.encode_colocated:
+            return ""
+        return "prefill" if "prefill" in self.stages() else "decode"
 
     def names(self, stage: str) -> list[str]:
-        """Child names of a stage's replicas: "encode", "encode-1", ..."""
+        """Child names of a stage's replicas: "encode", "encode-1", ... (none for a colocated encode)."""
+        if stage not in self.stages():
+            return []
         return [stage if i == 0 else f"{stage}-{i}" for i in range(self.replicas.get(stage, 1))]
 
 
@@ -125,6 +148,8 @@ class LocalCluster:
     def _stage_args(self, stage: str, name: str) -> list[str]:
         c = self.config
         extra = [*c.stage_args.get(stage, ()), *(c.stage_args.get(name, ()) if name != stage else ())]
+        if stage == c.encode_host():
+            extra = ["--with-encode", *c.stage_args.get("encode", ()), *extra]
         if stage == "decode" and self._on_gpu() and not {"--kv-cache-gib", "--kv-cache-fraction"} & set(extra):
             extra = ["--kv-cache-fraction", f"{COLOCATED_DECODE_KV_FRACTION / len(c.names(stage)):.3f}", *extra]
         return [*self._common_args(name), "--dtype", c.dtype, "--device", c.device, "--threads", str(self._threads()),
@@ -148,10 +173,12 @@ class LocalCluster:
         args[args.index("--port") + 1] = str(self.config.router_port)
         if self.redis_url:
             args += ["--cache-redis-url", self.redis_url]
-        for stage in STAGES:
+        for stage in self.config.stages():
             addresses = self.config.endpoints.get(stage) or [self.children[n].address for n in self.config.names(stage)]
             for address in addresses:
                 args += [f"--{stage}", address]
+        if self.config.encode_colocated:
+            args.append("--encode-colocated")
         return [*args, *self.config.stage_args.get("router", ())]
 
     def _spawn(self, name: str, stage: str, args: list[str]) -> None:

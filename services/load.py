@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from epdserve.errors import NotFoundError
+from epdserve.transport.errors import unary_errors
 from epdserve.v1 import load_pb2, load_pb2_grpc
 
 T = TypeVar("T")
@@ -143,8 +145,18 @@ class LoadTracker:
 
 
 class LoadServicer(load_pb2_grpc.LoadServiceServicer):
-    def __init__(self, tracker: LoadTracker) -> None:
-        self.tracker = tracker
+    """Answers GetLoad for the stages this process serves (one tracker each; the first is the
+    process's own stage, reported when the request names none)."""
 
+    def __init__(self, *trackers: LoadTracker) -> None:
+        if not trackers:
+            raise ValueError("LoadServicer needs at least one tracker")
+        self.trackers = {tracker.stage: tracker for tracker in trackers}
+        self.default = trackers[0]
+
+    @unary_errors
     async def GetLoad(self, request: load_pb2.GetLoadRequest, context) -> load_pb2.LoadReport:
-        return self.tracker.report()
+        tracker = self.trackers.get(request.stage) if request.stage else self.default
+        if tracker is None:
+            raise NotFoundError(f"stage: this replica serves {', '.join(self.trackers)}, not {request.stage!r}")
+        return tracker.report()

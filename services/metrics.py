@@ -9,6 +9,7 @@ time from the objects that already keep them (`LoadTracker`, the decode engine's
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -64,25 +65,28 @@ def gauge(name: str, documentation: str, value: float, labels: dict[str, str] | 
 
 class StageMetrics:
     """Metrics every stage replica has: requests by outcome and code (counted by its `LoadTracker`
-    when each request's handler returns) and the waiting / running gauges read from the tracker."""
+    when each request's handler returns) and the waiting / running gauges read from the tracker.
+    A process serving several stages (prefill --with-encode) has one of each per stage label."""
 
-    def __init__(self, registry: CollectorRegistry, stage: str, load: "LoadTracker") -> None:
-        self.registry, self.stage = registry, stage
+    def __init__(self, registry: CollectorRegistry, *loads: "LoadTracker") -> None:
+        self.registry = registry
         self.requests = Counter("epdserve_stage_requests", "requests this stage replica finished, by outcome "
                                 "(ok | error | cancelled) and gRPC code", ["stage", "outcome", "code"],
                                 registry=registry)
-        registry.register(FunctionCollector(lambda: self._load_gauges(load)))
-        load.on_finish = self.finished
+        registry.register(FunctionCollector(lambda: (g for load in loads for g in _load_gauges(load))))
+        for load in loads:
+            load.on_finish = functools.partial(self.finished, load.stage)
 
-    def finished(self, exc: BaseException | None) -> None:
+    def finished(self, stage: str, exc: BaseException | None) -> None:
         outcome, code = outcome_of(exc)
-        self.requests.labels(self.stage, outcome, code).inc()
+        self.requests.labels(stage, outcome, code).inc()
 
-    def _load_gauges(self, load: "LoadTracker") -> Iterator[Metric]:
-        waiting, running = load.counts()
-        labels = {"stage": self.stage}
-        yield gauge("epdserve_requests_waiting", "accepted requests not running yet", waiting, labels)
-        yield gauge("epdserve_requests_running", "requests running on the model thread", running, labels)
+
+def _load_gauges(load: "LoadTracker") -> Iterator[Metric]:
+    waiting, running = load.counts()
+    labels = {"stage": load.stage}
+    yield gauge("epdserve_requests_waiting", "accepted requests not running yet", waiting, labels)
+    yield gauge("epdserve_requests_running", "requests running on the model thread", running, labels)
 
 
 class EncodeMetrics:

@@ -43,7 +43,10 @@ def setup_logging(level: str | None = None, log_format: str | None = None) -> No
     logs.setup_logging(level or env.log_level, log_format or env.log_format)
 
 
-def service_arg_parser(stage: str, stage_config: type | None, *, with_cache: bool = True) -> argparse.ArgumentParser:
+def service_arg_parser(stage: str, stage_config: type | None, *, with_cache: bool = True,
+                       also: tuple[type, ...] = ()) -> argparse.ArgumentParser:
+    """The flags of `epdserve serve <stage>`; `also`: the configs of stages it can serve alongside
+    (prefill's EncodeConfig, for --with-encode)."""
     parser = argparse.ArgumentParser(prog=f"epdserve serve {stage}", description=f"Run the {stage} service.")
     add_config_args(parser, ServerConfig)
     add_config_args(parser, ModelConfig)
@@ -51,6 +54,9 @@ def service_arg_parser(stage: str, stage_config: type | None, *, with_cache: boo
         add_config_args(parser, CacheConfig)
     if stage_config is not None:
         add_config_args(parser, stage_config)
+    for config in also:  # a field the stage has too (decode's and encode's --cuda-graphs) is one flag for both
+        taken = {f.name for f in dataclasses.fields(stage_config)} if stage_config is not None else set()
+        add_config_args(parser, config, skip=tuple(taken))
     add_config_args(parser, SecurityConfig)
     add_config_args(parser, TraceConfig)
     parser.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING | ERROR")
@@ -73,12 +79,13 @@ def parse_configs(parser: argparse.ArgumentParser, argv: list[str] | None, *clas
         parser.error(exc.message)
 
 
-def stage_main(stage: str, stage_config: type, serve, argv: list[str] | None) -> int:
+def stage_main(stage: str, stage_config: type, serve, argv: list[str] | None, *, also: tuple[type, ...] = ()) -> int:
     """`main` of an encode / prefill / decode process: parse flags, run
-    `serve(server, model, cache, stage, credentials)`."""
-    parser = service_arg_parser(stage, stage_config)
+    `serve(server, model, cache, stage, credentials, *also)` (`also`: the configs of stages the
+    process can serve alongside its own)."""
+    parser = service_arg_parser(stage, stage_config, also=also)
     *configs, trace = parse_configs(parser, argv, ServerConfig, ModelConfig, CacheConfig, stage_config,
-                                    SecurityConfig, TraceConfig)
+                                    SecurityConfig, *also, TraceConfig)
     if configs[1].threads > 0:
         import torch
 
@@ -101,29 +108,43 @@ class StageContext:
     metrics: "StageMetrics"  # requests by outcome, waiting / running; stage metrics go in metrics.registry
 
 
+@dataclasses.dataclass(frozen=True)
+class Colocated:
+    """Another stage served by the same process (same port, model thread and cache): its service
+    name for health, its stage for load reports, and `register(ctx)` adding its servicer."""
+    stage: str
+    service_name: str
+    register: Callable[[StageContext], None]
+
+
 async def run_stage(stage: str, service_name: str, server_config: ServerConfig, cache_config: CacheConfig,
-                    register: Callable[[StageContext], None], credentials: Credentials = NO_CREDENTIALS) -> None:
+                    register: Callable[[StageContext], None], credentials: Credentials = NO_CREDENTIALS,
+                    colocated: tuple[Colocated, ...] = ()) -> None:
     """Wire a stage process: bind its server, open its mmcache (owner = this process start), let
-    `register` add the stage's servicer, serve the cache's control service, run until SIGTERM,
-    clean up. `credentials` secure the server, the data channel and every call to other owners."""
+    `register` add the stage's servicer (and each `colocated` stage's, with its own load tracker
+    and metrics labels, sharing everything else), serve the cache's control service, run until
+    SIGTERM, clean up. `credentials` secure the server, the data channel and every call to other
+    owners."""
     from epdserve.transport.server import ServiceServer, run_until_signalled
     from epdserve.v1 import cache_pb2_grpc, load_pb2_grpc
     from mmcache.client import CacheIdentity, MMCache
     from services.load import LoadServicer, LoadTracker
     from services.metrics import StageMetrics, registry_collector
 
-    server = ServiceServer(server_config, [service_name], credentials=credentials)
+    stages = (Colocated(stage, service_name, register), *colocated)
+    server = ServiceServer(server_config, [s.service_name for s in stages], credentials=credentials)
     identity = CacheIdentity(new_owner_id(stage), server.bind(), server_config.host, server_config.advertise_host)
     cache = await MMCache.open(cache_config, identity, credentials)
     executor = ModelExecutor(f"{stage}-model", fatal_after=server_config.engine_failures_fatal,
                              on_fatal=server.fail, inject_fault_after=server_config.inject_model_fault_after,
                              calls_serve_one_request=stage in ONE_REQUEST_PER_CALL_STAGES)
-    load = LoadTracker(stage, identity.owner_id)
-    metrics = StageMetrics(server.registry, stage, load)
+    loads = [LoadTracker(s.stage, identity.owner_id) for s in stages]
+    metrics = StageMetrics(server.registry, *loads)
     server.registry.register(registry_collector(cache.metrics.registry))
-    register(StageContext(server, cache, executor, load, metrics))
+    for s, load in zip(stages, loads):
+        s.register(StageContext(server, cache, executor, load, metrics))
     cache_pb2_grpc.add_CacheControlServicer_to_server(cache.servicer(), server.server)
-    load_pb2_grpc.add_LoadServiceServicer_to_server(LoadServicer(load), server.server)
+    load_pb2_grpc.add_LoadServiceServicer_to_server(LoadServicer(*loads), server.server)
 
     async def cleanup() -> None:
         await cache.close()

@@ -28,7 +28,7 @@ from epdserve.v1 import (
     prefill_pb2_grpc,
 )
 from services.load import LoadTracker
-from services.runtime import StageContext, resolve_model_dir, run_stage
+from services.runtime import Colocated, StageContext, resolve_model_dir, run_stage
 
 FILLER_TOKEN = 5  # any id that is not a stop token of the tiny checkpoints
 
@@ -78,7 +78,9 @@ class ZeroDecode(_Zero, decode_pb2_grpc.DecodeServiceServicer):
 
 
 async def serve_zero_work(stage: str, server_config: ServerConfig, model_config: ModelConfig,
-                          cache_config: CacheConfig, stage_config, credentials: Credentials = NO_CREDENTIALS) -> None:
+                          cache_config: CacheConfig, stage_config, credentials: Credentials = NO_CREDENTIALS,
+                          *also) -> None:
+    """A zero-work `stage` replica; a prefill one --with-encode also answers Encode (E+P colocated)."""
     spec = load_spec(resolve_model_dir(model_config))
     delay_s = model_config.zero_work_delay_ms / 1000.0
     services = {
@@ -88,10 +90,15 @@ async def serve_zero_work(stage: str, server_config: ServerConfig, model_config:
         "prefill": (prefill_pb2, "PrefillService", ZeroPrefill, prefill_pb2_grpc.add_PrefillServiceServicer_to_server),
         "decode": (decode_pb2, "DecodeService", ZeroDecode, decode_pb2_grpc.add_DecodeServiceServicer_to_server),
     }
-    module, name, servicer, add = services[stage]
 
-    def register(ctx: StageContext) -> None:
-        add(servicer(ctx.load, delay_s), ctx.server.server)
+    def registration(served: str) -> Colocated:
+        module, name, servicer, add = services[served]
 
-    await run_stage(stage, module.DESCRIPTOR.services_by_name[name].full_name, server_config, cache_config, register,
-                    credentials)
+        def register(ctx: StageContext) -> None:
+            add(servicer(ctx.load, delay_s), ctx.server.server)
+
+        return Colocated(served, module.DESCRIPTOR.services_by_name[name].full_name, register)
+
+    own = registration(stage)
+    colocated = (registration("encode"),) if getattr(stage_config, "with_encode", False) else ()
+    await run_stage(stage, own.service_name, server_config, cache_config, own.register, credentials, colocated)

@@ -78,6 +78,31 @@ def tiny_checkpoint(tiny_checkpoint_factory) -> pathlib.Path:
     return tiny_checkpoint_factory()
 
 
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """`hf_greedy(model_dir, prompt, images, new_tokens)`: the greedy tokens HF transformers'
+    LlavaForConditionalGeneration generates for the chat prompt (the correctness anchor)."""
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    def generate(model_dir, prompt: str, images: list[bytes], new_tokens: int) -> list[int]:
+        processor = AutoProcessor.from_pretrained(model_dir)
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images] or None
+        inputs = processor(images=pil, text=text, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    return generate
+
+
 @dataclasses.dataclass(frozen=True)
 class PKI:
     """PEM files of a test deployment: its CA and one certificate + key (server and client auth,

@@ -14,7 +14,7 @@
                                                     the same on stage replicas directly (a private router)
   tuner optimize --slo ttft=2s [--slo tpot=50ms] [--slo e2e:p99=20s] [--trace FILE | --synthetic SPEC]
                  [--rate R] [--profile P] [--gpus N] [--trials N] [--storage URL] [--pareto]
-                 [--min-keep-ratio R] [--allow-fastkv] --out DIR
+                 [--min-keep-ratio R] [--allow-fastkv] [--encode-placement separate|colocated|search] --out DIR
                                                     the cheapest E/P/D deployment meeting the SLOs
   tuner validate --candidate K --from DIR --router ADDR [--trace FILE | --synthetic SPEC] [--rate R]
                                                     replay against a live deployment: predicted vs measured
@@ -294,6 +294,9 @@ def default_synthetic(max_context: int):
                                prefix_share=0.0 if max_context < 4096 else base.prefix_share, system_blocks=1)
 
 
+ENCODE_PLACEMENTS = {"separate": (False,), "colocated": (True,), "search": (False, True)}  # -> encode_colocated
+
+
 def _add_optimize(sub) -> None:
     optimize = sub.add_parser("optimize", help="search replicas and settings that meet SLOs at the lowest cost")
     optimize.add_argument("--slo", action="append", required=True,
@@ -306,6 +309,9 @@ def _add_optimize(sub) -> None:
                           help="also try prefill --fastkv (lossy: see docs/BENCHMARKS.md) at the profiled rates")
     optimize.add_argument("--min-keep-ratio", type=float, default=1.0,
                           help="allow Dynamic-LLaVA image-token sparsification down to this keep ratio (1 = lossless)")
+    optimize.add_argument("--encode-placement", choices=sorted(ENCODE_PLACEMENTS), default="search",
+                          help="encode on its own replicas (separate), on the prefill replicas (colocated: E+P, "
+                               "prefill --with-encode, no encode GPUs), or try both (search)")
     optimize.add_argument("--trials", type=int, default=200)
     optimize.add_argument("--storage", default=None, help="Optuna storage, e.g. sqlite:///tuner.db (resumable)")
     optimize.add_argument("--pareto", action="store_true", help="two objectives: cost and the first SLO's metric")
@@ -331,7 +337,8 @@ def _optimize(args: argparse.Namespace) -> int:
         raise ValueError(f"--allow-fastkv: profile {args.profile or '(bundled)'} has no FastKV prefill measurements; "
                          f"profile the deployment again with this version of `tuner profile`")
     space = SearchSpace(max_replicas=args.max_replicas, gpus=args.gpus, gpu_hour_price=args.gpu_price,
-                        image_keep_ratio=keep, fastkv=(False, True) if args.allow_fastkv else (False,))
+                        image_keep_ratio=keep, fastkv=(False, True) if args.allow_fastkv else (False,),
+                        encode_colocated=ENCODE_PLACEMENTS[args.encode_placement])
     objective = Objective(requests, profile, slos, space, seed=args.seed)
     _check_reachable(objective, slos)
     outcome = run_study(objective, trials=args.trials, storage=args.storage, pareto=args.pareto, seed=args.seed,
@@ -367,7 +374,9 @@ def _check_reachable(objective, slos) -> None:
 
     keep = min(objective.space.image_keep_ratio)
     local = max(objective.space.local_prefill_tokens)
-    alone = [objective.bounds.unloaded(Candidate(image_keep_ratio=keep, fastkv=fastkv, local_prefill_tokens=local))
+    colocated = objective.space.encode_colocated[0]   # a request alone fares the same either way
+    alone = [objective.bounds.unloaded(Candidate(0 if colocated else 1, image_keep_ratio=keep, fastkv=fastkv,
+                                                 local_prefill_tokens=local, encode_colocated=colocated))
              for fastkv in objective.space.fastkv]
     for slo in slos:
         floor = min(float(np.percentile(a[slo.metric], slo.percentile)) if len(a[slo.metric]) else 0.0 for a in alone)

@@ -1,13 +1,17 @@
 """`tuner optimize`: the cheapest E/P/D deployment that meets percentile SLOs on a trace.
 
-An Optuna study searches replicas per stage and per-stage settings. Each trial is scored on the
-discrete-event simulation (`tuner.sim`) of the whole trace; every SLO is one Optuna constraint
-(predicted percentile - target <= 0); the objective is the deployment's cost (GPUs, or $/h with a
-GPU price), or, in Pareto mode, cost and the first SLO's percentile together. A closed-form
+An Optuna study searches replicas per stage and per-stage settings, and, when asked, whether encode
+runs on its own replicas or colocated on the prefill replicas (E+P: then no encode replica count is
+suggested, a conditional parameter). Each trial is scored on the discrete-event simulation
+(`tuner.sim`) of the whole trace; every SLO is one Optuna constraint (predicted percentile - target
+<= 0); the objective is the deployment's cost (GPUs, or $/h with a GPU price), or, in Pareto mode,
+cost and the first SLO's percentile together. A closed-form
 pre-filter (a stage that cannot keep up with the trace's work even fully batched, or a percentile
 that misses the SLO even with no queueing at all) scores hopeless trials without simulating them.
 The best candidates are then simulated again under several noise seeds (the uncertainty band)
-and at rising rates (the headroom: the largest rate multiple that still meets every SLO).
+and at rising rates (the headroom: the largest rate multiple that still meets every SLO). A stored
+study resumes by name (the name digests the trace, profile, SLOs and search space); a study from
+before the E+P knob resumes under a separate-only space, its trials read as separate encode.
 
 Invariant: a candidate is reported feasible only if its simulated percentiles meet every SLO; a
 trial that raises is recorded as FAIL with its reason and the study goes on.
@@ -20,12 +24,13 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from tuner.profile import Profile
-from tuner.sim import TRACE_BLOCK_TOKENS, Candidate, SimResult, simulate
+from tuner.sim import TRACE_BLOCK_TOKENS, Candidate, SimResult, batched_tower_ms, simulate
 from tuner.synth import rescale
 from tuner.traces import TraceRequest
 
@@ -80,6 +85,8 @@ class SearchSpace:
     image_keep_ratio: tuple[float, ...] = (1.0,)  # lossless unless the user allows sparsification
     fastkv: tuple[bool, ...] = (False,)           # lossless unless the user allows FastKV
     local_prefill_tokens: tuple[int, ...] = (0, 512, 2048)   # router E -> PD threshold (0 = off; lossless)
+    encode_colocated: tuple[bool, ...] = (False,)  # encode placements: own replicas (False), E+P (True);
+                                                   # (False, True) searches both (`tuner optimize`'s default)
 
     def cost(self, candidate: Candidate) -> float:
         gpus = candidate.gpus(self.gpus_per_replica)
@@ -191,11 +198,8 @@ class WorkloadBounds:
     def utilization(self, candidate: Candidate) -> dict[str, float]:
         """Lower bounds of each stage's utilization (fully batched, unlimited caches)."""
         p, c = self.profile, candidate
-        tower = p.encode.tower_ms
-        batches = math.ceil(self.distinct_images / max(1, c.encode_max_batch))
-        fixed = tower.predict(images=0, megapixels=0)
-        encode_ms = batches * fixed + tower.predict(images=self.distinct_images,
-                                                    megapixels=self.distinct_megapixels) - fixed
+        encode_ms = batched_tower_ms(p.encode.tower_ms, self.distinct_images, self.distinct_megapixels,
+                                     c.encode_max_batch)
         prefill_ms = sum(self._prefill_ms(r, c, hits) for r, hits in zip(self.requests, self.prefix_hits)
                          if not self._may_prefill_locally(r, c))   # a lower bound: those may all go E -> PD
         step = p.decode.step_ms
@@ -203,6 +207,10 @@ class WorkloadBounds:
         per_token_ms = step.predict(batch=batch, context=0) / batch
         decode_ms = self.output_tokens * per_token_ms
         span_ms = self.duration_s * 1000.0
+        if c.encode_colocated:   # encode loads the prefill replicas: its share of them, and their whole load
+            return {"encode": encode_ms / (span_ms * c.prefill_replicas),
+                    "prefill": (encode_ms + prefill_ms) / (span_ms * c.prefill_replicas),
+                    "decode": decode_ms / (span_ms * c.decode_replicas)}
         return {"encode": encode_ms / (span_ms * c.encode_replicas),
                 "prefill": prefill_ms / (span_ms * c.prefill_replicas),
                 "decode": decode_ms / (span_ms * c.decode_replicas)}
@@ -216,7 +224,9 @@ class WorkloadBounds:
         return self.profile.prefill.compute_ms_for(prompt, cached, c.fastkv)
 
     def unloaded(self, candidate: Candidate) -> dict[str, np.ndarray]:
-        """Per request: TTFT, TPOT and e2e (seconds) if it were alone in the deployment."""
+        """Per request: TTFT, TPOT and e2e (seconds) if it were alone in the deployment (the same with
+        encode colocated: alone, its tower batch and its prefill follow each other on one thread
+        exactly as they would on two)."""
         p = self.profile
         ttft, tpot, e2e = [], [], []
         for r, hits in zip(self.requests, self.prefix_hits):
@@ -239,7 +249,10 @@ class WorkloadBounds:
 
     def hopeless(self, candidate: Candidate, slos: Sequence[Slo]) -> str:
         """Why this candidate cannot meet the SLOs, or "" when it has to be simulated."""
-        for stage, rho in self.utilization(candidate).items():
+        used = self.utilization(candidate)
+        if candidate.encode_colocated:
+            del used["encode"]   # part of the prefill replicas' load, judged there
+        for stage, rho in used.items():
             if rho > 1.1:  # even perfectly batched, the stage falls further behind with every request
                 return f"{stage}: needs {rho:.2f}x its capacity"
         unloaded = self.unloaded(candidate)
@@ -269,17 +282,28 @@ def _prefix_hits(requests: Sequence[TraceRequest]) -> list[int]:
     return by_index
 
 
-def rate_matched(bounds: WorkloadBounds, space: SearchSpace, target_utilization: float = 0.6) -> Candidate:
+def rate_matched(bounds: WorkloadBounds, space: SearchSpace, target_utilization: float = 0.6, *,
+                 colocated: bool = False) -> Candidate:
     """The closed-form starting point: each stage's replicas so that its batched utilization is
-    about `target_utilization` (Dynamo-planner style rate matching), within the space's bounds."""
-    base = Candidate(1, 1, 1, encode_max_batch=max(space.encode_max_batch),
+    about `target_utilization` (Dynamo-planner style rate matching), within the space's bounds.
+    Colocated, the prefill replicas are matched to the encode and prefill work together."""
+    base = Candidate(0 if colocated else 1, 1, 1, encode_max_batch=max(space.encode_max_batch),
                      encode_max_wait_ms=sorted(space.encode_max_wait_ms)[len(space.encode_max_wait_ms) // 2],
-                     decode_max_running=max(space.decode_max_running), image_keep_ratio=max(space.image_keep_ratio))
+                     decode_max_running=max(space.decode_max_running), image_keep_ratio=max(space.image_keep_ratio),
+                     encode_colocated=colocated)
     rho = bounds.utilization(base)
     count = {stage: min(space.max_replicas, max(1, math.ceil(value / target_utilization)))
              for stage, value in rho.items()}
-    return dataclasses.replace(base, encode_replicas=count["encode"], prefill_replicas=count["prefill"],
-                               decode_replicas=count["decode"])
+    return dataclasses.replace(base, encode_replicas=0 if colocated else count["encode"],
+                               prefill_replicas=count["prefill"], decode_replicas=count["decode"])
+
+
+def first_trials(bounds: WorkloadBounds, space: SearchSpace) -> list[Candidate]:
+    """The trials a new study starts with: the rate-matched candidate of each encode placement the
+    space allows, separate first. Both, not the cheaper: colocation trades encode GPUs for
+    contention the closed form cannot see, so neither seed dominates, and TPE then has one good
+    sample on each side of the conditional space."""
+    return [rate_matched(bounds, space, colocated=colocated) for colocated in sorted(set(space.encode_colocated))]
 
 
 def study_name(requests: Sequence[TraceRequest], profile: Profile, slos: Sequence[Slo], space: SearchSpace,
@@ -290,30 +314,47 @@ def study_name(requests: Sequence[TraceRequest], profile: Profile, slos: Sequenc
                                [i.hash for i in r.images]] for r in requests]).encode())
     digest.update(json.dumps(profile.to_json(), sort_keys=True).encode())
     digest.update(json.dumps([dataclasses.asdict(s) for s in slos]).encode())
-    digest.update(json.dumps(dataclasses.asdict(space)).encode())
+    fields = dataclasses.asdict(space)
+    if fields["encode_colocated"] == (False,):
+        del fields["encode_colocated"]   # the space before the E+P knob: its studies keep their names
+    digest.update(json.dumps(fields).encode())
     return f"epdserve-{'pareto' if pareto else 'cost'}-{digest.hexdigest()[:12]}"
 
 
 def suggest(trial, space: SearchSpace) -> Candidate:
-    replicas = {stage: trial.suggest_int(f"{stage}_replicas", 1, space.max_replicas)
-                for stage in ("encode", "prefill", "decode")}
+    """The trial's candidate, define-by-run: encode_replicas is suggested only for separate encode
+    (a colocated trial has no such parameter; its candidate has 0)."""
+    colocated = trial.suggest_categorical("encode_colocated", list(space.encode_colocated))
+    encode = 0 if colocated else trial.suggest_int("encode_replicas", 1, space.max_replicas)
     return Candidate(
-        replicas["encode"], replicas["prefill"], replicas["decode"],
+        encode, trial.suggest_int("prefill_replicas", 1, space.max_replicas),
+        trial.suggest_int("decode_replicas", 1, space.max_replicas),
         encode_max_batch=trial.suggest_categorical("encode_max_batch", list(space.encode_max_batch)),
         encode_max_wait_ms=trial.suggest_categorical("encode_max_wait_ms", list(space.encode_max_wait_ms)),
         decode_max_running=trial.suggest_categorical("decode_max_running", list(space.decode_max_running)),
         image_keep_ratio=trial.suggest_categorical("image_keep_ratio", list(space.image_keep_ratio)),
         fastkv=trial.suggest_categorical("fastkv", list(space.fastkv)),
         local_prefill_tokens=trial.suggest_categorical("local_prefill_tokens", list(space.local_prefill_tokens)),
+        encode_colocated=colocated,
     )
 
 
 def candidate_params(candidate: Candidate) -> dict:
+    """The searched fields of a candidate (trial parameters, candidates.json); `candidate_from_params`
+    reverses it."""
     return {"encode_replicas": candidate.encode_replicas, "prefill_replicas": candidate.prefill_replicas,
             "decode_replicas": candidate.decode_replicas, "encode_max_batch": candidate.encode_max_batch,
             "encode_max_wait_ms": candidate.encode_max_wait_ms, "decode_max_running": candidate.decode_max_running,
             "image_keep_ratio": candidate.image_keep_ratio, "fastkv": candidate.fastkv,
-            "local_prefill_tokens": candidate.local_prefill_tokens}
+            "local_prefill_tokens": candidate.local_prefill_tokens, "encode_colocated": candidate.encode_colocated}
+
+
+def candidate_from_params(params: Mapping) -> Candidate:
+    """The candidate of `candidate_params` output or of a trial's params, where a colocated trial has
+    no encode_replicas (0) and a trial of a study from before the E+P knob no encode_colocated (False)."""
+    colocated = bool(params.get("encode_colocated", False))
+    values = {key: params[key] for key in candidate_params(Candidate()) if key in params}
+    return Candidate(**{**values, "encode_colocated": colocated, **({"encode_replicas": 0} if colocated else {})})
 
 
 @dataclasses.dataclass
@@ -332,11 +373,12 @@ def run_study(objective: Objective, *, trials: int, storage: str | None = None, 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = objective.space
     name = study_name(objective.requests, objective.profile, objective.slos, space, pareto)
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    sampler = _sampler(space, seed)
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
                                 directions=["minimize", "minimize"] if pareto else ["minimize"])
     if not study.trials:
-        study.enqueue_trial(candidate_params(rate_matched(objective.bounds, space)))
+        for candidate in first_trials(objective.bounds, space):
+            study.enqueue_trial(candidate_params(candidate))
     scored: dict[int, Scored] = {}
 
     def run_trial(trial) -> float | tuple[float, float]:
@@ -369,6 +411,19 @@ def run_study(objective: Objective, *, trials: int, storage: str | None = None, 
     return StudyOutcome(study, ranked, closest, interrupted)
 
 
+def _sampler(space: SearchSpace, seed: int):
+    """Multivariate TPE. When both encode placements are searched, encode_replicas exists only in
+    separate trials: `group` has TPE model each set of parameters that occur together jointly,
+    instead of the intersection over all trials (which would leave encode_replicas to a univariate
+    model). A space without that condition keeps the sampler it always had (same trials per seed)."""
+    import optuna
+
+    conditional = len(set(space.encode_colocated)) > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # multivariate and group are
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, group=conditional)
+
+
 def _record(trial, result: Scored, slos: Sequence[Slo]) -> None:
     for slo in slos:  # feasible iff every value <= 0 (Optuna's constraint convention)
         trial.set_constraint(slo.label(), -result.slack[slo.label()])
@@ -381,7 +436,7 @@ def _record(trial, result: Scored, slos: Sequence[Slo]) -> None:
 
 def _from_trial(trial, objective: Objective) -> Scored:
     """A stored trial (this run's or a resumed study's) back as a Scored candidate."""
-    candidate = Candidate(**{k: trial.params[k] for k in candidate_params(Candidate())})
+    candidate = candidate_from_params(trial.params)
     metrics = {k: (v if v is not None else math.inf) for k, v in trial.user_attrs.get("metrics", {}).items()}
     slack = {label: -value for label, value in (trial.constraints or {}).items()}
     return Scored(candidate, trial.user_attrs.get("cost", objective.space.cost(candidate)), metrics, slack,

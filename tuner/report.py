@@ -27,7 +27,8 @@ def _with_band(scored: Scored, key: str) -> str:
 
 
 def settings_text(c: Candidate) -> str:
-    parts = [f"batch {c.encode_max_batch}/{c.encode_max_wait_ms:g}ms", f"run {c.decode_max_running}"]
+    parts = ["E in P"] if c.encode_colocated else []
+    parts += [f"batch {c.encode_max_batch}/{c.encode_max_wait_ms:g}ms", f"run {c.decode_max_running}"]
     if c.image_keep_ratio < 1:
         parts.append(f"keep {c.image_keep_ratio:g}")
     if c.fastkv:
@@ -70,13 +71,18 @@ def print_table(ranked: Sequence[Scored], file=None) -> None:
 
 
 def helm_values(candidate: Candidate, *, gpus_per_replica: Sequence[int] = (1, 1, 1), header: str = "") -> str:
-    """A values overlay: replicas, GPUs and the flags the candidate sets, per stage."""
+    """A values overlay: replicas, GPUs and the flags the candidate sets, per stage. encode.colocated
+    is always set (it decides the layout over whatever the values under it say); a colocated
+    candidate's encode flags go to the prefill pods and it sets no encode replicas or GPUs."""
     import yaml
 
+    encode = {"colocated": candidate.encode_colocated}
+    if not candidate.encode_colocated:
+        encode |= {"replicas": candidate.encode_replicas, "gpus": gpus_per_replica[0]}
+    encode["args"] = ["--max-batch-size", str(candidate.encode_max_batch),
+                      "--max-batch-wait-ms", f"{candidate.encode_max_wait_ms:g}"]
     values = {
-        "encode": {"replicas": candidate.encode_replicas, "gpus": gpus_per_replica[0],
-                   "args": ["--max-batch-size", str(candidate.encode_max_batch),
-                            "--max-batch-wait-ms", f"{candidate.encode_max_wait_ms:g}"]},
+        "encode": encode,
         "prefill": {"replicas": candidate.prefill_replicas, "gpus": gpus_per_replica[1],
                     "args": ([] if candidate.prefix_cache else ["--no-prefix-cache"])
                     + (["--fastkv"] if candidate.fastkv else [])},

@@ -15,9 +15,20 @@ times come from the profile's fits times a draw from each fit's residuals. With 
 profile (`host_cores` > 0) every busy replica and every request's overheads (RPCs, image decoding,
 the router's work) share those cores (processor sharing), as the processes of a local deployment do.
 
+E+P colocated (`encode_colocated`: prefill --with-encode, router --encode-colocated): no encode
+replicas; each prefill replica owns an encode batcher (the same batching rules) whose tower batches
+and the replica's prefills run one at a time, FIFO, on its one model thread. The router places an
+image request on the prefill replica whose thread is predicted to finish soonest (the work queued
+there, encode included, plus this request's images and prompt), encodes all its images there and
+prefills there (or takes E -> PD, judged against that replica); a text-only prompt's choice also
+counts the encode work queued on each replica. Encode busy time is then accounted against the
+prefill replicas (`SimResult.hosted_on`).
+
 Invariant: every request that arrives either completes (TTFT, TPOT and e2e recorded) or is
-counted as rejected (prompt + output beyond the context or the KV capacity); simulated time only
-moves forward, and the same trace, candidate, profile and seed give identical results.
+counted as rejected (prompt + output beyond the context or the KV capacity); with encode colocated,
+all of a request's images are encoded on the prefill replica that prefills it (unless it takes
+E -> PD); simulated time only moves forward, and the same trace, candidate, profile and seed give
+identical results.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from tuner.des import Clock, Cpu, Job, Lru, Noise
-from tuner.profile import Profile
+from tuner.profile import Fit, Profile
 from tuner.traces import TraceRequest
 
 TRACE_BLOCK_TOKENS = 512  # Mooncake hash_ids: one id per 512 prompt tokens
@@ -52,13 +63,21 @@ class Candidate:
     encoder_cache_images: int = 100_000  # embeddings the mmcache keeps (LRU)
     prefix_cache_blocks: int = 100_000   # trace blocks the prefix cache keeps (LRU)
     local_prefill_tokens: int = 0       # router --local-prefill-tokens: E -> PD for prompts this short (0 = never)
+    encode_colocated: bool = False      # E+P colocated: each prefill replica also encodes (prefill --with-encode,
+                                        # router --encode-colocated) on its one model thread; encode_replicas is 0
+
+    def __post_init__(self) -> None:
+        if self.encode_colocated and self.encode_replicas:
+            raise ValueError(f"encode_replicas must be 0 when encode is colocated with prefill "
+                             f"(got {self.encode_replicas})")
 
     def gpus(self, per_replica: Sequence[int] = (1, 1, 1)) -> int:
         e, p, d = per_replica
         return self.encode_replicas * e + self.prefill_replicas * p + self.decode_replicas * d
 
     def label(self) -> str:
-        return f"E{self.encode_replicas}P{self.prefill_replicas}D{self.decode_replicas}"
+        encode = "E+" if self.encode_colocated else f"E{self.encode_replicas}"
+        return f"{encode}P{self.prefill_replicas}D{self.decode_replicas}"
 
 
 @dataclasses.dataclass
@@ -76,6 +95,8 @@ class SimResult:
     busy_s: dict[str, float]       # stage -> busy seconds summed over its replicas
     replicas: dict[str, int]
     makespan_s: float
+    hosted_on: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> the stage whose replicas
+                                                                         # run it (colocated: encode -> prefill)
 
     def values(self, metric: str) -> np.ndarray:
         data = np.array([getattr(o, f"{metric}_s") for o in self.outcomes if not o.rejected], dtype=float)
@@ -94,12 +115,21 @@ class SimResult:
         return sum(1 for o in self.outcomes if o.rejected)
 
     def utilization(self) -> dict[str, float]:
-        return {stage: self.busy_s[stage] / (self.replicas[stage] * self.makespan_s) if self.makespan_s > 0 else 0.0
-                for stage in self.busy_s}
+        """Busy share of each stage's replicas over the makespan. A hosted stage (colocated encode) has
+        no replicas of its own: its figure is its share of the host's replicas, and the host's figure
+        counts the hosted work too (those replicas' whole load, what saturates them)."""
+        if self.makespan_s <= 0:
+            return {stage: 0.0 for stage in self.busy_s}
+        load = dict(self.busy_s)
+        for guest, host in self.hosted_on.items():
+            load[host] += self.busy_s[guest]
+        return {stage: (self.busy_s[stage] if stage in self.hosted_on else load[stage])
+                / (self.replicas[self.hosted_on.get(stage, stage)] * self.makespan_s) for stage in self.busy_s}
 
     def bottleneck(self) -> str:
+        """The replicas busiest over the run (a hosted stage is part of its host's load, never named)."""
         used = self.utilization()
-        return max(used, key=used.get)
+        return max((stage for stage in used if stage not in self.hosted_on), key=used.get)
 
 
 @dataclasses.dataclass
@@ -109,15 +139,37 @@ class _Req:
     prompt_tokens: int
     pending_shards: int = 0
     first_token_s: float = 0.0
+    replica: _PrefillReplica | None = None   # colocated: the prefill replica that encodes and prefills it
+
+
+def batched_tower_ms(fit: Fit, images: int, megapixels: float, max_batch: int) -> float:
+    """Tower time of `images` encoded in full batches of `max_batch` (the fit's fixed part once a batch)."""
+    batches = math.ceil(images / max(1, max_batch))
+    fixed = fit.predict(images=0, megapixels=0)
+    return batches * fixed + fit.predict(images=images, megapixels=megapixels) - fixed
 
 
 class _EncodeReplica:
-    def __init__(self, sim: Simulation) -> None:
-        self.sim, self.queue, self.running, self.outstanding = sim, collections.deque(), False, 0
+    """An encode batcher: a batch starts when full or when its oldest image has waited max_wait, one
+    batch at a time. It runs on its own device, or, with a `host` (colocated), queues on that prefill
+    replica's model thread behind whatever is queued there (and the host accounts its busy time)."""
+
+    def __init__(self, sim: Simulation, host: _PrefillReplica | None = None) -> None:
+        self.sim, self.host, self.queue, self.running, self.outstanding = sim, host, collections.deque(), False, 0
+        self.queued_megapixels = 0.0   # of the images waiting for a batch
         self._timer = 0  # version of the pending "start a batch" timer
+
+    def queued_work_ms(self, images: int = 0, megapixels: float = 0.0) -> float:
+        """Predicted tower time of the images waiting here for a batch, and of `images` more."""
+        count = len(self.queue) + images
+        if not count:
+            return 0.0
+        return batched_tower_ms(self.sim.profile.encode.tower_ms, count, self.queued_megapixels + megapixels,
+                                self.sim.candidate.encode_max_batch)
 
     def submit(self, job: tuple) -> None:   # job: (queued_s, megapixels, done callback)
         self.queue.append(job)
+        self.queued_megapixels += job[1]
         self.outstanding += 1
         if not self.running:
             self._arm()
@@ -137,10 +189,16 @@ class _EncodeReplica:
         size = self.sim.candidate.encode_max_batch
         batch = [self.queue.popleft() for _ in range(min(size, len(self.queue)))]
         self.running = True
+        megapixels = sum(j[1] for j in batch)
+        self.queued_megapixels = self.queued_megapixels - megapixels if self.queue else 0.0
         fit = self.sim.profile.encode.tower_ms
-        ms = self.sim.noise.draw(fit, fit.predict(images=len(batch), megapixels=sum(j[1] for j in batch)))
-        self.sim.busy["encode"] += ms / 1000.0
-        self.sim.cpu.run(ms, lambda: self._finish(batch))
+        ms = self.sim.noise.draw(fit, fit.predict(images=len(batch), megapixels=megapixels))
+        finished = functools.partial(self._finish, batch)
+        if self.host is None:
+            self.sim.busy["encode"] += ms / 1000.0
+            self.sim.cpu.run(ms, finished)
+        else:
+            self.host.submit(ms, finished, kind="encode")
 
     def _finish(self, batch: list) -> None:
         self.running = False
@@ -152,15 +210,25 @@ class _EncodeReplica:
 
 
 class _PrefillReplica:
-    def __init__(self, sim: Simulation) -> None:
+    """One model thread running its jobs one at a time in submission order: prefills and, colocated,
+    the tower batches of the encode batcher it hosts (`encoder`)."""
+
+    def __init__(self, sim: Simulation, *, colocated: bool = False) -> None:
         self.sim, self.queue, self.busy_until_s, self.running = sim, collections.deque(), 0.0, False
+        self.encoder = _EncodeReplica(sim, host=self) if colocated else None
 
-    def predicted_finish(self, ms: float) -> float:
-        return max(self.busy_until_s, self.sim.clock.now) + ms / 1000.0
+    def predicted_finish(self, ms: float, images: int = 0, megapixels: float = 0.0) -> float:
+        """When `ms` of work placed here now would be done, as the router predicts it: after the jobs
+        queued on the thread and, colocated, the images waiting in its batcher plus `images` more."""
+        start = max(self.busy_until_s, self.sim.clock.now)
+        if self.encoder is not None:
+            start += self.encoder.queued_work_ms(images, megapixels) / 1000.0
+        return start + ms / 1000.0
 
-    def submit(self, ms: float, done: Callable[[], None]) -> None:
-        self.busy_until_s = self.predicted_finish(ms)
-        self.queue.append((ms, done))
+    def submit(self, ms: float, done: Callable[[], None], kind: str = "prefill") -> None:
+        """Queue `ms` of `kind` work (busy time of that stage) behind everything queued here."""
+        self.busy_until_s = max(self.busy_until_s, self.sim.clock.now) + ms / 1000.0
+        self.queue.append((kind, ms, done))
         if not self.running:
             self._next()
 
@@ -169,8 +237,8 @@ class _PrefillReplica:
             self.running = False
             return
         self.running = True
-        ms, done = self.queue.popleft()
-        self.sim.busy["prefill"] += ms / 1000.0
+        kind, ms, done = self.queue.popleft()
+        self.sim.busy[kind] += ms / 1000.0
 
         def finished() -> None:
             done()
@@ -326,7 +394,8 @@ class Simulation:
         self.noise = Noise(seed)
         self.busy = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
         self.encoders = [_EncodeReplica(self) for _ in range(candidate.encode_replicas)]
-        self.prefills = [_PrefillReplica(self) for _ in range(candidate.prefill_replicas)]
+        self.prefills = [_PrefillReplica(self, colocated=candidate.encode_colocated)
+                         for _ in range(candidate.prefill_replicas)]
         self.decoders = [_DecodeReplica(self) for _ in range(candidate.decode_replicas)]
         self.embeddings = Lru(candidate.encoder_cache_images)
         self.prefixes = Lru(candidate.prefix_cache_blocks)
@@ -342,7 +411,8 @@ class Simulation:
         last = max((o.arrival_s + o.e2e_s for o in self.outcomes if not math.isnan(o.e2e_s)), default=0.0)
         first = min((o.arrival_s for o in self.outcomes), default=0.0)
         return SimResult(self.outcomes, self.busy, {"encode": len(self.encoders), "prefill": len(self.prefills),
-                                                    "decode": len(self.decoders)}, last - first)
+                                                    "decode": len(self.decoders)}, last - first,
+                         {"encode": "prefill"} if self.candidate.encode_colocated else {})
 
     def _overhead(self, ms: float, then: Callable[[], None]) -> None:
         """Time a request spends outside any replica's queue (RPCs, image decoding, cache calls, the
@@ -365,6 +435,9 @@ class Simulation:
         self._overhead(ms, functools.partial(self._encode if trace.images else self._prefill, req))
 
     def _encode(self, req: _Req) -> None:
+        if self.candidate.encode_colocated:
+            self._encode_colocated(req)
+            return
         shards: dict[int, list] = {}
         for image in req.trace.images:
             replica = min(range(len(self.encoders)), key=lambda i: (self.encoders[i].outstanding
@@ -373,6 +446,18 @@ class Simulation:
         req.pending_shards = len(shards)
         for replica, images in shards.items():
             self._encode_shard(req, self.encoders[replica], images)
+
+    def _encode_colocated(self, req: _Req) -> None:
+        """E+P: all the request's images are encoded on the prefill replica that will prefill it, the
+        one predicted to finish its encode and prefill work soonest after the work queued there.
+        Its prefill would cost the same on every replica (one fit, one prefix cache), so only the
+        queued work and the encode work tell them apart; the router cannot know the embedding
+        cache's hits in advance, so every image counts."""
+        images = req.trace.images
+        megapixels = sum(image.width * image.height for image in images) / 1e6
+        req.replica = min(self.prefills, key=lambda r: r.predicted_finish(0.0, len(images), megapixels))
+        req.pending_shards = 1
+        self._encode_shard(req, req.replica.encoder, list(images))
 
     def _encode_shard(self, req: _Req, replica: _EncodeReplica, images: list) -> None:
         misses = [image for image in images if not self.embeddings.hit(image.hash)]
@@ -422,7 +507,7 @@ class Simulation:
         cached = self._cached_tokens(req)
         ms = self.noise.draw(pre.compute_fit(fastkv), pre.compute_ms_for(req.prompt_tokens, cached, fastkv))
         call = self.noise.draw(pre.call_ms, pre.call_ms.predict(tokens=req.prompt_tokens - cached))
-        replica = min(self.prefills, key=lambda r: r.predicted_finish(ms))
+        replica = req.replica if req.replica is not None else min(self.prefills, key=lambda r: r.predicted_finish(ms))
         if self._prefilled_locally(req, replica.predicted_finish(ms) - self.clock.now + call / 1000.0):
             return
         self._publish_prefix(req)

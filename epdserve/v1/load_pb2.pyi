@@ -5,8 +5,10 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetLoadRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("stage",)
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    def __init__(self, stage: _Optional[str] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("stage", "replica_id", "queued_requests", "running_requests", "queued_work", "work_per_s", "overhead_ms", "running_tokens", "free_kv_blocks", "total_kv_blocks", "kv_block_tokens", "max_running", "step_ms", "local_prefill_max_tokens", "prefix_block_tokens", "prefix_kv_settings", "model_revision", "host_id")

@@ -13,7 +13,7 @@ import logging
 import time
 
 from epdserve import tracing
-from epdserve.config import CacheConfig, DecodeConfig, ModelConfig, ServerConfig
+from epdserve.config import CacheConfig, DecodeConfig, EncodeConfig, ModelConfig, ServerConfig
 from epdserve.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
@@ -28,7 +28,7 @@ from services.decode.loop import EngineLoop
 from services.decode.setup import build_engine, place_experts
 from services.load import LoadTracker
 from services.metrics import register_decode_metrics
-from services.runtime import StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
+from services.runtime import Colocated, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 from services.wire import sampling_from_proto
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,17 @@ async def _traced(responses, parent):
 
 
 async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,
-                decode_config: DecodeConfig, credentials: Credentials = NO_CREDENTIALS) -> None:
+                decode_config: DecodeConfig, credentials: Credentials = NO_CREDENTIALS,
+                encode_config: EncodeConfig = EncodeConfig()) -> None:
+    """Serve decode; with --with-encode also EncodeService (aggregated E+PD: encode batches and
+    decode steps, local prefills included, take turns on the one model thread)."""
+    colocated = ()
+    if decode_config.with_encode:
+        from services.encode.server import SERVICE_NAME as ENCODE_SERVICE_NAME
+        from services.encode.server import encode_registrar
+
+        register_encode = encode_registrar(resolve_model_dir(model_config), model_config, cache_config, encode_config)
+        colocated = (Colocated("encode", ENCODE_SERVICE_NAME, register_encode),)
     spec = load_spec(resolve_model_dir(model_config))
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
     experts = place_experts(decoder, decode_config)
@@ -231,7 +241,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         register_decode_metrics(ctx.metrics.registry, engine, experts)
 
     try:
-        await run_stage("decode", SERVICE_NAME, server_config, cache_config, register, credentials)
+        await run_stage("decode", SERVICE_NAME, server_config, cache_config, register, credentials, colocated)
     finally:
         if experts is not None:
             log.info("expert offloading: %s", experts.stats().as_dict())
@@ -239,4 +249,4 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("decode", DecodeConfig, serve, argv)
+    return stage_main("decode", DecodeConfig, serve, argv, also=(EncodeConfig,))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from epdserve import tracing
 from epdserve.config import CacheConfig, EncodeConfig, ModelConfig, ServerConfig
@@ -128,7 +129,14 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
 
 async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,
                 encode_config: EncodeConfig, credentials: Credentials = NO_CREDENTIALS) -> None:
-    model_dir = resolve_model_dir(model_config)
+    register = encode_registrar(resolve_model_dir(model_config), model_config, cache_config, encode_config)
+    await run_stage("encode", SERVICE_NAME, server_config, cache_config, register, credentials)
+
+
+def encode_registrar(model_dir, model_config: ModelConfig, cache_config: CacheConfig,
+                     encode_config: EncodeConfig) -> Callable[[StageContext], None]:
+    """Load the vision tower + projector now; the returned `register(ctx)` adds EncodeService to a
+    stage process (the encode service's own, or a prefill process --with-encode)."""
     spec = load_spec(model_dir)
     revision = model_config.revision or model_revision(model_dir)
     scorer = build_scorer(encode_config.scorer, encode_config.predictor_path)
@@ -144,7 +152,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         servicer = EncodeServicer(encoder, batcher, ctx.cache, encode_config, EncodeMetrics(ctx.metrics.registry))
         encode_pb2_grpc.add_EncodeServiceServicer_to_server(servicer, ctx.server.server)
 
-    await run_stage("encode", SERVICE_NAME, server_config, cache_config, register, credentials)
+    return register
 
 
 def default_decode_threads() -> int:

@@ -9,7 +9,7 @@ import logging
 import time
 
 from epdserve import tracing
-from epdserve.config import CacheConfig, ModelConfig, PrefillConfig, ServerConfig
+from epdserve.config import CacheConfig, EncodeConfig, ModelConfig, PrefillConfig, ServerConfig
 from epdserve.errors import FailedPreconditionError, InvalidArgumentError
 from epdserve.models.checkpoint import model_revision
 from epdserve.models.loader import load_decoder
@@ -25,7 +25,15 @@ from services.prefill.fastkv import FastKVConfig
 from services.prefill.minisequence import MiniSequenceConfig
 from services.prefill.prefill import PromptPrefiller
 from services.prefill.prefix import PrefixCache, PrefixHit
-from services.runtime import ModelExecutor, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
+from services.runtime import (
+    Colocated,
+    ModelExecutor,
+    StageContext,
+    Stopwatch,
+    resolve_model_dir,
+    run_stage,
+    stage_main,
+)
 from services.wire import check_embedding_ref, fastkv_from_proto, sampling_from_proto
 
 log = logging.getLogger(__name__)
@@ -154,8 +162,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
 
 async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,
-                prefill_config: PrefillConfig, credentials: Credentials = NO_CREDENTIALS) -> None:
+                prefill_config: PrefillConfig, credentials: Credentials = NO_CREDENTIALS,
+                encode_config: EncodeConfig = EncodeConfig()) -> None:
+    """Serve prefill; with --with-encode also EncodeService (E+P colocated: one model thread runs
+    both stages' work in arrival order, embeddings stay in this process's own cache)."""
     model_dir = resolve_model_dir(model_config)
+    colocated = ()
+    if prefill_config.with_encode:
+        from services.encode.server import SERVICE_NAME as ENCODE_SERVICE_NAME
+        from services.encode.server import encode_registrar
+
+        register_encode = encode_registrar(model_dir, model_config, cache_config, encode_config)
+        colocated = (Colocated("encode", ENCODE_SERVICE_NAME, register_encode),)
     spec = load_spec(model_dir)
     revision = model_config.revision or model_revision(model_dir)
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
@@ -169,7 +187,7 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         ctx.load.extra = functools.partial(_prefix_fields, prefixes, ctx.cache.owner.host_id)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, ctx.server.server)
 
-    await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register, credentials)
+    await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register, credentials, colocated)
 
 
 def _prefix_fields(prefixes: PrefixCache, host_id: str, report) -> None:
@@ -189,4 +207,4 @@ def _fastkv_settings(config: PrefillConfig) -> FastKVConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("prefill", PrefillConfig, serve, argv)
+    return stage_main("prefill", PrefillConfig, serve, argv, also=(EncodeConfig,))

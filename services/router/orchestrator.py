@@ -15,13 +15,13 @@ import asyncio
 import dataclasses
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
 from epdserve import tracing
 from epdserve.config import RouterConfig
-from epdserve.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError
+from epdserve.errors import DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, UnavailableError
 from epdserve.models.prompt import PromptBuilder, PromptTokens
 from epdserve.models.spec import kept_tokens
 from epdserve.security import NO_CREDENTIALS, Credentials
@@ -39,8 +39,10 @@ from services.router.discovery import EndpointSliceWatcher, ServiceRef, is_disco
 from services.router.live_admission import LiveAdmission
 from services.router.placement import (
     CostDefaults,
+    backlog_s,
     choose_decode,
     choose_prefill,
+    finish_time_s,
     local_prefill_allowed,
     local_prefill_time_s,
     prefill_rate,
@@ -89,8 +91,9 @@ class Orchestrator:
         self._finishing: set[asyncio.Task] = set()  # decode streams whose final response has arrived
 
     def _pool(self, stage: str, module, service: str, stub_cls) -> ReplicaPool:
-        """A static pool, or an empty one that a Kubernetes EndpointSlice watcher fills (k8s://)."""
-        addresses = getattr(self.config, stage)
+        """A static pool, or an empty one that a Kubernetes EndpointSlice watcher fills (k8s://).
+        E+P colocated: the encode pool is the prefill replicas' EncodeService."""
+        addresses = self.config.encode_addresses() if stage == "encode" else getattr(self.config, stage)
         discovered = is_discovered(addresses)
         pool = ReplicaPool(stage, _service_name(module, service), () if discovered else addresses, stub_cls,
                            interval_s=self.config.health_interval_s, credentials=self.credentials)
@@ -136,16 +139,22 @@ class Orchestrator:
                 self.admission.finished(run.admission, run.completed)
 
     async def _generate(self, req, prompt, deadline, timings, run: "_Run", start: float, decode_replica):
-        started = await self._start(req, prompt, deadline, timings, local=decode_replica is None)
-        if started.local is not None:  # E -> PD: the decode replica prefills and streams every token
+        started = await self._start(req, prompt, deadline, timings, local=decode_replica is None,
+                                    decode_replica=decode_replica)
+        for attempt in itertools.count():
+            if started.local is None:
+                break
+            # E -> PD: the decode replica prefills and streams every token
             reserve = len(prompt.token_ids) + req.max_tokens
             try:
                 async for event in self._decode(run, started.local, reserve, started.decode, deadline, timings, start):
                     yield event
+                break
             except FailedPreconditionError:  # an embedding vanished before decode read it: re-encode
-                if run.tokens or not req.images or self.config.stage_retries < 1:
+                if run.tokens or not req.images or attempt >= self.config.stage_retries:
                     raise
-                started = await self._start(req, prompt, deadline, timings, skip_lookup=True, local=False)
+            # (then prefill, or, aggregated, E -> PD again)
+            started = await self._start(req, prompt, deadline, timings, skip_lookup=True, local=False)
         if started.prefill is not None:  # E -> P -> D: the first token comes from prefill
             async for event in self._after_prefill(run, req, prompt, started.prefill, deadline, timings, start,
                                                    decode_replica):
@@ -189,26 +198,55 @@ class Orchestrator:
         return "length" if produced >= req.max_tokens else ""
 
     async def _start(self, req, prompt, deadline, timings, *, skip_lookup: bool = False,
-                     local: bool = True) -> "_Started":
+                     local: bool = True, decode_replica: Replica | None = None) -> "_Started":
         """Encode, then either prefill (E -> P -> D) or hand the prompt to a decode replica (E -> PD),
         whichever the cost model predicts reaches the first token sooner (`local` False: always
         prefill). A vanished cache entry between stages re-runs from encode without the cache
         lookup."""
+        if self.config.aggregated:
+            return await self._start_aggregated(req, prompt, deadline, timings, skip_lookup, decode_replica)
         for attempt in itertools.count():
             try:
-                refs = await self._encode(req, deadline, timings, skip_lookup)
+                home = self._colocated_home(req, prompt)
+                refs = await self._encode(req, deadline, timings, skip_lookup, home)
                 with tracing.span("router.placement") as placement:
                     cached = await self._cached_prefixes(req, prompt, refs)
-                    local = local and self._local_prefill_replica(req, prompt, timings, cached)
+                    local = local and self._local_prefill_replica(req, prompt, timings, cached, home)
                     placement.set_attribute("epdserve.local_prefill", bool(local))
                 timings["local_prefill"] = 1.0 if local else 0.0
                 if local:
                     return _Started(None, self._local_request(req, prompt, refs), local)
-                return _Started(await self._prefill(req, prompt, refs, deadline, timings, cached), None, None)
+                return _Started(await self._prefill(req, prompt, refs, deadline, timings, cached, home), None, None)
             except FailedPreconditionError:
                 if attempt >= self.config.stage_retries or not req.images:
                     raise
                 skip_lookup = True  # an embedding vanished between encode and prefill: re-encode
+        raise AssertionError("unreachable")
+
+    async def _start_aggregated(self, req, prompt, deadline, timings, skip_lookup: bool,
+                                decode_replica: Replica | None = None) -> "_Started":
+        """Aggregated (encode colocated, no prefill replicas): one decode replica encodes the images
+        and prefills the prompt itself (E -> PD), the one with the most headroom that prefills
+        prompts this long."""
+        tokens = len(prompt.token_ids)
+        able = [r for r in self.decode.healthy() if local_prefill_allowed(r, tokens, self.max_context)]
+        if not able:
+            longest = max((r.load.local_prefill_max_tokens for r in self.decode.replicas if r.load is not None),
+                          default=0)
+            raise InvalidArgumentError(f"prompt: {tokens} tokens; with no prefill replicas the decode replicas "
+                                       f"prefill every prompt, and they take at most {longest} "
+                                       "(--local-prefill-max-tokens)")
+        planned = [r for r in able if r is decode_replica]  # an offline batch plan's choice
+        home = choose_decode(planned or able, tokens + req.max_tokens, self.defaults).replica
+        timings["local_prefill"] = 1.0
+        for attempt in itertools.count():
+            try:
+                refs = await self._encode(req, deadline, timings, skip_lookup, home)
+                return _Started(None, self._local_request(req, prompt, refs), home)
+            except FailedPreconditionError:
+                if attempt >= self.config.stage_retries or not req.images:
+                    raise
+                skip_lookup = True
         raise AssertionError("unreachable")
 
     async def _cached_prefixes(self, req, prompt, refs) -> dict[int, CachedPrefix]:
@@ -228,7 +266,36 @@ class Orchestrator:
             cached.update(dict.fromkeys(indices, hit))
         return cached
 
-    def _local_prefill_replica(self, req, prompt, timings, cached) -> Replica | None:
+    def _colocated_home(self, req, prompt) -> Replica | None:
+        """E+P colocated, a request with images: the prefill replica that encodes them and then
+        prefills the prompt (both on its one model thread), the one predicted to finish both first.
+        None otherwise (and when no replica has both stages healthy: images then go anywhere)."""
+        if not self.config.encode_colocated or self.config.aggregated or not req.images:
+            return None
+        encoders = {r.address: r for r in self.encode.replicas if r.healthy}
+        homes = [r for r in self.prefill.replicas if r.healthy and r.address in encoders]
+        if not homes:
+            return None
+        rate = self.defaults.encode_images_per_s
+        ahead = {r.index: finish_time_s(encoders[r.address], len(req.images), rate) for r in homes}
+        return choose_prefill(homes, len(prompt.token_ids), self.defaults, None, ahead).replica
+
+    def _encode_backlog_s(self) -> dict[int, float] | None:
+        """E+P colocated: per prefill replica, the encode work queued on its model thread."""
+        if not self.config.encode_colocated:
+            return None
+        encoders = {r.address: r for r in self.encode.replicas}
+        rate = self.defaults.encode_images_per_s
+        return {r.index: backlog_s(encoders[r.address], rate) for r in self.prefill.replicas if r.address in encoders}
+
+    def _prefill_candidates(self, home: Replica | None, tried: Sequence[Replica] = ()) -> list[Replica]:
+        """Where the prompt may prefill: its colocated home while that is healthy and untried,
+        else every healthy replica not tried yet (UnavailableError when none is left)."""
+        if home is not None and home.healthy and all(home is not r for r in tried):
+            return [home]
+        return self.prefill.healthy(exclude=tried)
+
+    def _local_prefill_replica(self, req, prompt, timings, cached, home: Replica | None = None) -> Replica | None:
         """The decode replica to prefill this prompt itself, when E -> PD is predicted faster than
         the best prefill replica plus the KV hand-off; else None."""
         tokens = len(prompt.token_ids)
@@ -243,20 +310,27 @@ class Orchestrator:
         local_s = local_prefill_time_s(decode.replica, tokens, rate, decode.predicted_s)
         timings["predicted_local_prefill_ms"] = local_s * 1000.0
         try:
-            remote_s = choose_prefill(self.prefill.healthy(), tokens, self.defaults, cached).predicted_s
+            remote_s = choose_prefill(self._prefill_candidates(home), tokens, self.defaults, cached,
+                                      self._encode_backlog_s()).predicted_s
         except UnavailableError:  # no prefill replica left: E -> PD is the only way
             return decode.replica
         residual = self.ttft_residual_s
         # a tie goes to E -> PD: it moves no KV between replicas
         return decode.replica if local_s + residual["local"] <= remote_s + residual["prefill"] else None
 
-    async def _encode(self, req, deadline, timings, skip_lookup: bool) -> list[common_pb2.TensorRef]:
+    async def _encode(self, req, deadline, timings, skip_lookup: bool,
+                      home: Replica | None = None) -> list[common_pb2.TensorRef]:
         """Encode the request's images; with several encode replicas the images are spread over
         them by predicted finish time (intra-request parallelism) and the embeddings come back in
-        the original order. A shard whose replica is unavailable is re-sent to another one."""
+        the original order; E+P colocated (`home`: the prefill replica chosen for it), all on that
+        replica's EncodeService. A shard whose replica is unavailable is re-sent to another one."""
         if not req.images:
             return []
-        shards = shard_images(self.encode.healthy(), len(req.images), self.defaults)
+        twin = next((r for r in self.encode.replicas if home is not None and r.address == home.address), None)
+        if twin is not None and twin.healthy:
+            shards = {twin.index: list(range(len(req.images)))}
+        else:
+            shards = shard_images(self.encode.healthy(), len(req.images), self.defaults)
         t0 = time.perf_counter()
         responses = await asyncio.gather(*(self._encode_shard(req, self.encode.get(index), positions, deadline,
                                                               skip_lookup) for index, positions in shards.items()))
@@ -290,9 +364,11 @@ class Orchestrator:
             tried.append(replica)
             replica = min(self.encode.healthy(exclude=tried), key=lambda r: r.outstanding_work)
 
-    async def _prefill(self, req, prompt, refs, deadline, timings, cached) -> prefill_pb2.PrefillResponse:
-        """Prefill on the replica predicted to finish first; an unavailable replica is removed and
-        the next best one tried (before any token exists, so nothing is lost)."""
+    async def _prefill(self, req, prompt, refs, deadline, timings, cached,
+                       home: Replica | None = None) -> prefill_pb2.PrefillResponse:
+        """Prefill on the replica predicted to finish first (E+P colocated: on `home`, which
+        encoded the images); an unavailable replica is removed and the next best one tried (before
+        any token exists, so nothing is lost)."""
         request = prefill_pb2.PrefillRequest(
             request_id=req.request_id,
             token_ids=prompt.token_ids,
@@ -304,7 +380,8 @@ class Orchestrator:
         tokens, tried = len(prompt.token_ids), []
         t0 = time.perf_counter()
         while True:
-            choice = choose_prefill(self.prefill.healthy(exclude=tried), tokens, self.defaults, cached)
+            choice = choose_prefill(self._prefill_candidates(home, tried), tokens, self.defaults, cached,
+                                    self._encode_backlog_s())
             attributes = {"epdserve.replica": choice.replica.address, "epdserve.prompt_tokens": tokens,
                           "epdserve.predicted_ms": choice.predicted_s * 1000.0}
             with self.prefill.track(choice.replica, tokens), tracing.span("router.prefill", attributes):

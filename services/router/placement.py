@@ -56,15 +56,28 @@ def finish_time_s(replica: Replica, work: int, default_rate: float) -> float:
     return (queued_work + work) / service_rate(replica, default_rate) + overhead * (queued_requests + 1)
 
 
+def backlog_s(replica: Replica, default_rate: float) -> float:
+    """Predicted time until the work queued on `replica` is done (0 when it has none)."""
+    queued_work, queued_requests = queued(replica)
+    if queued_requests == 0:
+        return 0.0
+    overhead = replica.load.overhead_ms / 1000.0 if replica.load is not None else 0.0
+    return queued_work / service_rate(replica, default_rate) + overhead * queued_requests
+
+
 def choose_prefill(replicas: Sequence[Replica], tokens: int, defaults: CostDefaults,
-                   cached: Mapping[int, CachedPrefix] | None = None) -> Choice:
+                   cached: Mapping[int, CachedPrefix] | None = None,
+                   ahead_s: Mapping[int, float] | None = None) -> Choice:
     """The prefill replica with the smallest predicted TTFT for this prompt (Mooncake): its queue,
     then the tokens not in its cached prefix (`cached`: replica index -> prefix it would load), plus
     moving the cached blocks it does not hold. The queue term is the load-balance guard: cache
-    affinity wins only while the affine replica's queue is shorter than the work it saves."""
+    affinity wins only while the affine replica's queue is shorter than the work it saves.
+    `ahead_s` (replica index -> seconds): other work its model thread runs first (E+P colocated:
+    the encode work queued there, and this request's images when it would encode them)."""
     def choice(r: Replica) -> Choice:
         hit = (cached or {}).get(r.index, NOTHING_CACHED)
         compute_s = finish_time_s(r, tokens - hit.tokens, defaults.prefill_tokens_per_s)
+        compute_s += (ahead_s or {}).get(r.index, 0.0)
         return Choice(r, compute_s + hit.transfer_bytes(r.load) / defaults.kv_transfer_bytes_per_s, hit.tokens)
 
     return min((choice(r) for r in replicas), key=lambda c: (c.predicted_s, c.replica.index))

@@ -158,7 +158,7 @@ class ReplicaPool:
             if status.status != health_pb2.HealthCheckResponse.SERVING:
                 self.mark_down(replica, f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)}")
                 return
-            load = await replica.load_stub.GetLoad(load_pb2.GetLoadRequest(), timeout=timeout)
+            load = await replica.load_stub.GetLoad(load_pb2.GetLoadRequest(stage=self.stage), timeout=timeout)
         except grpc.RpcError as exc:
             self.mark_down(replica, f"probe failed: {exc.code().name}")
             return

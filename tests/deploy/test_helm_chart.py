@@ -4,7 +4,8 @@ lint clean, and the rules operators rely on: GPUs in limits = requests, native g
 a grace period longer than the drain timeout, non-root read-only containers, HPA/KEDA exclusive,
 a schema that rejects typos and wrong types, least-privilege RBAC for discovery, the token and TLS
 Secrets mounted read-only and passed to every service and the test client, probes that still work
-with TLS on (the plaintext health-only port)."""
+with TLS on (the plaintext health-only port), and with encode.colocated nothing at all for the encode
+stage (it runs in the prefill pods)."""
 
 from __future__ import annotations
 
@@ -210,10 +211,46 @@ def test_an_auth_token_value_becomes_a_secret_and_incomplete_settings_fail(chart
     ({"router": {"replicas": 1, "http": {"port": 70000}}}, "port"),
     ({"model": {"dtype": "fp8"}}, "dtype"),
     ({"grpcport": 50051}, "grpcport"),
+    ({"encode": {"colocated": "true", "replicas": 1, "gpus": 1}}, "colocated"),
 ])
 def test_the_schema_rejects_typos_and_wrong_types(chart, values, where):
     with pytest.raises(helm.HelmValuesError, match=where):
         chart.validate_schema(values)
+
+
+def test_colocated_encode_renders_nothing_for_the_encode_stage_and_runs_in_the_prefill_pods(chart):
+    values = {"encode": {"colocated": True, "args": ["--max-batch-size", "8"], "replicas": 3, "gpus": 2,
+                         "shmSizeLimit": "1Gi"},  # all but args ignored
+              "metrics": {"enabled": True, "serviceMonitor": {"enabled": True}},
+              "autoscaling": {"hpa": {"enabled": True}}}  # every template that renders per stage, on
+    rendered = _render(chart, values)
+    objects = _objects(rendered)
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    assert [o["metadata"]["name"] for o in objects
+            if o["metadata"]["labels"].get("app.kubernetes.io/component") == "encode"] == []
+    assert "epdserve-encode" not in "".join(rendered.values())  # no object, address or selector
+    for kind in ("Deployment", "Service", "PodDisruptionBudget"):
+        assert set(_by_kind(objects, kind)) >= {f"epd-epdserve-{s}" for s in ("prefill", "decode", "router")}
+    assert set(_by_kind(objects, "NetworkPolicy")) == {f"epd-epdserve-{s}" for s in ("prefill", "decode", "redis")}
+    for policy in _by_kind(objects, "NetworkPolicy").values():
+        (components,) = [e["values"] for e in policy["spec"]["ingress"][0]["from"][0]["podSelector"]
+                         ["matchExpressions"] if e["key"] == "app.kubernetes.io/component"]
+        assert components == ["router", "prefill", "decode"]
+    router_args = _containers(objects, "router")[1]["args"]
+    assert "--encode-colocated" in router_args and "--encode" not in router_args
+    assert _flag(router_args, "--prefill") == "k8s://llm/epd-epdserve-prefill:grpc"
+    defaults = chart.merge_values({})
+    pod, container = _pod_and_container(objects, "epd-epdserve-prefill")
+    assert container["args"][-3:] == ["--with-encode", "--max-batch-size", "8"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == defaults["prefill"]["gpus"]
+    assert container["resources"]["requests"]["memory"] == defaults["prefill"]["resources"]["requests"]["memory"]
+    shm = {v["name"]: v for v in pod["volumes"]}["shm"]["emptyDir"]["sizeLimit"]
+    assert shm == defaults["prefill"]["shmSizeLimit"]
+    assert "prefill x1 serving encode too" in rendered["epdserve/templates/NOTES.txt"]
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])

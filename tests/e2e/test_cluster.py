@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from epdserve.errors import InvalidArgumentError, ResourceExhaustedError
@@ -40,26 +39,11 @@ def client(cluster):
         yield client
 
 
-def _hf_greedy(model_dir, prompt: str, images: list[bytes], new_tokens: int) -> list[int]:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
-    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images] or None
-    inputs = processor(images=pil, text=text, return_tensors="pt")
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
-
-
-def test_greedy_generation_equals_transformers(client, tiny_checkpoint):
+def test_greedy_generation_equals_transformers(client, tiny_checkpoint, hf_greedy):
     images = [_png(1), _png(2, (20, 64))]
     result = client.generate("What is in these pictures?", images=images, max_tokens=16, temperature=0.0,
                              ignore_eos=True)
-    assert list(result.token_ids) == _hf_greedy(tiny_checkpoint, "What is in these pictures?", images, 16)
+    assert list(result.token_ids) == hf_greedy(tiny_checkpoint, "What is in these pictures?", images, 16)
     assert result.finish_reason == "length"
     assert result.usage.completion_tokens == 16
     assert result.usage.image_tokens == 2 * 16
@@ -88,9 +72,9 @@ def test_repeated_image_is_not_encoded_again(client):
     assert second.timings_ms["encode_cache_hits"] == 1 and "encode.encode_ms" not in second.timings_ms
 
 
-def test_text_only_request(client, tiny_checkpoint):
+def test_text_only_request(client, tiny_checkpoint, hf_greedy):
     result = client.generate("Hello!", max_tokens=8, temperature=0.0, ignore_eos=True)
-    assert list(result.token_ids) == _hf_greedy(tiny_checkpoint, "Hello!", [], 8)
+    assert list(result.token_ids) == hf_greedy(tiny_checkpoint, "Hello!", [], 8)
     assert result.usage.image_tokens == 0
 
 
@@ -320,7 +304,7 @@ def _generate_until(client, predicate, timeout_s: float = 10.0, **kwargs):
         time.sleep(0.2)
 
 
-def test_repeated_prefix_is_loaded_not_recomputed(client, tiny_checkpoint):
+def test_repeated_prefix_is_loaded_not_recomputed(client, tiny_checkpoint, hf_greedy):
     system = "You are a careful assistant who describes pictures in plain words. " * 2
     image = _png(60)
     args = dict(images=[image], max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -336,7 +320,7 @@ def test_repeated_prefix_is_loaded_not_recomputed(client, tiny_checkpoint):
     assert warm.token_ids == cold.token_ids
     other = client.generate(prompt=system + "A different question, then?", **args)
     assert other.timings_ms["prefill.prefix_hit_tokens"] >= 32      # the shared prefix (image included)
-    assert list(other.token_ids) == _hf_greedy(tiny_checkpoint, system + "A different question, then?", [image], 8)
+    assert list(other.token_ids) == hf_greedy(tiny_checkpoint, system + "A different question, then?", [image], 8)
     swapped = client.generate(prompt=system + "First question?", **{**args, "images": [_png(61)]})
     assert swapped.timings_ms["prefill.prefix_hit_tokens"] == 0   # another image changes every block after it
 

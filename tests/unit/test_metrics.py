@@ -99,7 +99,7 @@ def test_router_paths():
 
 def test_stage_metrics_count_each_request_and_read_the_tracker_at_scrape_time():
     registry, load = CollectorRegistry(), LoadTracker("prefill", "p0")
-    StageMetrics(registry, "prefill", load)
+    StageMetrics(registry, load)
     with load.request(5):
         assert _value(registry, "epdserve_requests_waiting", stage="prefill") == 1
         load.running(5, lambda: None)()
@@ -110,6 +110,20 @@ def test_stage_metrics_count_each_request_and_read_the_tracker_at_scrape_time():
                   code="INVALID_ARGUMENT") == 1
     assert _value(registry, "epdserve_requests_waiting", stage="prefill") == 0
     assert _value(registry, "epdserve_requests_running", stage="prefill") == 0
+
+
+def test_colocated_stages_count_under_their_own_labels():
+    registry, prefill, encode = CollectorRegistry(), LoadTracker("prefill", "p0"), LoadTracker("encode", "p0")
+    StageMetrics(registry, prefill, encode)
+    with encode.request(2):
+        assert _value(registry, "epdserve_requests_waiting", stage="encode") == 1
+        assert _value(registry, "epdserve_requests_waiting", stage="prefill") == 0
+    with prefill.request(7):
+        pass
+    with prefill.request(7):
+        pass
+    assert _value(registry, "epdserve_stage_requests_total", stage="encode", outcome="ok", code="OK") == 1
+    assert _value(registry, "epdserve_stage_requests_total", stage="prefill", outcome="ok", code="OK") == 2
 
 
 def test_another_registry_is_served_through_this_one():

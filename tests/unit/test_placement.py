@@ -11,6 +11,7 @@ from epdserve.v1 import load_pb2
 from services.load import ServiceTimeModel
 from services.router.placement import (
     CostDefaults,
+    backlog_s,
     choose_decode,
     choose_prefill,
     finish_time_s,
@@ -36,6 +37,27 @@ def test_prefill_goes_where_the_prompt_finishes_first():
     assert choice.replica is busy_fast and choice.predicted_s == pytest.approx(0.6)
     choice = choose_prefill([busy_fast, idle_slow], 100, DEFAULTS)   # 0.41 s vs 0.05 s
     assert choice.replica is idle_slow and choice.predicted_s == pytest.approx(0.05)
+
+
+def test_colocated_encode_work_ahead_moves_the_prefill_choice():
+    """E+P colocated: a replica's model thread also runs the encode work queued on it (and this
+    request's images, when it would encode them), so an idle prefill queue is not enough."""
+    a, b = _replica(0, work_per_s=1000.0), _replica(1, work_per_s=1000.0, queued_work=100, queued_requests=1)
+    assert choose_prefill([a, b], 100, DEFAULTS).replica is a
+    encoding = _replica(10, queued_work=4, queued_requests=2, work_per_s=10.0, overhead_ms=10.0)
+    ahead = {0: backlog_s(encoding, DEFAULTS.encode_images_per_s), 1: 0.0}
+    assert ahead[0] == pytest.approx(0.4 + 0.02)
+    choice = choose_prefill([a, b], 100, DEFAULTS, ahead_s=ahead)
+    assert choice.replica is b and choice.predicted_s == pytest.approx(0.2)
+    assert choose_prefill([a, b], 100, DEFAULTS, ahead_s={0: 0.05}).predicted_s == pytest.approx(0.15)
+
+
+def test_backlog_is_zero_when_nothing_is_queued():
+    assert backlog_s(_replica(0, work_per_s=10.0, overhead_ms=30.0), 1.0) == 0.0
+    assert backlog_s(_replica(1), 1.0) == 0.0
+    idle = _replica(2)
+    idle.outstanding, idle.outstanding_work = 1, 3
+    assert backlog_s(idle, 10.0) == pytest.approx(0.3)   # defaults until the replica measured a rate
 
 
 def test_the_routers_own_outstanding_work_counts_between_reports():

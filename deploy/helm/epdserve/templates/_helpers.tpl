@@ -17,6 +17,12 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .stage }}
 {{- end }}
 
+{{/* The stages with pods of their own, space-separated: encode runs inside the prefill pods when
+     encode.colocated (prefill --with-encode), so it then has no Deployment, Service, PDB or policy. */}}
+{{- define "epdserve.podStages" -}}
+{{- if not .Values.encode.colocated }}encode {{ end }}prefill decode
+{{- end }}
+
 {{- define "epdserve.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
