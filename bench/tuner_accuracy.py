@@ -6,8 +6,11 @@ a synthetic multimodal trace open-loop against it (`tuner validate`'s replay) an
 measured client-side percentiles with the simulator's prediction for the same trace, configuration
 and profile. Writes JSON and a markdown table.
 
-    python bench/tuner_accuracy.py [--configs "1,1,1;1,2,1;2,1,2"] [--rates 2,6] [--requests 200]
+    python bench/tuner_accuracy.py [--configs "1,1,1;1,2,1;2,1,2;+,1,1"] [--rates 2,6] [--requests 200]
                                    [--out bench/results]
+
+A configuration is E,P,D replica counts; E "+" means encode colocated in the prefill replicas
+(prefill --with-encode, router --encode-colocated).
 """
 
 from __future__ import annotations
@@ -30,11 +33,23 @@ SPEC = ("requests={requests},rate={rate},text_median=200,text_max=900,output_med
 REPORTED = (("ttft", "p50"), ("ttft", "p90"), ("ttft", "p99"), ("tpot", "mean"), ("e2e", "p50"), ("e2e", "p90"))
 
 
-def _cluster(model_dir, replicas):
+def _cluster(model_dir, candidate):
     from epdserve.launcher import ClusterConfig, LocalCluster
 
-    stages = dict(zip(("encode", "prefill", "decode"), replicas))
-    return LocalCluster(ClusterConfig(model_dir=model_dir, replicas=stages))
+    stages = {"encode": candidate.encode_replicas, "prefill": candidate.prefill_replicas,
+              "decode": candidate.decode_replicas}
+    return LocalCluster(ClusterConfig(model_dir=model_dir, replicas=stages,
+                                      encode_colocated=candidate.encode_colocated))
+
+
+def parse_config(text: str):
+    """"E,P,D" -> the Candidate with those replicas; E "+" = encode colocated in the prefill replicas."""
+    from tuner.sim import Candidate
+
+    e, p, d = text.split(",")
+    if e.strip() == "+":
+        return Candidate(0, int(p), int(d), encode_colocated=True)
+    return Candidate(int(e), int(p), int(d))
 
 
 async def _profile(address: str, cores: int, repeats: int):
@@ -74,14 +89,14 @@ def main() -> int:
     from tuner.synth import parse_spec, synthesize
     from tuner.validate import compare, comparison_json
 
-    configs = [tuple(int(x) for x in item.split(",")) for item in args.configs.split(";")]
+    configs = [parse_config(item) for item in args.configs.split(";")]
     rates = [float(x) for x in args.rates.split(",")]
     cores = len(os.sched_getaffinity(0))
     model_dir = cached_tiny_checkpoint(read_env().cache_dir)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    cluster = _cluster(model_dir, (1, 1, 1))
+    cluster = _cluster(model_dir, Candidate(1, 1, 1))
     try:
         started = time.perf_counter()
         profile = asyncio.run(_profile(cluster.start(), cores, args.repeats))
@@ -91,22 +106,22 @@ def main() -> int:
     profile.save(out / "tuner-accuracy-profile.json")
 
     rows = []
-    for replicas in configs:
-        cluster = _cluster(model_dir, replicas)
+    for candidate in configs:
+        cluster = _cluster(model_dir, candidate)
         try:
             address = cluster.start()
             for rate in rates:
                 trace = synthesize(parse_spec(SPEC.format(requests=args.requests, rate=rate, seed=args.seed)))
                 measured = asyncio.run(_replay(address, trace, args.warmup))
                 started = time.perf_counter()
-                predicted = simulate(trace, profile, Candidate(*replicas), seed=args.seed)
+                predicted = simulate(trace, profile, candidate, seed=args.seed)
                 sim_s = time.perf_counter() - started
                 comparison = compare(predicted, measured)
-                row = {"replicas": list(replicas), "rate_rps": rate, "requests": len(trace),
+                row = {"replicas": candidate.label(), "rate_rps": rate, "requests": len(trace),
                        "failed": sum(1 for m in measured if m.error), "simulate_s": sim_s,
                        "comparison": comparison_json(comparison)}
                 rows.append(row)
-                print(json.dumps({"replicas": replicas, "rate": rate, **{
+                print(json.dumps({"replicas": candidate.label(), "rate": rate, **{
                     f"{c.metric}_{c.statistic}": [round(c.predicted_s * 1000, 1), round(c.measured_s * 1000, 1),
                                                   f"{c.error:+.0%}"] for c in comparison}}), flush=True)
         finally:
@@ -122,7 +137,8 @@ def main() -> int:
 
 
 def _simulator_speed(profile) -> float:
-    """Configurations simulated per second on a 1,000-request trace (the default synthetic one)."""
+    """Configurations simulated per second on a 1,000-request trace (the default synthetic one;
+    separate and colocated encode)."""
     import dataclasses
 
     from tuner.cli import default_synthetic
@@ -131,6 +147,7 @@ def _simulator_speed(profile) -> float:
 
     trace = synthesize(dataclasses.replace(default_synthetic(profile.max_context), requests=1000))
     candidates = [Candidate(e, p, d) for e in (1, 2) for p in (1, 2) for d in (1, 2, 4)]
+    candidates += [Candidate(0, p, d, encode_colocated=True) for p in (1, 2) for d in (1, 2, 4)]
     started = time.perf_counter()
     for candidate in candidates:
         simulate(trace, profile, candidate)
@@ -148,7 +165,7 @@ def markdown(result: dict) -> str:
             c = cells[key]
             err = f"{c['error']:+.0%}" if c["error"] is not None else "-"
             text.append(f"{c['predicted_ms']:.1f} / {c['measured_ms']:.1f} ({err})")
-        lines.append(f"| {'/'.join(map(str, row['replicas']))} | {row['rate_rps']:g} | " + " | ".join(text) + " |")
+        lines.append(f"| {row['replicas']} | {row['rate_rps']:g} | " + " | ".join(text) + " |")
     lines += ["", f"Simulator speed: {result['simulator_configs_per_s_1000_requests']:.1f} configurations/s "
               "on a 1,000-request trace."]
     return "\n".join(lines) + "\n"

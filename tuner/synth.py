@@ -53,7 +53,8 @@ class SynthSpec:
     output_max: int = 4096
     image_fraction: float = 0.5        # share of messages that carry images
     images_mean: float = 1.5           # mean images on those (geometric, >= 1),
-    max_images: int = 8                # capped
+    max_images: int = 8                # capped,
+    min_images: int = 1                # and floored (an image-heavy workload: min_images=4)
     sizes: tuple[ImageSize, ...] = COMMON_SIZES  # sizes of new images, by weight
     image_reuse: float = 0.2           # P(an image repeats one already seen)
     image_zipf: float = 1.0            # popularity of seen images: P(k-th distinct image) ~ k^-image_zipf
@@ -69,7 +70,7 @@ class SynthSpec:
         for name, (accepts, expected) in _RULES.items():
             if not accepts(getattr(self, name)):
                 raise ValueError(f"synthetic spec: {name}={getattr(self, name)!r}: expected {expected}")
-        for low, high in (("text_min", "text_max"), ("output_min", "output_max")):
+        for low, high in (("text_min", "text_max"), ("output_min", "output_max"), ("min_images", "max_images")):
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(f"synthetic spec: {low} must be <= {high}")
 
@@ -87,7 +88,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "text_median": _at_least(1), "text_sigma": _at_least(0), "text_min": _at_least(0), "text_max": _at_least(1),
     "output_median": _at_least(1), "output_sigma": _at_least(0), "output_min": _at_least(1),
     "output_max": _at_least(1), "image_fraction": _FRACTION, "images_mean": _at_least(1),
-    "max_images": _at_least(1),
+    "max_images": _at_least(1), "min_images": _at_least(1),
     "sizes": ((lambda v: bool(v) and all(s.width > 0 and s.height > 0 and s.weight > 0 for s in v)), _SIZES_TEXT),
     "image_reuse": _FRACTION, "image_zipf": _at_least(0), "prefix_share": _FRACTION,
     "system_prompts": _at_least(1), "system_blocks": _at_least(1), "session_turns": _at_least(1),
@@ -233,7 +234,7 @@ def _lognormal(rng: np.random.Generator, n: int, median: float, sigma: float, lo
 
 def _image_counts(rng: np.random.Generator, spec: SynthSpec, n: int) -> np.ndarray:
     with_images = rng.random(n) < spec.image_fraction
-    counts = np.minimum(rng.geometric(1.0 / spec.images_mean, size=n), spec.max_images)
+    counts = np.clip(rng.geometric(1.0 / spec.images_mean, size=n), spec.min_images, spec.max_images)
     return np.where(with_images, counts, 0)
 
 

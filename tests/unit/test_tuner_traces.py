@@ -166,6 +166,15 @@ def test_synth_rate_and_lengths_follow_the_spec():
     assert sum(r.num_images > 0 for r in trace) / len(trace) == pytest.approx(spec.image_fraction, abs=0.05)
 
 
+def test_image_heavy_spec_floors_the_image_count():
+    heavy = synthesize(parse_spec("requests=400,images=1,images_mean=5,min_images=4,max_images=8"))
+    counts = [r.num_images for r in heavy]
+    assert min(counts) == 4 and max(counts) == 8
+    assert 4.5 < sum(counts) / len(counts) < 6.5
+    default = synthesize(SMALL)
+    assert min(r.num_images for r in default if r.num_images) == 1
+
+
 def test_burstiness_raises_the_inter_arrival_cv():
     bursty = synthesize(SynthSpec(arrivals="bursty", burstiness=3.0, requests=2000))
     assert _gap_cv(bursty) > 2.0
@@ -216,6 +225,7 @@ def test_parse_spec_accepts_aliases_and_field_names():
     ("sizes=1280by720", "sizes='1280by720': expected WxH"),
     ("rate", "'rate' needs a value"),
     ("output_min=50,output_max=10", "output_min must be <= output_max"),
+    ("min_images=9", "min_images must be <= max_images"),
 ])
 def test_parse_spec_rejects_bad_input(text, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,275 @@
+"""End-to-end GPU benchmark: serving layouts on the same GPUs, on multimodal traces (issue 11).
+
+Model: LLaVA-1.5-7B shapes (CLIP-ViT-L/14-336, 2-layer projector, Llama-2-7B-shaped decoder),
+fp16, random weights (`bench/llava_checkpoint.py`); output lengths forced by the trace (EOS ignored).
+Layouts, each a local deployment of real processes on this machine's GPU(s):
+- separate:   encode, prefill and decode processes (E -> P -> D; prompts up to --local-prefill
+              tokens may take E -> PD when the router predicts it sooner);
+- colocated:  prefill --with-encode + decode (E+P colocated, D separate; same E -> PD rule);
+- aggregated: one decode --with-encode process: it encodes, prefills and decodes every request.
+Workloads (`tuner.synth`, bursty arrivals, 20% image reuse): image-heavy (4-8 images per request),
+mixed (shaped like the Azure LMM 2025 trace: most requests 0-2 images, up to 8), text-only.
+For each layout, workload and rate (ascending; a workload stops after its first rate with
+attainment under --stop-below) the trace is replayed open-loop after a discarded warm-up and
+measured at the client: TTFT p50/p90/p99, TPOT p50/p90, throughput, SLO attainment (TTFT <= 2 s and
+TPOT <= 100 ms per request; failed requests miss) and goodput (highest rate with >= 90%
+attainment). Each (layout, workload) writes one JSON under --out; `--report` merges them into a
+markdown table and PNG plots (goodput bars, TTFT CDFs).
+
+    python bench/e2e.py --build-checkpoint /tmp/llava7b --out $OUT [--layouts separate,colocated,aggregated]
+                        [--workloads image-heavy,text-only] [--rates image-heavy=1,2,3] [--duration 20]
+    python bench/e2e.py --report bench/results/e2e-1gpu --out bench/results/e2e-1gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LAYOUTS = ("separate", "colocated", "aggregated")
+WORKLOADS = {
+    "image-heavy": "images=1,images_mean=5,min_images=4,max_images=8,text_median=300,text_min=50,text_max=1000,"
+                   "output_median=100,output_min=5,output_max=300",
+    "mixed": "images=0.6,images_mean=1.5,max_images=8,text_median=600,text_min=100,text_max=3000,"
+             "output_median=120,output_min=5,output_max=500",
+    "text-only": "images=0,text_median=600,text_min=100,text_max=5000,output_median=120,output_min=5,output_max=500",
+}
+COMMON = "arrivals=bursty,burstiness=2,reuse=0.2,prefix=0.3,system_blocks=1,sizes=512x384:2|336x336:1"
+DEFAULT_RATES = {"image-heavy": (1.0, 2.0, 4.0, 6.0), "mixed": (2.0, 4.0, 8.0, 12.0),
+                 "text-only": (4.0, 8.0, 16.0)}
+SLO_TTFT_S, SLO_TPOT_S, GOODPUT_ATTAINMENT = 2.0, 0.1, 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One replay: a workload at one rate on one layout, measured at the client."""
+    rate_rps: float
+    requests: int
+    failed: int
+    ttft_s: dict[str, float]
+    tpot_s: dict[str, float]
+    throughput_rps: float
+    attainment: float
+    ttfts: list[float]          # every completed request's TTFT (the CDF plots)
+
+
+def cluster_config(layout: str, model_dir: pathlib.Path, local_prefill_tokens: int, device: str = "cuda"):
+    from epdserve.launcher import ClusterConfig
+
+    router = ("--local-prefill-tokens", str(local_prefill_tokens), "--request-timeout-s", "120")
+    decode = ("--local-prefill-max-tokens", "8192")
+    return ClusterConfig(model_dir=model_dir, device=device, dtype="float16" if device == "cuda" else "auto",
+                         start_timeout_s=900,
+                         encode_colocated=layout != "separate",
+                         replicas={"prefill": 0} if layout == "aggregated" else {},
+                         stage_args={"router": router, "decode": decode})
+
+
+def measure(trace, measured, rate: float) -> Point:
+    """Client-side percentiles, throughput and SLO attainment of one replay."""
+    import numpy as np
+
+    ok = [m for m in measured if not m.error]
+    ttft = np.array([m.ttft_s for m in ok])
+    tpot = np.array([m.tpot_s for m in ok if not math.isnan(m.tpot_s)])
+    start = min(r.arrival_s for r in trace)
+    ends = [r.arrival_s + m.e2e_s for r, m in zip(sorted(trace, key=lambda r: r.arrival_s), measured) if not m.error]
+    span = (max(ends) - start) if ends else math.inf
+    met = sum(1 for m in ok if m.ttft_s <= SLO_TTFT_S and (math.isnan(m.tpot_s) or m.tpot_s <= SLO_TPOT_S))
+
+    def pct(values, qs):
+        return {f"p{q}": float(np.percentile(values, q)) if len(values) else math.inf for q in qs}
+
+    return Point(rate, len(measured), len(measured) - len(ok), pct(ttft, (50, 90, 99)), pct(tpot, (50, 90)),
+                 len(ok) / span if span > 0 else 0.0, met / len(measured), sorted(float(t) for t in ttft))
+
+
+async def run_workload(address: str, workload: str, rates, duration_s: float, warmup: int, stop_below: float,
+                       seed: int) -> list[Point]:
+    from epdserve.sdk import AsyncClient
+    from tuner.live import PromptMaker, replay, warm_up
+    from tuner.synth import parse_spec, synthesize
+
+    points = []
+    async with AsyncClient(address, timeout_s=150) as client:
+        prompts = PromptMaker()
+        await prompts.calibrate(client)
+        for i, rate in enumerate(rates):
+            requests = max(10, round(rate * duration_s))
+            spec = f"{WORKLOADS[workload]},{COMMON},rate={rate},requests={requests},seed={seed}"
+            trace = synthesize(parse_spec(spec))
+            if i == 0:
+                await warm_up(client, trace, prompts, warmup)
+            prompts = PromptMaker(prompts.chars_per_token)   # a fresh salt: cold caches for every replay
+            started = time.perf_counter()
+            point = measure(trace, await replay(client, trace, prompts), rate)
+            points.append(point)
+            print(json.dumps({"workload": workload, "rate": rate, "requests": point.requests, "failed": point.failed,
+                              "ttft_p90_ms": round(point.ttft_s["p90"] * 1000, 1),
+                              "tpot_p90_ms": round(point.tpot_s["p90"] * 1000, 1),
+                              "throughput_rps": round(point.throughput_rps, 2),
+                              "attainment": round(point.attainment, 3),
+                              "wall_s": round(time.perf_counter() - started, 1)}), flush=True)
+            if point.attainment < stop_below:
+                break
+    return points
+
+
+def goodput(points) -> float:
+    """Highest measured rate with >= 90% attainment (0 if none)."""
+    return max((p["rate_rps"] for p in points if p["attainment"] >= GOODPUT_ATTAINMENT), default=0.0)
+
+
+def _environment() -> dict:
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    cuda = torch.cuda.is_available()
+    return {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
+            "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+            "commit": commit.stdout.strip() or "unknown"}
+
+
+def run(args) -> int:
+    from epdserve.launcher import LocalCluster
+
+    model_dir = pathlib.Path(args.model) if args.model else None
+    if args.build_checkpoint and not (pathlib.Path(args.build_checkpoint) / "config.json").exists():
+        from bench.llava_checkpoint import build
+
+        started = time.perf_counter()
+        build(pathlib.Path(args.build_checkpoint))
+        print(f"checkpoint built in {time.perf_counter() - started:.0f} s", flush=True)
+    model_dir = model_dir or pathlib.Path(args.build_checkpoint)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rates = {**DEFAULT_RATES, **_parse_rates(args.rates)}
+    for layout in args.layouts.split(","):
+        started = time.perf_counter()
+        with LocalCluster(cluster_config(layout, model_dir, args.local_prefill_tokens, args.device)) as cluster:
+            print(f"{layout}: up in {time.perf_counter() - started:.0f} s", flush=True)
+            for workload in args.workloads.split(","):
+                points = asyncio.run(run_workload(cluster.router_address, workload, rates[workload], args.duration,
+                                                  args.warmup, args.stop_below, args.seed))
+                result = {**_environment(), "layout": layout, "workload": workload,
+                          "spec": f"{WORKLOADS[workload]},{COMMON}", "duration_s": args.duration,
+                          "slo": {"ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S},
+                          "points": [dataclasses.asdict(p) for p in points]}
+                result["goodput_rps"] = goodput(result["points"])
+                (out / f"e2e-{layout}-{workload}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _parse_rates(items) -> dict[str, tuple[float, ...]]:
+    rates = {}
+    for item in items or ():
+        workload, _, values = item.partition("=")
+        if workload not in WORKLOADS:
+            raise SystemExit(f"--rates: unknown workload {workload!r} (one of {', '.join(WORKLOADS)})")
+        rates[workload] = tuple(float(v) for v in values.split(","))
+    return rates
+
+
+def report(folder: pathlib.Path, out: pathlib.Path) -> int:
+    """Merge the per-(layout, workload) JSONs: one markdown table, goodput bars, TTFT CDFs."""
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("e2e-*-*.json"))]
+    if not results:
+        raise SystemExit(f"no e2e-*.json under {folder}")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"E2E on {results[0]['gpus']}x {results[0]['gpu']} ({results[0]['date']}, commit {results[0]['commit']}); "
+             f"SLO: TTFT <= {SLO_TTFT_S:g} s and TPOT <= {SLO_TPOT_S * 1000:g} ms per request", "",
+             "| workload | layout | rate (req/s) | requests | failed | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 (ms) "
+             "| throughput (req/s) | attainment |", "|---|---|---:|---:|---:|---|---|---:|---:|"]
+    for r in sorted(results, key=lambda r: (r["workload"], LAYOUTS.index(r["layout"]))):
+        for p in r["points"]:
+            t, o = p["ttft_s"], p["tpot_s"]
+            lines.append(f"| {r['workload']} | {r['layout']} | {p['rate_rps']:g} | {p['requests']} | {p['failed']} | "
+                         f"{t['p50'] * 1e3:.0f} / {t['p90'] * 1e3:.0f} / {t['p99'] * 1e3:.0f} | "
+                         f"{o['p50'] * 1e3:.1f} / {o['p90'] * 1e3:.1f} | {p['throughput_rps']:.2f} | "
+                         f"{p['attainment']:.2f} |")
+    lines += ["", "| workload | " + " | ".join(f"{layout} goodput" for layout in LAYOUTS) + " |",
+              "|---|" + "---:|" * len(LAYOUTS)]
+    by = {(r["workload"], r["layout"]): r["goodput_rps"] for r in results}
+    for workload in sorted({r["workload"] for r in results}):
+        lines.append(f"| {workload} | " + " | ".join(f"{by[(workload, layout)]:g}" if (workload, layout) in by
+                                                       else "-" for layout in LAYOUTS) + " |")
+    (out / "e2e.md").write_text("\n".join(lines) + "\n")
+    _plots(results, out)
+    print("\n".join(lines))
+    return 0
+
+
+def _plots(results, out: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted({r["workload"] for r in results})
+    by = {(r["workload"], r["layout"]): r for r in results}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(LAYOUTS)
+    for i, layout in enumerate(LAYOUTS):
+        ax.bar([w + i * width for w in range(len(workloads))],
+               [by[(w, layout)]["goodput_rps"] if (w, layout) in by else 0 for w in workloads], width, label=layout)
+    ax.set_xticks([w + width for w in range(len(workloads))], workloads)
+    ax.set_ylabel("goodput (req/s, >= 90% attainment)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "e2e-goodput.png", dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 3.5), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        for layout in LAYOUTS:
+            if (workload, layout) in by and by[(workload, layout)]["points"]:
+                point = by[(workload, layout)]["points"][0]
+                values = point["ttfts"]
+                ax.plot([v * 1000 for v in values], [(i + 1) / len(values) for i in range(len(values))],
+                        label=f"{layout} @ {point['rate_rps']:g}/s")
+        ax.set_title(workload)
+        ax.set_xlabel("TTFT (ms)")
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("fraction of requests")
+    fig.tight_layout()
+    fig.savefig(out / "e2e-ttft-cdf.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="LLaVA checkpoint directory")
+    parser.add_argument("--build-checkpoint", default="", help="build the 7B-shaped random checkpoint here first")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--workloads", default="image-heavy,text-only")
+    parser.add_argument("--rates", action="append", help="WORKLOAD=r1,r2,... ascending (repeatable)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per replay")
+    parser.add_argument("--warmup", type=int, default=16, help="discarded requests before a workload's replays")
+    parser.add_argument("--stop-below", type=float, default=0.5, help="stop a workload's rates under this attainment")
+    parser.add_argument("--local-prefill-tokens", type=int, default=1024,
+                        help="separate / colocated: prompts this short may take E -> PD")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda", help="cuda | cpu (a smoke test on the tiny model)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--report", default="", help="merge the JSONs in this folder instead of running")
+    args = parser.parse_args()
+    if args.report:
+        return report(pathlib.Path(args.report), pathlib.Path(args.out))
+    if not args.model and not args.build_checkpoint:
+        parser.error("give --model or --build-checkpoint")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
