@@ -49,6 +49,7 @@ COMMON = "arrivals=bursty,burstiness=2,reuse=0.2,prefix=0.3,system_blocks=1,size
 DEFAULT_RATES = {"image-heavy": (1.0, 2.0, 4.0, 6.0), "mixed": (2.0, 4.0, 8.0, 12.0),
                  "text-only": (4.0, 8.0, 16.0)}
 SLO_TTFT_S, SLO_TPOT_S, GOODPUT_ATTAINMENT = 2.0, 0.1, 0.9
+KV_POOL_BYTES = 24 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,18 +63,37 @@ class Point:
     throughput_rps: float
     attainment: float
     ttfts: list[float]          # every completed request's TTFT (the CDF plots)
+    errors: dict[str, int]      # failed requests by error (first 160 characters)
+    timings_ms_mean: dict[str, float]  # the stages' own timings (the router's timings_ms), mean over requests
 
 
-def cluster_config(layout: str, model_dir: pathlib.Path, local_prefill_tokens: int, device: str = "cuda"):
+def cluster_config(layout: str, model_dir: pathlib.Path, local_prefill_tokens: int, device: str = "cuda",
+                   extra: dict[str, tuple[str, ...]] | None = None):
     from epdserve.launcher import ClusterConfig
 
     router = ("--local-prefill-tokens", str(local_prefill_tokens), "--request-timeout-s", "120")
     decode = ("--local-prefill-max-tokens", "8192")
+    # a 7B prompt's KV is 0.5 MB per token (~2 GB at 4k tokens), published layer by layer until decode
+    # takes it: the prefill's host pool holds several (the default 2 GiB holds one)
+    prefill = ("--capacity-bytes", str(KV_POOL_BYTES)) if device == "cuda" else ()
     return ClusterConfig(model_dir=model_dir, device=device, dtype="float16" if device == "cuda" else "auto",
                          start_timeout_s=900,
                          encode_colocated=layout != "separate",
                          replicas={"prefill": 0} if layout == "aggregated" else {},
-                         stage_args={"router": router, "decode": decode})
+                         stage_args=_merged({"router": router, "decode": decode, "prefill": prefill}, extra or {}))
+
+
+def _merged(base: dict[str, tuple[str, ...]], extra: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    return {stage: (*base.get(stage, ()), *extra.get(stage, ())) for stage in {*base, *extra}}
+
+
+def _parse_extra(items) -> dict[str, tuple[str, ...]]:
+    """--stage-args STAGE="--flag value ..." (repeatable) -> stage -> flags."""
+    extra: dict[str, tuple[str, ...]] = {}
+    for item in items or ():
+        stage, _, flags = item.partition("=")
+        extra[stage] = (*extra.get(stage, ()), *flags.split())
+    return extra
 
 
 def measure(trace, measured, rate: float) -> Point:
@@ -91,8 +111,15 @@ def measure(trace, measured, rate: float) -> Point:
     def pct(values, qs):
         return {f"p{q}": float(np.percentile(values, q)) if len(values) else math.inf for q in qs}
 
+    errors: dict[str, int] = {}
+    for m in measured:
+        if m.error:
+            errors[m.error[:160]] = errors.get(m.error[:160], 0) + 1
+    keys = sorted({k for m in ok for k in m.timings})
+    timings = {k: float(np.mean([m.timings[k] for m in ok if k in m.timings])) for k in keys}
     return Point(rate, len(measured), len(measured) - len(ok), pct(ttft, (50, 90, 99)), pct(tpot, (50, 90)),
-                 len(ok) / span if span > 0 else 0.0, met / len(measured), sorted(float(t) for t in ttft))
+                 len(ok) / span if span > 0 else 0.0, met / len(measured), sorted(float(t) for t in ttft), errors,
+                 timings)
 
 
 async def run_workload(address: str, workload: str, rates, duration_s: float, warmup: int, stop_below: float,
@@ -120,7 +147,7 @@ async def run_workload(address: str, workload: str, rates, duration_s: float, wa
                               "tpot_p90_ms": round(point.tpot_s["p90"] * 1000, 1),
                               "throughput_rps": round(point.throughput_rps, 2),
                               "attainment": round(point.attainment, 3),
-                              "wall_s": round(time.perf_counter() - started, 1)}), flush=True)
+                              "wall_s": round(time.perf_counter() - started, 1), "errors": point.errors}), flush=True)
             if point.attainment < stop_below:
                 break
     return points
@@ -157,7 +184,9 @@ def run(args) -> int:
     rates = {**DEFAULT_RATES, **_parse_rates(args.rates)}
     for layout in args.layouts.split(","):
         started = time.perf_counter()
-        with LocalCluster(cluster_config(layout, model_dir, args.local_prefill_tokens, args.device)) as cluster:
+        extra = _parse_extra(args.stage_args)
+        config = cluster_config(layout, model_dir, args.local_prefill_tokens, args.device, extra)
+        with LocalCluster(config) as cluster:
             print(f"{layout}: up in {time.perf_counter() - started:.0f} s", flush=True)
             for workload in args.workloads.split(","):
                 points = asyncio.run(run_workload(cluster.router_address, workload, rates[workload], args.duration,
@@ -168,6 +197,9 @@ def run(args) -> int:
                           "points": [dataclasses.asdict(p) for p in points]}
                 result["goodput_rps"] = goodput(result["points"])
                 (out / f"e2e-{layout}-{workload}.json").write_text(json.dumps(result, indent=1) + "\n")
+                if any(p.failed for p in points):   # the services' own account of the failures
+                    logs = {name: cluster.log_tail(name, 100) for name in cluster.children}
+                    (out / f"e2e-{layout}-{workload}-logs.json").write_text(json.dumps(logs, indent=1))
     return 0
 
 
@@ -183,7 +215,7 @@ def _parse_rates(items) -> dict[str, tuple[float, ...]]:
 
 def report(folder: pathlib.Path, out: pathlib.Path) -> int:
     """Merge the per-(layout, workload) JSONs: one markdown table, goodput bars, TTFT CDFs."""
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("e2e-*-*.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("e2e-*-*.json")) if "-logs" not in p.name]
     if not results:
         raise SystemExit(f"no e2e-*.json under {folder}")
     out.mkdir(parents=True, exist_ok=True)
@@ -200,14 +232,20 @@ def report(folder: pathlib.Path, out: pathlib.Path) -> int:
                          f"{p['attainment']:.2f} |")
     lines += ["", "| workload | " + " | ".join(f"{layout} goodput" for layout in LAYOUTS) + " |",
               "|---|" + "---:|" * len(LAYOUTS)]
-    by = {(r["workload"], r["layout"]): r["goodput_rps"] for r in results}
+    by = {(r["workload"], r["layout"]): _goodput_text(r) for r in results}
     for workload in sorted({r["workload"] for r in results}):
-        lines.append(f"| {workload} | " + " | ".join(f"{by[(workload, layout)]:g}" if (workload, layout) in by
-                                                       else "-" for layout in LAYOUTS) + " |")
+        lines.append(f"| {workload} | " + " | ".join(by.get((workload, layout), "-") for layout in LAYOUTS) + " |")
     (out / "e2e.md").write_text("\n".join(lines) + "\n")
     _plots(results, out)
     print("\n".join(lines))
     return 0
+
+
+def _goodput_text(result: dict) -> str:
+    """The goodput, or "< r" when even the lowest measured rate r missed 90% attainment."""
+    if result["goodput_rps"] > 0 or not result["points"]:
+        return f"{result['goodput_rps']:g}"
+    return f"< {min(p['rate_rps'] for p in result['points']):g}"
 
 
 def _plots(results, out: pathlib.Path) -> None:
@@ -261,6 +299,8 @@ def main() -> int:
                         help="separate / colocated: prompts this short may take E -> PD")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda", help="cuda | cpu (a smoke test on the tiny model)")
+    parser.add_argument("--stage-args", action="append", help='STAGE="--flag value ..." more flags for a stage '
+                        "(encode, prefill, decode, router); repeatable")
     parser.add_argument("--out", required=True)
     parser.add_argument("--report", default="", help="merge the JSONs in this folder instead of running")
     args = parser.parse_args()

@@ -29,8 +29,16 @@ class PrefillResult:
     first_token_id: int
     kv_layers: list[torch.Tensor]     # per layer [2, H_kv, n_l, D] (n_l < length when FastKV compressed it)
     length: int                       # logical length: decode continues at this position
-    new_blocks: list[torch.Tensor]    # prefix-cache blocks computed here, [L, 2, H_kv, T, D] each
     computed_tokens: int              # positions actually run through the decoder
+    new_block_range: tuple[int, int] = (0, 0)  # prefix-cache blocks [first, end) computed here,
+    block_tokens: int = 1                      # of this many tokens each
+
+    def new_blocks(self) -> list[torch.Tensor]:
+        """The prefix-cache blocks computed here, [L, 2, H_kv, T, D] each: copies cut out of the
+        host KV (a gigabyte at 7B and 4k tokens: call it off the model thread)."""
+        first, end, size = *self.new_block_range, self.block_tokens
+        return [torch.stack([layer[:, :, b * size:(b + 1) * size] for layer in self.kv_layers])
+                for b in range(first, end)]
 
 
 class PromptPrefiller:
@@ -67,8 +75,8 @@ class PromptPrefiller:
     def run(self, token_ids: list[int], embeddings: list[torch.Tensor], sampling: SamplingParams,
             prefix_blocks: Sequence[torch.Tensor] = (), publish_blocks_upto: int = 0, block_tokens: int = 1, *,
             fastkv: FastKVConfig | None = None, on_layer: OnLayer | None = None) -> PrefillResult:
-        """Prefill positions after the cached prefix blocks; cut the blocks [len(prefix_blocks),
-        publish_blocks_upto) out of the result so they can be cached. Each finished layer's KV is
+        """Prefill positions after the cached prefix blocks; the result can cut the blocks
+        [len(prefix_blocks), publish_blocks_upto) out of its KV so they can be cached. Each finished layer's KV is
         handed to `on_layer` as soon as it is on the host (layer-wise publishing)."""
         if fastkv is not None and (prefix_blocks or publish_blocks_upto):
             raise ValueError("FastKV KV depends on the whole prompt: it cannot use or feed the prefix cache")
@@ -85,10 +93,8 @@ class PromptPrefiller:
         plan = fastkv.plan(self.spec.decoder.num_layers, len(token_ids)) if fastkv is not None else None
         logits = forward_prompt(self.decoder, embeds[cached:], kv, self.mini, plan)
         first = sample_token(logits[-1], sampling, step=0)
-        layers = collected.layers()
-        new_blocks = [torch.stack([layer[:, :, b * block_tokens:(b + 1) * block_tokens] for layer in layers])
-                      for b in range(len(prefix_blocks), publish_blocks_upto)]
-        return PrefillResult(first, layers, len(token_ids), new_blocks, len(token_ids) - cached)
+        blocks = (len(prefix_blocks), max(len(prefix_blocks), publish_blocks_upto))
+        return PrefillResult(first, collected.layers(), len(token_ids), len(token_ids) - cached, blocks, block_tokens)
 
     def embed(self, token_ids: list[int], embeddings: list[torch.Tensor]) -> torch.Tensor:
         """Prompt embeddings [S, d]: token embeddings with the image rows merged in, in order."""

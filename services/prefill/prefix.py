@@ -9,13 +9,18 @@ computed (its logits give the first token).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from epdserve.config import PrefillConfig
 from mmcache.client import MMCache
 from mmcache.keys import prefix_block_keys
+
+if TYPE_CHECKING:
+    from services.prefill.prefill import PrefillResult
 
 log = logging.getLogger(__name__)
 LEASE_S = 60.0
@@ -65,11 +70,15 @@ class PrefixCache:
         await self.cache.release(refs[run:])
         return PrefixHit(keys, refs[:run], blocks[:run])
 
-    async def publish(self, hit: PrefixHit, new_blocks: list) -> None:
-        """Cache the blocks this request computed (best effort: the request does not wait on it)."""
-        start = hit.blocks_cached
-        items = list(zip(hit.keys[start : start + len(new_blocks)], new_blocks))
+    async def publish(self, hit: PrefixHit, result: "PrefillResult") -> None:
+        """Cache the blocks this request computed (best effort: the request does not wait on it).
+        The blocks are cut out of the request's KV on a worker thread, never on the model thread."""
+        first, end = result.new_block_range
+        if end <= first:
+            return
         try:
+            blocks = await asyncio.to_thread(result.new_blocks)
+            items = list(zip(hit.keys[first:end], blocks))
             await self.cache.put_many(items, ttl_s=self.config.prefix_ttl_s)
         except Exception as exc:  # a full cache must not fail the request that already succeeded
             log.warning("prefix blocks not cached: %s", exc)

@@ -81,7 +81,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                       self.config.prefix_block_tokens, fastkv=fastkv), watch, computed)
         finally:  # inputs were copied into this request's KV (or it failed): end their leases
             await asyncio.shield(self.cache.release(list(request.image_embeddings) + hit.refs))
-        self._in_background(self.prefixes.publish(hit, result.new_blocks))
+        self._in_background(self.prefixes.publish(hit, result))
         watch.timings_ms["prefix_hit_tokens"] = float(result.length - result.computed_tokens)
         watch.timings_ms["computed_tokens"] = float(result.computed_tokens)
         watch.timings_ms["kv_tokens_stored"] = float(sum(layer.shape[2] for layer in result.kv_layers))

@@ -126,7 +126,7 @@ def test_prefix_blocks_then_suffix_equal_a_full_prefill(decoder):
     token_ids = list(range(2, 50))
     spec = load_spec_of(decoder)
     full = PromptPrefiller(spec, decoder).run(token_ids, [], GREEDY, publish_blocks_upto=3, block_tokens=16)
-    resumed = PromptPrefiller(spec, decoder).run(token_ids, [], GREEDY, full.new_blocks[:2], 3, 16)
+    resumed = PromptPrefiller(spec, decoder).run(token_ids, [], GREEDY, full.new_blocks()[:2], 3, 16)
     assert resumed.computed_tokens == len(token_ids) - 32
     assert resumed.first_token_id == full.first_token_id
     for a, b in zip(resumed.kv_layers, full.kv_layers):
