@@ -49,7 +49,7 @@ COMMON = "arrivals=bursty,burstiness=2,reuse=0.2,prefix=0.3,system_blocks=1,size
 DEFAULT_RATES = {"image-heavy": (1.0, 2.0, 4.0, 6.0), "mixed": (2.0, 4.0, 8.0, 12.0),
                  "text-only": (4.0, 8.0, 16.0)}
 SLO_TTFT_S, SLO_TPOT_S, GOODPUT_ATTAINMENT = 2.0, 0.1, 0.9
-KV_POOL_BYTES = 24 << 30
+KV_POOL = "24Gi"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ def cluster_config(layout: str, model_dir: pathlib.Path, local_prefill_tokens: i
     decode = ("--local-prefill-max-tokens", "8192")
     # a 7B prompt's KV is 0.5 MB per token (~2 GB at 4k tokens), published layer by layer until decode
     # takes it: the prefill's host pool holds several (the default 2 GiB holds one)
-    prefill = ("--capacity-bytes", str(KV_POOL_BYTES)) if device == "cuda" else ()
+    prefill = ("--capacity-bytes", KV_POOL, "--preallocate-pool") if device == "cuda" else ()
     return ClusterConfig(model_dir=model_dir, device=device, dtype="float16" if device == "cuda" else "auto",
                          start_timeout_s=900,
                          encode_colocated=layout != "separate",

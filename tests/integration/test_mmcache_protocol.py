@@ -410,3 +410,44 @@ async def test_put_of_a_held_content_key_keeps_intact_bytes_and_replaces_damaged
     (got,) = await consumer.get_many([replaced])
     assert got is not None and torch.equal(got, tensor)               # damaged: replaced with the new bytes
     await consumer.close(), await owner.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+async def test_a_large_entry_is_copied_in_slices_and_checksummed_from_its_source(config, tmp_path, workers,
+                                                                              monkeypatch):
+    """An entry of SPLIT_MIN_BYTES or more is spread over the worker threads (one checksums the
+    source, the others copy a slice each); whatever the thread count, the pool holds exactly the
+    source bytes, the ref's checksum is theirs, and another process reads them back intact."""
+    from mmcache import client as client_module
+    from mmcache.codec import checksum, tensor_bytes
+
+    monkeypatch.setattr(client_module, "_worker_count", lambda: workers)
+    owner = await Owner.start(dataclasses.replace(config, capacity_bytes=96 << 20), "owner")
+    consumer = await MMCache.open(_other(config, tmp_path), CacheIdentity("consumer", ""))
+    big = torch.randn(client_module.SPLIT_MIN_BYTES // 4 * 3 + 7)   # 24 MiB + 28 bytes: an uneven last slice
+    small = torch.randn(1000)
+    refs = await owner.cache.put_many([("kv:big", big), ("kv:small", small)], ttl_s=60, lease_s=60)
+    assert refs[0].checksum == checksum(tensor_bytes(big)) and refs[1].checksum == checksum(tensor_bytes(small))
+    got = await consumer.get_many(refs)
+    assert torch.equal(got[0], big) and torch.equal(got[1], small)
+    await consumer.release(refs)
+    await consumer.close(), await owner.stop()
+
+
+def test_slices_cover_the_bytes_on_page_boundaries():
+    from mmcache.client import _slices
+
+    for nbytes, parts in [(1, 3), (4096, 3), (10 << 20, 3), ((24 << 20) + 28, 1), ((24 << 20) + 28, 3)]:
+        cuts = _slices(nbytes, parts)
+        assert cuts[0][0] == 0 and cuts[-1][1] == nbytes and len(cuts) <= parts
+        assert all(a < b for a, b in cuts) and all(b == c for (_, b), (c, _) in zip(cuts, cuts[1:]))
+        assert all(a % 4096 == 0 for a, _ in cuts)
+
+
+async def test_a_preallocated_pool_owns_its_pages_from_the_start(config):
+    owner = await Owner.start(dataclasses.replace(config, preallocate_pool=True), "owner")
+    pool_path = owner.cache.store.tiers["host"].pool.path
+    assert pool_path.stat().st_blocks * 512 >= config.capacity_bytes   # not a sparse file
+    ref = await owner.cache.put("kv:x", torch.arange(10.0), ttl_s=60)
+    assert torch.equal((await owner.cache.get_many([ref]))[0], torch.arange(10.0))
+    await owner.stop()
