@@ -87,7 +87,7 @@ def main() -> int:
     from epdserve.models.tiny import cached_tiny_checkpoint
     from tuner.sim import Candidate, simulate
     from tuner.synth import parse_spec, synthesize
-    from tuner.validate import compare, comparison_json
+    from tuner.validate import compare, compare_by_class, comparison_json
 
     configs = [parse_config(item) for item in args.configs.split(";")]
     rates = [float(x) for x in args.rates.split(",")]
@@ -117,9 +117,11 @@ def main() -> int:
                 predicted = simulate(trace, profile, candidate, seed=args.seed)
                 sim_s = time.perf_counter() - started
                 comparison = compare(predicted, measured)
+                by_class = compare_by_class(trace, predicted, measured)
                 row = {"replicas": candidate.label(), "rate_rps": rate, "requests": len(trace),
                        "failed": sum(1 for m in measured if m.error), "simulate_s": sim_s,
-                       "comparison": comparison_json(comparison)}
+                       "comparison": comparison_json(comparison),
+                       "by_class": {name: comparison_json(rows) for name, rows in by_class.items()}}
                 rows.append(row)
                 print(json.dumps({"replicas": candidate.label(), "rate": rate, **{
                     f"{c.metric}_{c.statistic}": [round(c.predicted_s * 1000, 1), round(c.measured_s * 1000, 1),
@@ -155,9 +157,11 @@ def _simulator_speed(profile) -> float:
 
 
 def markdown(result: dict) -> str:
-    head = "| E/P/D | rate | " + " | ".join(f"{m} {s} pred / meas (err)" for m, s in REPORTED) + " |"
+    classes = list(result["rows"][0].get("by_class", {})) if result["rows"] else []
+    head = ("| E/P/D | rate | " + " | ".join(f"{m} {s} pred / meas (err)" for m, s in REPORTED)
+            + "".join(f" | ttft p50 {name}" for name in classes) + " |")
     lines = [f"Tuner accuracy on {result['hardware']} ({result['date']}), model {result['model']}", "", head,
-             "|" + "---|" * (2 + len(REPORTED))]
+             "|" + "---|" * (2 + len(REPORTED) + len(classes))]
     for row in result["rows"]:
         cells = {(c["metric"], c["statistic"]): c for c in row["comparison"]}
         text = []
@@ -165,6 +169,9 @@ def markdown(result: dict) -> str:
             c = cells[key]
             err = f"{c['error']:+.0%}" if c["error"] is not None else "-"
             text.append(f"{c['predicted_ms']:.1f} / {c['measured_ms']:.1f} ({err})")
+        for rows_ in row.get("by_class", {}).values():
+            c = {(r["metric"], r["statistic"]): r for r in rows_}[("ttft", "p50")]
+            text.append(f"{c['predicted_ms']:.1f} / {c['measured_ms']:.1f} ({c['error']:+.0%})")
         lines.append(f"| {row['replicas']} | {row['rate_rps']:g} | " + " | ".join(text) + " |")
     lines += ["", f"Simulator speed: {result['simulator_configs_per_s_1000_requests']:.1f} configurations/s "
               "on a 1,000-request trace."]

@@ -405,7 +405,7 @@ def _validate(args: argparse.Namespace) -> int:
     from tuner.live import PromptMaker, replay, warm_up
     from tuner.report import load_candidate
     from tuner.sim import simulate
-    from tuner.validate import compare, comparison_json, verdict
+    from tuner.validate import compare, compare_by_class, comparison_json, verdict
 
     candidate, _ = load_candidate(pathlib.Path(args.from_dir) / "candidates.json", args.candidate)
     requests, profile, source = _workload(args)
@@ -426,6 +426,9 @@ def _validate(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r.metric:<6} {r.statistic:<5} {r.predicted_s * 1000:13.1f} {r.measured_s * 1000:12.1f} "
               f"{r.error:+7.0%}{'' if r.within else '  (beyond ' + format(r.bound, '.0%') + ')'}")
+    for name, class_rows in compare_by_class(requests, predicted, measured).items():
+        print(f"  {name}: " + ", ".join(f"{r.metric} {r.statistic} {r.predicted_s * 1000:.1f} / "
+                                        f"{r.measured_s * 1000:.1f} ms ({r.error:+.0%})" for r in class_rows))
     label = verdict(rows, failed)
     print(f"candidate {args.candidate}: {label}")
     out = pathlib.Path(args.out or args.from_dir) / "validation.json"
