@@ -73,6 +73,8 @@ def cluster_config(layout: str, model_dir: pathlib.Path, local_prefill_tokens: i
 
     router = ("--local-prefill-tokens", str(local_prefill_tokens), "--request-timeout-s", "120")
     decode = ("--local-prefill-max-tokens", "8192")
+    if layout == "aggregated":   # alone on the GPU: not the share LocalCluster leaves decode beside prefill
+        decode += ("--kv-cache-fraction", "0.7")
     # a 7B prompt's KV is 0.5 MB per token (~2 GB at 4k tokens), published layer by layer until decode
     # takes it: the prefill's host pool holds several (the default 2 GiB holds one)
     prefill = ("--capacity-bytes", KV_POOL, "--preallocate-pool") if device == "cuda" else ()

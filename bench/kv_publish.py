@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,7 @@ async def publish_prompts(redis_url: str, layers, prompts: int, preallocate: boo
         return times
     finally:
         await cache.close()
+        shutil.rmtree(config.shm_dir, ignore_errors=True)
 
 
 def main() -> int:

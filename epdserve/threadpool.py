@@ -3,6 +3,8 @@
 Invariant: `DealtPool.map(fn, jobs)` returns fn(*job) for every job, in job order, having dealt the
 jobs out round-robin into at most one chunk per thread: one executor hop per thread instead of
 one per job, so the event loop (and the GIL it shares) pays for a few hand-offs, not hundreds.
+It returns or raises only once every chunk has stopped, cancellation included (a running thread
+cannot be stopped: a caller that frees what the jobs write into must not do so before that).
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ class DealtPool:
             return []
         chunks = [jobs[w :: self.threads] for w in range(min(self.threads, len(jobs)))]
         loop = asyncio.get_running_loop()
-        done = await asyncio.gather(*(loop.run_in_executor(self._executor, run_all, fn, chunk) for chunk in chunks))
+        futures = [loop.run_in_executor(self._executor, run_all, fn, chunk) for chunk in chunks]
+        try:
+            done = await asyncio.shield(asyncio.gather(*futures))
+        except BaseException:
+            await _all_stopped(futures)
+            raise
         results: list = [None] * len(jobs)
         for w, chunk_results in enumerate(done):
             results[w :: self.threads] = chunk_results
@@ -31,6 +38,15 @@ class DealtPool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _all_stopped(futures: list[asyncio.Future]) -> None:
+    """Wait until every future is done, whatever cancels the waiter meanwhile."""
+    while not all(f.done() for f in futures):
+        try:
+            await asyncio.shield(asyncio.wait(futures))
+        except asyncio.CancelledError:
+            continue
 
 
 def run_all(fn: Callable[..., Any], jobs: Sequence[tuple]) -> list:

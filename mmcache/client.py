@@ -183,14 +183,17 @@ class MMCache:
 
     async def _fill(self, fills: list[tuple]) -> list[str]:
         """Copy each fill's source bytes into its reserved region and return their checksums, in
-        worker threads. An entry of SPLIT_MIN_BYTES or more (a layer of a 7B prompt's KV: 54 MB) is
-        spread over every thread: one checksums the source while the others copy a slice each
-        (the copy and the checksum of one 54 MB layer took 8 + 3.5 ms in a row, one thread)."""
+        worker threads. When fewer entries of SPLIT_MIN_BYTES or more than threads come together
+        (prefill publishes one KV layer at a time: 54 MB at 7B), each is spread over every thread:
+        one checksums the source while the others copy a slice each (the copy and the checksum of
+        one 54 MB layer took 8 + 3.5 ms in a row, one thread); more of them go one per thread."""
         jobs, digest_at = [], []
         copiers = self._workers.threads - 1
+        large = sum(1 for *_, source in fills if len(source) >= SPLIT_MIN_BYTES)
+        split = copiers >= 1 and large < self._workers.threads  # more large entries: one per thread is as good
         for _, _, _, reservation, source in fills:
             digest_at.append(len(jobs))
-            if copiers < 1 or len(source) < SPLIT_MIN_BYTES:
+            if not split or len(source) < SPLIT_MIN_BYTES:
                 jobs.append((_copy_and_checksum, reservation.view, source))
                 continue
             jobs.append((checksum, source))

@@ -73,7 +73,7 @@ class StageMetrics:
         self.requests = Counter("epdserve_stage_requests", "requests this stage replica finished, by outcome "
                                 "(ok | error | cancelled) and gRPC code", ["stage", "outcome", "code"],
                                 registry=registry)
-        registry.register(FunctionCollector(lambda: (g for load in loads for g in _load_gauges(load))))
+        registry.register(FunctionCollector(lambda: _load_gauges(loads)))
         for load in loads:
             load.on_finish = functools.partial(self.finished, load.stage)
 
@@ -82,11 +82,16 @@ class StageMetrics:
         self.requests.labels(stage, outcome, code).inc()
 
 
-def _load_gauges(load: "LoadTracker") -> Iterator[Metric]:
-    waiting, running = load.counts()
-    labels = {"stage": load.stage}
-    yield gauge("epdserve_requests_waiting", "accepted requests not running yet", waiting, labels)
-    yield gauge("epdserve_requests_running", "requests running on the model thread", running, labels)
+def _load_gauges(loads: Iterable["LoadTracker"]) -> Iterator[Metric]:
+    """One family per gauge, one sample per stage (a name may appear once in an exposition)."""
+    waiting = GaugeMetricFamily("epdserve_requests_waiting", "accepted requests not running yet", labels=["stage"])
+    running = GaugeMetricFamily("epdserve_requests_running", "requests running on the model thread", labels=["stage"])
+    for load in loads:
+        queued, active = load.counts()
+        waiting.add_metric([load.stage], queued)
+        running.add_metric([load.stage], active)
+    yield waiting
+    yield running
 
 
 class EncodeMetrics:

@@ -227,14 +227,18 @@ class ModelExecutor:
         self._failures_in_a_row = 0
         self.failed: BaseException | None = None
 
-    async def run(self, fn: Callable[..., T], *args) -> T:
+    async def run(self, fn: Callable[..., T], *args, one_request: bool | None = None) -> T:
+        """fn(*args) on the model thread. `one_request`: whether this call serves a single request
+        (its out-of-memory error is that request's, not the engine's); default: the executor's
+        setting (a process serving two stages has calls of both kinds)."""
         if self.failed is not None:
             raise UnavailableError("this replica's model engine has failed and it is shutting down; "
                                    "retry on another replica")
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn, *args)
         except EpdserveError as exc:
-            if _out_of_memory(exc.__cause__) and not self._oom_is_the_requests:
+            requests_own = self._oom_is_the_requests if one_request is None else one_request
+            if _out_of_memory(exc.__cause__) and not requests_own:
                 self._failed_once(exc)
             raise
         except Exception as exc:

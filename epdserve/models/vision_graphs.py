@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from epdserve.engine.graph_buckets import batch_buckets, smallest_at_least
+from epdserve.engine.graph_buckets import CAPTURE_ERROR_MODE, batch_buckets, smallest_at_least
 from epdserve.models.vision import VisionEncoder
 
 
@@ -54,7 +54,7 @@ class GraphedVisionEncoder:
                 self.encoder.encode(pixels)
         torch.cuda.current_stream(self.pixels.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=CAPTURE_ERROR_MODE):
             embeddings, hidden_states = self.encoder.encode(pixels)
         self._graphs[bucket] = (graph, embeddings, tuple(hidden_states))
         return self._graphs[bucket]

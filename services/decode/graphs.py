@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from epdserve.engine.graph_buckets import batch_buckets, smallest_at_least
+from epdserve.engine.graph_buckets import CAPTURE_ERROR_MODE, batch_buckets, smallest_at_least
 from services.decode.runner import BatchRunner
 
 MIN_TABLE_BLOCKS = 16
@@ -60,7 +60,7 @@ class CudaGraphRunner:
                 self.runner.run(rows, tokens, max_rows)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=CAPTURE_ERROR_MODE):
             logits = self.runner.run(rows, tokens, max_rows)
         self._graphs[(bucket, width)] = (graph, logits)
         return graph, logits

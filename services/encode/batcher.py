@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import time
 from typing import NamedTuple
 
@@ -102,13 +101,18 @@ class EncodeBatcher:
         """Queue the batch's device work on the model thread, then complete it in the background
         (the loop goes on gathering the next batch). Owns one pipeline slot, released when done."""
         started = time.monotonic()
-        running = self.load.start_running(len(batch))
+        counted: list[RunningWork] = []
+
+        def launch():  # counted as running from when the model thread takes it up, not while it waits
+            counted.append(self.load.start_running(len(batch)))  # behind other work there (E+P colocated)
+            return self.encoder.launch([j.image for j in batch], [j.keep_ratio for j in batch], to_host=self.to_host)
+
         try:
-            pending = await self.executor.run(functools.partial(
-                self.encoder.launch, [j.image for j in batch], [j.keep_ratio for j in batch], to_host=self.to_host))
+            pending = await self.executor.run(launch, one_request=False)
         except Exception as exc:  # every waiter learns of the failure
-            self._fail(batch, exc, running)
+            self._fail(batch, exc, counted[0] if counted else None)
             return
+        running = counted[0]
         task = asyncio.create_task(self._complete(batch, pending, started, running))
         self._completions.add(task)
         task.add_done_callback(self._completions.discard)
@@ -131,8 +135,9 @@ class EncodeBatcher:
         for job, tensor in zip(batch, tensors):
             self._finish(job, result=Encoded(tensor, len(batch), False, started - job.queued_at, tower_s))
 
-    def _fail(self, batch: list[_Job], exc: BaseException, running: RunningWork) -> None:
-        running.end(completed=False)
+    def _fail(self, batch: list[_Job], exc: BaseException, running: RunningWork | None) -> None:
+        if running is not None:
+            running.end(completed=False)
         self._launch_slots.release()
         for job in batch:
             self._finish(job, exc=exc)

@@ -10,6 +10,7 @@ computed (its logits give the first token).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 LEASE_S = 60.0
+MAX_PUBLISHING = 2  # prompts whose new blocks are being cut and cached at once
 
 
 @dataclasses.dataclass
@@ -53,6 +55,8 @@ class PrefixCache:
                  image_token_id: int) -> None:
         self.cache, self.config = cache, config
         self.revision, self.kv_settings, self.image_token_id = model_revision, kv_settings, image_token_id
+        self._cutter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefix-blocks")
+        self._publishing = 0
 
     def keys(self, token_ids: Sequence[int], image_refs, salt: bytes) -> list[str]:
         if not self.config.prefix_cache:
@@ -72,13 +76,22 @@ class PrefixCache:
 
     async def publish(self, hit: PrefixHit, result: "PrefillResult") -> None:
         """Cache the blocks this request computed (best effort: the request does not wait on it).
-        The blocks are cut out of the request's KV on a worker thread, never on the model thread."""
+        The blocks are cut out of the request's KV on this cache's own thread, never on the model
+        thread, and the KV is let go as soon as they are; with MAX_PUBLISHING prompts' blocks
+        already on their way, a new prompt's are skipped (a burst of long prompts must not pile
+        up copies of their KV in host memory)."""
         first, end = result.new_block_range
         if end <= first:
             return
+        if self._publishing >= MAX_PUBLISHING:
+            log.debug("prefix blocks not cached: %d prompts' blocks already being published", self._publishing)
+            return
+        self._publishing += 1
         try:
-            blocks = await asyncio.to_thread(result.new_blocks)
-            items = list(zip(hit.keys[first:end], blocks))
-            await self.cache.put_many(items, ttl_s=self.config.prefix_ttl_s)
+            blocks = await asyncio.get_running_loop().run_in_executor(self._cutter, result.new_blocks)
+            del result  # the whole prompt's KV: only the blocks are needed from here on
+            await self.cache.put_many(list(zip(hit.keys[first:end], blocks)), ttl_s=self.config.prefix_ttl_s)
         except Exception as exc:  # a full cache must not fail the request that already succeeded
             log.warning("prefix blocks not cached: %s", exc)
+        finally:
+            self._publishing -= 1

@@ -154,7 +154,8 @@ class Orchestrator:
                 if run.tokens or not req.images or attempt >= self.config.stage_retries:
                     raise
             # (then prefill, or, aggregated, E -> PD again)
-            started = await self._start(req, prompt, deadline, timings, skip_lookup=True, local=False)
+            started = await self._start(req, prompt, deadline, timings, skip_lookup=True, local=False,
+                                        decode_replica=decode_replica)
         if started.prefill is not None:  # E -> P -> D: the first token comes from prefill
             async for event in self._after_prefill(run, req, prompt, started.prefill, deadline, timings, start,
                                                    decode_replica):
@@ -231,6 +232,8 @@ class Orchestrator:
         tokens = len(prompt.token_ids)
         able = [r for r in self.decode.healthy() if local_prefill_allowed(r, tokens, self.max_context)]
         if not able:
+            if any(local_prefill_allowed(r, tokens, self.max_context) for r in self.decode.replicas):
+                raise UnavailableError("no healthy decode replica that prefills a prompt this long; retry")
             longest = max((r.load.local_prefill_max_tokens for r in self.decode.replicas if r.load is not None),
                           default=0)
             raise InvalidArgumentError(f"prompt: {tokens} tokens; with no prefill replicas the decode replicas "

@@ -124,6 +124,14 @@ def test_colocated_stages_count_under_their_own_labels():
         pass
     assert _value(registry, "epdserve_stage_requests_total", stage="encode", outcome="ok", code="OK") == 1
     assert _value(registry, "epdserve_stage_requests_total", stage="prefill", outcome="ok", code="OK") == 2
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    text = generate_latest(registry).decode()
+    assert text.count("# TYPE epdserve_requests_waiting gauge") == 1
+    families = {f.name: f for f in text_string_to_metric_families(openmetrics_latest(registry).decode())}
+    assert {s.labels["stage"] for s in families["epdserve_requests_waiting"].samples} == {"prefill", "encode"}
 
 
 def test_another_registry_is_served_through_this_one():
