@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -163,7 +164,9 @@ def goodput(points) -> float:
 def _environment() -> dict:
     import torch
 
+    # the device runs a copy of the working tree whose git metadata may lag: EPDSERVE_COMMIT wins
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    commit.stdout = os.environ.get("EPDSERVE_COMMIT", commit.stdout)
     cuda = torch.cuda.is_available()
     return {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
             "gpus": torch.cuda.device_count(), "torch": torch.__version__,
