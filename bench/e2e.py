@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -161,16 +160,14 @@ def goodput(points) -> float:
     return max((p["rate_rps"] for p in points if p["attainment"] >= GOODPUT_ATTAINMENT), default=0.0)
 
 
-def _environment() -> dict:
+def _environment(commit_override: str = "") -> dict:
     import torch
 
-    # the device runs a copy of the working tree whose git metadata may lag: EPDSERVE_COMMIT wins
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    commit.stdout = os.environ.get("EPDSERVE_COMMIT", commit.stdout)
     cuda = torch.cuda.is_available()
     return {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
             "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-            "commit": commit.stdout.strip() or "unknown"}
+            "commit": commit_override or commit.stdout.strip() or "unknown"}
 
 
 def run(args) -> int:
@@ -196,7 +193,7 @@ def run(args) -> int:
             for workload in args.workloads.split(","):
                 points = asyncio.run(run_workload(cluster.router_address, workload, rates[workload], args.duration,
                                                   args.warmup, args.stop_below, args.seed))
-                result = {**_environment(), "layout": layout, "workload": workload,
+                result = {**_environment(args.commit), "layout": layout, "workload": workload,
                           "spec": f"{WORKLOADS[workload]},{COMMON}", "duration_s": args.duration,
                           "slo": {"ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S},
                           "points": [dataclasses.asdict(p) for p in points]}
@@ -306,6 +303,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda | cpu (a smoke test on the tiny model)")
     parser.add_argument("--stage-args", action="append", help='STAGE="--flag value ..." more flags for a stage '
                         "(encode, prefill, decode, router); repeatable")
+    parser.add_argument("--commit", default="", help="the commit being measured, when the tree's git metadata "
+                        "is not it (a device runs a copy of the working tree)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--report", default="", help="merge the JSONs in this folder instead of running")
     args = parser.parse_args()
