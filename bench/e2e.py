@@ -6,7 +6,9 @@ Layouts, each a local deployment of real processes on this machine's GPU(s):
 - separate:   encode, prefill and decode processes (E -> P -> D; prompts up to --local-prefill
               tokens may take E -> PD when the router predicts it sooner);
 - colocated:  prefill --with-encode + decode (E+P colocated, D separate; same E -> PD rule);
-- aggregated: one decode --with-encode process: it encodes, prefills and decodes every request.
+- aggregated: one decode --with-encode process: it encodes, prefills and decodes every request;
+or any replica counts ("E,P,D", E "+" for encode in the prefill replicas, "+,0,N" for N aggregated
+replicas), spread over --gpus GPUs one process per GPU in turn (encode, prefill, then decode).
 Workloads (`tuner.synth`, bursty arrivals, 20% image reuse): image-heavy (4-8 images per request),
 mixed (shaped like the Azure LMM 2025 trace: most requests 0-2 images, up to 8), text-only.
 For each layout, workload and rate (ascending; a workload stops after its first rate with
@@ -16,9 +18,11 @@ TPOT <= 100 ms per request; failed requests miss) and goodput (highest rate with
 attainment). Each (layout, workload) writes one JSON under --out; `--report` merges them into a
 markdown table and PNG plots (goodput bars, TTFT CDFs).
 
-    python bench/e2e.py --build-checkpoint /tmp/llava7b --out $OUT [--layouts separate,colocated,aggregated]
+    python bench/e2e.py --build-checkpoint /tmp/llava7b --out $OUT [--layouts "separate;colocated;aggregated"]
                         [--workloads image-heavy,text-only] [--rates image-heavy=1,2,3] [--duration 20]
-    python bench/e2e.py --report bench/results/e2e-1gpu --out bench/results/e2e-1gpu
+    python bench/e2e.py --build-checkpoint /tmp/llava7b --gpus 4 --out $OUT \
+                        --layouts "+,0,4;+,2,2;1,1,2;+,1,3"      # aggregated x4, E+P / D grids on 4 GPUs
+    python bench/e2e.py --report docs/results/e2e-1gpu --out docs/results/e2e-1gpu
 """
 
 from __future__ import annotations
@@ -67,22 +71,84 @@ class Point:
     timings_ms_mean: dict[str, float]  # the stages' own timings (the router's timings_ms), mean over requests
 
 
-def cluster_config(layout: str, model_dir: pathlib.Path, local_prefill_tokens: int, device: str = "cuda",
-                   extra: dict[str, tuple[str, ...]] | None = None):
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Processes of one deployment: replicas per stage; encode_colocated: encode runs in the prefill
+    replicas (or, with no prefill replica, in the decode replicas: aggregated)."""
+    label: str
+    encode: int
+    prefill: int
+    decode: int
+    encode_colocated: bool = False
+
+    @property
+    def aggregated(self) -> bool:
+        return self.encode_colocated and self.prefill == 0
+
+
+NAMED_LAYOUTS = {"separate": "1,1,1", "colocated": "+,1,1", "aggregated": "+,0,1"}
+
+
+def parse_layout(text: str) -> Layout:
+    """"separate" | "colocated" | "aggregated" (one replica each), or "E,P,D" replica counts with
+    E "+" for encode colocated ("+,2,2"; "+,0,4" = four aggregated replicas)."""
+    e, p, d = NAMED_LAYOUTS.get(text, text).split(",")
+    colocated = e.strip() == "+"
+    layout = Layout(text, 0 if colocated else int(e), int(p), int(d), colocated)
+    if text not in NAMED_LAYOUTS:
+        encode = "E+" if colocated else f"E{layout.encode}"
+        layout = dataclasses.replace(layout, label=f"{encode}P{layout.prefill}D{layout.decode}")
+    return layout
+
+
+def gpu_placement(layout: Layout, gpus: int) -> dict[str, int]:
+    """Child name -> GPU index: encode, then prefill, then decode replicas, one GPU each in turn
+    (round robin when there are more processes than GPUs)."""
+    from epdserve.launcher import ClusterConfig
+
+    names = ClusterConfig(model_dir=pathlib.Path("."), **_cluster_shape(layout)).names
+    ordered = [name for stage in ("encode", "prefill", "decode") for name in names(stage)]
+    return {name: i % max(1, gpus) for i, name in enumerate(ordered)}
+
+
+def _cluster_shape(layout: Layout) -> dict:
+    replicas = {"encode": layout.encode, "prefill": layout.prefill, "decode": layout.decode}
+    return {"encode_colocated": layout.encode_colocated,
+            "replicas": {k: v for k, v in replicas.items() if not (k == "encode" and layout.encode_colocated)}}
+
+
+def cluster_config(layout: Layout, model_dir: pathlib.Path, local_prefill_tokens: int, device: str = "cuda",
+                   extra: dict[str, tuple[str, ...]] | None = None, gpus: int = 1):
     from epdserve.launcher import ClusterConfig
 
     router = ("--local-prefill-tokens", str(local_prefill_tokens), "--request-timeout-s", "120")
     decode = ("--local-prefill-max-tokens", "8192")
-    if layout == "aggregated":   # alone on the GPU: not the share LocalCluster leaves decode beside prefill
-        decode += ("--kv-cache-fraction", "0.7")
     # a 7B prompt's KV is 0.5 MB per token (~2 GB at 4k tokens), published layer by layer until decode
     # takes it: the prefill's host pool holds several (the default 2 GiB holds one)
     prefill = ("--capacity-bytes", KV_POOL, "--preallocate-pool") if device == "cuda" else ()
+    stage_args = {"router": router, "decode": decode, "prefill": prefill}
+    if device == "cuda":   # a stage's first replica is named like the stage: its flags go to every replica of
+        # the stage, and each later replica's own flags come after them (the last of a flag wins)
+        stage_args = _merged(stage_args, _per_gpu_args(layout, gpus))
     return ClusterConfig(model_dir=model_dir, device=device, dtype="float16" if device == "cuda" else "auto",
-                         start_timeout_s=900,
-                         encode_colocated=layout != "separate",
-                         replicas={"prefill": 0} if layout == "aggregated" else {},
-                         stage_args=_merged({"router": router, "decode": decode, "prefill": prefill}, extra or {}))
+                         start_timeout_s=900, stage_args=_merged(stage_args, extra or {}), **_cluster_shape(layout))
+
+
+def _per_gpu_args(layout: Layout, gpus: int) -> dict[str, tuple[str, ...]]:
+    from epdserve.launcher import COLOCATED_DECODE_KV_FRACTION
+
+    """Per replica: its GPU, and for a decode replica the share of that GPU's free memory its KV
+    cache takes (most of it when alone there, less beside other processes' weights and activations)."""
+    placement = gpu_placement(layout, gpus)
+    processes = {gpu: sum(1 for g in placement.values() if g == gpu) for gpu in placement.values()}
+    decodes = {gpu: sum(1 for n, g in placement.items() if g == gpu and n.startswith("decode")) for gpu in processes}
+    args = {}
+    for name, gpu in placement.items():
+        args[name] = ("--device", f"cuda:{gpu}")
+        if name.startswith("decode"):   # as LocalCluster shares one GPU: 0.4 among the decodes beside others
+            share = 0.7 if processes[gpu] == 1 else COLOCATED_DECODE_KV_FRACTION / decodes[gpu]
+            args[name] += ("--kv-cache-fraction", f"{share:.3f}")
+    return args
 
 
 def _merged(base: dict[str, tuple[str, ...]], extra: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
@@ -184,24 +250,25 @@ def run(args) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rates = {**DEFAULT_RATES, **_parse_rates(args.rates)}
-    for layout in args.layouts.split(","):
+    for layout in (parse_layout(text) for text in args.layouts.split(";")):
         started = time.perf_counter()
         extra = _parse_extra(args.stage_args)
-        config = cluster_config(layout, model_dir, args.local_prefill_tokens, args.device, extra)
+        config = cluster_config(layout, model_dir, args.local_prefill_tokens, args.device, extra, args.gpus)
         with LocalCluster(config) as cluster:
-            print(f"{layout}: up in {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"{layout.label}: up in {time.perf_counter() - started:.0f} s", flush=True)
             for workload in args.workloads.split(","):
                 points = asyncio.run(run_workload(cluster.router_address, workload, rates[workload], args.duration,
                                                   args.warmup, args.stop_below, args.seed))
-                result = {**_environment(args.commit), "layout": layout, "workload": workload,
+                result = {**_environment(args.commit), "layout": layout.label, "gpus_used": args.gpus,
+                          "replicas": dataclasses.asdict(layout), "workload": workload,
                           "spec": f"{WORKLOADS[workload]},{COMMON}", "duration_s": args.duration,
                           "slo": {"ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S},
                           "points": [dataclasses.asdict(p) for p in points]}
                 result["goodput_rps"] = goodput(result["points"])
-                (out / f"e2e-{layout}-{workload}.json").write_text(json.dumps(result, indent=1) + "\n")
+                (out / f"e2e-{layout.label}-{workload}.json").write_text(json.dumps(result, indent=1) + "\n")
                 if any(p.failed for p in points):   # the services' own account of the failures
                     logs = {name: cluster.log_tail(name, 100) for name in cluster.children}
-                    (out / f"e2e-{layout}-{workload}-logs.json").write_text(json.dumps(logs, indent=1))
+                    (out / f"e2e-{layout.label}-{workload}-logs.json").write_text(json.dumps(logs, indent=1))
     return 0
 
 
@@ -225,20 +292,21 @@ def report(folder: pathlib.Path, out: pathlib.Path) -> int:
              f"SLO: TTFT <= {SLO_TTFT_S:g} s and TPOT <= {SLO_TPOT_S * 1000:g} ms per request", "",
              "| workload | layout | rate (req/s) | requests | failed | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 (ms) "
              "| throughput (req/s) | attainment |", "|---|---|---:|---:|---:|---|---|---:|---:|"]
-    for r in sorted(results, key=lambda r: (r["workload"], LAYOUTS.index(r["layout"]))):
+    layouts = _layout_order(results)
+    for r in sorted(results, key=lambda r: (r["workload"], layouts.index(r["layout"]))):
         for p in r["points"]:
             t, o = p["ttft_s"], p["tpot_s"]
             lines.append(f"| {r['workload']} | {r['layout']} | {p['rate_rps']:g} | {p['requests']} | {p['failed']} | "
                          f"{t['p50'] * 1e3:.0f} / {t['p90'] * 1e3:.0f} / {t['p99'] * 1e3:.0f} | "
                          f"{o['p50'] * 1e3:.1f} / {o['p90'] * 1e3:.1f} | {p['throughput_rps']:.2f} | "
                          f"{p['attainment']:.2f} |")
-    lines += ["", "| workload | " + " | ".join(f"{layout} goodput" for layout in LAYOUTS) + " |",
-              "|---|" + "---:|" * len(LAYOUTS)]
+    lines += ["", "| workload | " + " | ".join(f"{layout} goodput" for layout in layouts) + " |",
+              "|---|" + "---:|" * len(layouts)]
     by = {(r["workload"], r["layout"]): _goodput_text(r) for r in results}
     for workload in sorted({r["workload"] for r in results}):
-        lines.append(f"| {workload} | " + " | ".join(by.get((workload, layout), "-") for layout in LAYOUTS) + " |")
+        lines.append(f"| {workload} | " + " | ".join(by.get((workload, layout), "-") for layout in layouts) + " |")
     (out / "e2e.md").write_text("\n".join(lines) + "\n")
-    _plots(results, out)
+    _plots(results, out, layouts)
     print("\n".join(lines))
     return 0
 
@@ -250,7 +318,13 @@ def _goodput_text(result: dict) -> str:
     return f"< {min(p['rate_rps'] for p in result['points']):g}"
 
 
-def _plots(results, out: pathlib.Path) -> None:
+def _layout_order(results) -> list[str]:
+    """The named layouts first (separate, colocated, aggregated), then the others as they come."""
+    seen = list(dict.fromkeys(r["layout"] for r in results))
+    return [name for name in LAYOUTS if name in seen] + [name for name in seen if name not in LAYOUTS]
+
+
+def _plots(results, out: pathlib.Path, layouts: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,8 +333,8 @@ def _plots(results, out: pathlib.Path) -> None:
     workloads = sorted({r["workload"] for r in results})
     by = {(r["workload"], r["layout"]): r for r in results}
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(LAYOUTS)
-    for i, layout in enumerate(LAYOUTS):
+    width = 0.8 / len(layouts)
+    for i, layout in enumerate(layouts):
         ax.bar([w + i * width for w in range(len(workloads))],
                [by[(w, layout)]["goodput_rps"] if (w, layout) in by else 0 for w in workloads], width, label=layout)
     ax.set_xticks([w + width for w in range(len(workloads))], workloads)
@@ -271,7 +345,7 @@ def _plots(results, out: pathlib.Path) -> None:
     plt.close(fig)
     fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 3.5), squeeze=False)
     for ax, workload in zip(axes[0], workloads):
-        for layout in LAYOUTS:
+        for layout in layouts:
             if (workload, layout) in by and by[(workload, layout)]["points"]:
                 point = by[(workload, layout)]["points"][0]
                 values = point["ttfts"]
@@ -291,7 +365,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="LLaVA checkpoint directory")
     parser.add_argument("--build-checkpoint", default="", help="build the 7B-shaped random checkpoint here first")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--layouts", default=";".join(LAYOUTS),
+                        help="';'-separated: separate | colocated | aggregated | E,P,D replica counts (E '+': encode "
+                             "in the prefill replicas; '+,0,N': N aggregated replicas)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs to spread the replicas over (cuda:0..N-1)")
     parser.add_argument("--workloads", default="image-heavy,text-only")
     parser.add_argument("--rates", action="append", help="WORKLOAD=r1,r2,... ascending (repeatable)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per replay")
