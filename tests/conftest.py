@@ -79,6 +79,23 @@ def tiny_checkpoint(tiny_checkpoint_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def random_png():
+    """`random_png(seed, size=(w, h))`: PNG bytes of seeded random pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def make(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
+        pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        return buf.getvalue()
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def hf_greedy():
     """`hf_greedy(model_dir, prompt, images, new_tokens)`: the greedy tokens HF transformers'
     LlavaForConditionalGeneration generates for the chat prompt (the correctness anchor)."""

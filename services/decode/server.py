@@ -28,7 +28,7 @@ from services.decode.loop import EngineLoop
 from services.decode.setup import build_engine, place_experts
 from services.load import LoadTracker
 from services.metrics import register_decode_metrics
-from services.runtime import Colocated, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
+from services.runtime import StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 from services.wire import sampling_from_proto
 
 log = logging.getLogger(__name__)
@@ -223,14 +223,13 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
                 encode_config: EncodeConfig = EncodeConfig()) -> None:
     """Serve decode; with --with-encode also EncodeService (aggregated E+PD: encode batches and
     decode steps, local prefills included, take turns on the one model thread)."""
+    model_dir = resolve_model_dir(model_config)
     colocated = ()
     if decode_config.with_encode:
-        from services.encode.server import SERVICE_NAME as ENCODE_SERVICE_NAME
-        from services.encode.server import encode_registrar
+        from services.encode.server import colocated_encode
 
-        register_encode = encode_registrar(resolve_model_dir(model_config), model_config, cache_config, encode_config)
-        colocated = (Colocated("encode", ENCODE_SERVICE_NAME, register_encode),)
-    spec = load_spec(resolve_model_dir(model_config))
+        colocated = (colocated_encode(model_dir, model_config, cache_config, encode_config),)
+    spec = load_spec(model_dir)
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
     experts = place_experts(decoder, decode_config)
     engine = build_engine(decoder, decode_config, spec)

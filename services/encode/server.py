@@ -22,7 +22,7 @@ from services.encode.encoder import ImageEncoder, RecentKeys
 from services.encode.images import decode_image
 from services.encode.sparsify import build_scorer
 from services.metrics import EncodeMetrics
-from services.runtime import StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
+from services.runtime import Colocated, StageContext, Stopwatch, resolve_model_dir, run_stage, stage_main
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = encode_pb2.DESCRIPTOR.services_by_name["EncodeService"].full_name
@@ -131,6 +131,12 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
                 encode_config: EncodeConfig, credentials: Credentials = NO_CREDENTIALS) -> None:
     register = encode_registrar(resolve_model_dir(model_config), model_config, cache_config, encode_config)
     await run_stage("encode", SERVICE_NAME, server_config, cache_config, register, credentials)
+
+
+def colocated_encode(model_dir, model_config: ModelConfig, cache_config: CacheConfig,
+                     encode_config: EncodeConfig) -> Colocated:
+    """The encode stage as a second stage of another stage's process (`--with-encode`)."""
+    return Colocated("encode", SERVICE_NAME, encode_registrar(model_dir, model_config, cache_config, encode_config))
 
 
 def encode_registrar(model_dir, model_config: ModelConfig, cache_config: CacheConfig,

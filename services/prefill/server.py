@@ -26,7 +26,6 @@ from services.prefill.minisequence import MiniSequenceConfig
 from services.prefill.prefill import PromptPrefiller
 from services.prefill.prefix import PrefixCache, PrefixHit
 from services.runtime import (
-    Colocated,
     ModelExecutor,
     StageContext,
     Stopwatch,
@@ -169,11 +168,9 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
     model_dir = resolve_model_dir(model_config)
     colocated = ()
     if prefill_config.with_encode:
-        from services.encode.server import SERVICE_NAME as ENCODE_SERVICE_NAME
-        from services.encode.server import encode_registrar
+        from services.encode.server import colocated_encode
 
-        register_encode = encode_registrar(model_dir, model_config, cache_config, encode_config)
-        colocated = (Colocated("encode", ENCODE_SERVICE_NAME, register_encode),)
+        colocated = (colocated_encode(model_dir, model_config, cache_config, encode_config),)
     spec = load_spec(model_dir)
     revision = model_config.revision or model_revision(model_dir)
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)

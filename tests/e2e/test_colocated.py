@@ -5,13 +5,9 @@ the load service reports each stage separately and refuses a stage the replica d
 
 from __future__ import annotations
 
-import io
-
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from epdserve.config import RouterConfig
 from epdserve.launcher import ClusterConfig, LocalCluster
@@ -20,13 +16,6 @@ from epdserve.v1 import load_pb2, load_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 METRICS = ("--metrics-port", "0")
-
-
-def _png(seed: int, size=(48, 40)) -> bytes:
-    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +37,8 @@ def test_no_encode_process_runs(cluster):
     assert sorted(cluster.children) == ["decode", "prefill", "prefill-1", "router"]
 
 
-def test_greedy_generation_equals_transformers(client, tiny_checkpoint, hf_greedy):
-    images = [_png(1), _png(2, (20, 64))]
+def test_greedy_generation_equals_transformers(client, tiny_checkpoint, hf_greedy, random_png):
+    images = [random_png(1), random_png(2, (20, 64))]
     result = client.generate("What is in these pictures?", images=images, max_tokens=12, temperature=0.0,
                              ignore_eos=True)
     assert list(result.token_ids) == hf_greedy(tiny_checkpoint, "What is in these pictures?", images, 12)
@@ -58,10 +47,10 @@ def test_greedy_generation_equals_transformers(client, tiny_checkpoint, hf_greed
     assert list(text.token_ids) == hf_greedy(tiny_checkpoint, "Hello!", [], 6)
 
 
-def test_each_image_request_is_encoded_where_it_is_prefilled(cluster, client):
+def test_each_image_request_is_encoded_where_it_is_prefilled(cluster, client, random_png):
     before = {name: _stage_counts(cluster, name) for name in ("prefill", "prefill-1")}
     for seed in range(10, 16):
-        client.generate("Describe it", images=[_png(seed), _png(seed + 100)], max_tokens=2, temperature=0.0)
+        client.generate("Describe it", images=[random_png(seed), random_png(seed + 100)], max_tokens=2, temperature=0.0)
     after = {name: _stage_counts(cluster, name) for name in ("prefill", "prefill-1")}
     served = {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in after}
     assert sum(encoded for encoded, _ in served.values()) == 6
@@ -110,10 +99,10 @@ def aggregated(tiny_checkpoint):
         yield cluster
 
 
-def test_aggregated_serves_every_stage_in_the_decode_process(aggregated, tiny_checkpoint, hf_greedy):
+def test_aggregated_serves_every_stage_in_the_decode_process(aggregated, tiny_checkpoint, hf_greedy, random_png):
     assert sorted(aggregated.children) == ["decode", "router"]
     with Client(aggregated.router_address, timeout_s=120) as client:
-        images = [_png(1), _png(2, (20, 64))]
+        images = [random_png(1), random_png(2, (20, 64))]
         result = client.generate("What is in these pictures?", images=images, max_tokens=12, temperature=0.0,
                                  ignore_eos=True)
         assert list(result.token_ids) == hf_greedy(tiny_checkpoint, "What is in these pictures?", images, 12)
