@@ -91,14 +91,14 @@ def hf_prefill(hf, ids, keep: int):
 
 
 def mom_prefill(ours, ids, plan=None, collect=None, allocate=None):
-    from services.prefill.layer_kv import CollectedLayers, OffloadingKV, pinned_empty
+    from services.prefill.layer_kv import CollectedLayers, OffloadingKV, StagedHost, pinned_empty
     from services.prefill.minisequence import MiniSequenceConfig
     from services.prefill.prefill import forward_prompt
 
     collected = collect if collect is not None else CollectedLayers()
     with torch.inference_mode():
         embeds = ours.embed(ids)[0]
-        kv = OffloadingKV("cuda", collected, allocate=allocate or pinned_empty)
+        kv = OffloadingKV("cuda", collected, host=StagedHost(allocate or pinned_empty))
         logits = forward_prompt(ours, embeds, kv, MiniSequenceConfig(), plan)
         layers = collected.layers()  # the host copies are complete: the KV has left the GPU
     return int(logits[0].argmax()), layers
@@ -254,7 +254,7 @@ def main() -> int:
 def probe(ours, length: int) -> dict:
     """Prefill `length` tokens with MOM (KV to page-locked host memory of exactly its size), reload
     it, decode 16 tokens."""
-    from epdserve.engine.offloaded_kv import page_locked, unpin
+    from epdserve.engine.host_memory import page_locked, unpin
     from epdserve.engine.sampler import SamplingParams
     from services.decode.decoder import TokenDecoder
 

@@ -188,6 +188,12 @@ FASTKV_HEAD_SELECTIONS = ("group", "per-head")   # GQA-aware (the paper's) | eac
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
     kv_ttl_s: float = setting(120.0, "seconds published KV stays leased for its decode before it is freed")
+    kv_wait_s: float = setting(30.0, "longest a prompt waits for room in the cache pool for its KV (earlier "
+                                     "prompts' KV being taken by decode) before RESOURCE_EXHAUSTED; the "
+                                     "request's deadline caps it")
+    kv_zero_copy: bool = setting(True, "on a GPU, page-lock the cache pool at start (all of it becomes resident) "
+                                       "so each layer's KV is copied from the GPU straight into it: one copy "
+                                       "instead of two")
     prefix_cache: bool = setting(True, "reuse cached KV of full prompt blocks (lossless) and publish new ones")
     prefix_block_tokens: int = setting(32, "tokens per prefix-cache block (only full blocks are cached)")
     prefix_ttl_s: float = setting(900.0, "seconds a cached prefix block lives after its last use")
@@ -207,6 +213,8 @@ class PrefillConfig:
                                        "route with the router's --encode-colocated")
 
     def __post_init__(self) -> None:
+        if self.kv_wait_s < 0:
+            raise ValueError(f"kv_wait_s must be >= 0 (got {self.kv_wait_s})")
         if self.prefix_block_tokens < 1:
             raise ValueError(f"prefix_block_tokens must be >= 1 (got {self.prefix_block_tokens})")
         if self.chunk_tokens < 1 or self.min_chunk_tokens < 1:

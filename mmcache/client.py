@@ -17,8 +17,10 @@ Ownership and lease protocol (what always holds):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import math
 import pathlib
 import re
 import time
@@ -48,9 +50,9 @@ from mmcache.guard import CacheUnavailableError, RedisGuard
 from mmcache.index import IndexEntry, RedisIndex
 from mmcache.metrics import CacheMetrics
 from mmcache.owners import OwnerInfo, OwnerRegistry, disk_dir, local_host_id, pool_file, remove_owner_files
-from mmcache.pool import PoolMappings, SharedMemoryPool
+from mmcache.pool import PoolMappings, SharedMemoryPool, region_bytes
 from mmcache.readiness import ReadinessStream
-from mmcache.store import Entry, PutResult, TieredStore, default_store_dir
+from mmcache.store import CapacityError, Entry, PutResult, Reservation, TieredStore, default_store_dir
 from mmcache.tiers import DeviceTier, DiskTier, HostTier
 from mmcache.transfer import CacheControlServicer, DataClient, DataServer
 
@@ -60,6 +62,16 @@ PARALLEL_MIN_BYTES = 256 << 10  # entries at least this large are copied / check
 SPLIT_MIN_BYTES = 8 << 20  # ... and entries this large are spread over all the worker threads
 CONTENT_KEY_KINDS = ("img:", "kvb:")  # keys that are content hashes (equal key = equal bytes)
 JANITOR_EVERY = 5  # heartbeats
+SPACE_POLL_S = 0.25  # a waiting reservation looks again at least this often (frees it is not told of)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReservedTensor:
+    """A host-pool region held for one entry before its bytes exist (`MMCache.reserve_tensors`),
+    and `tensor`, a CPU view of it to write them into (page-locked when the pool is)."""
+
+    reservation: Reservation
+    tensor: object  # torch.Tensor of the entry's shape and dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +99,9 @@ class MMCache:
         self._workers = DealtPool(_worker_count(), "mmcache")
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        self._reserved: dict[int, Reservation] = {}  # offset -> region reserved, not yet committed or abandoned
+        self._space_freed = asyncio.Event()
+        self._reserving = asyncio.Lock()  # waiting reservations are served in arrival order
 
     @classmethod
     async def open(cls, config: CacheConfig, identity: CacheIdentity,
@@ -162,6 +177,90 @@ class MMCache:
         await self._sync_index(new=refs, ttl_s=ttl_s)
         return refs
 
+    # ---- reserved entries: memory first, bytes later ----------------------------------------------
+
+    @property
+    def page_locked(self) -> bool:
+        """Whether the host pool is registered with CUDA (`page_lock_pool`)."""
+        return "host" in self.store.tiers and self.store.tiers["host"].pool.page_locked
+
+    def page_lock_pool(self) -> bool:
+        """Register the host pool with CUDA so a GPU copies straight into reserved regions; False
+        (logged) when it cannot be (no GPU, memlock limit), and the pool works as before."""
+        try:
+            self.store.tiers["host"].pool.page_lock()
+            return True
+        except Exception as exc:  # noqa: BLE001 - any refusal leaves a working, unlocked pool
+            log.warning("cache pool not page-locked, GPU copies go through a pinned buffer: %s", exc)
+            return False
+
+    async def reserve_tensors(self, layouts: Sequence[tuple[tuple[int, ...], object]], *,
+                              timeout_s: float) -> list[ReservedTensor]:
+        """Host-pool regions for tensors of these (shape, dtype), all or none. While the pool cannot
+        hold them all (after evicting what is not leased), waits for space (earlier hand-offs being
+        released), in arrival order, up to `timeout_s`. Each region must end in `commit_reserved`
+        or `abandon`. Raises CapacityError (RESOURCE_EXHAUSTED) when they can never fit or did not
+        within `timeout_s`."""
+        sizes = [math.prod(shape) * _itemsize(dtype) for shape, dtype in layouts]
+        pool = self.store.tiers["host"].pool
+        if sum(region_bytes(n) for n in sizes) > pool.capacity_bytes:
+            raise CapacityError(f"{sum(sizes)} bytes of entries exceed the cache pool ({pool.capacity_bytes} "
+                                "bytes): raise --capacity-bytes")
+        deadline = time.monotonic() + timeout_s
+        async with self._reserving:
+            while (reserved := self._reserve_all(sizes)) is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CapacityError(f"{sum(sizes)} bytes of entries did not fit the cache pool within {timeout_s:g}"
+                                        f" s ({pool.free_bytes} of {pool.capacity_bytes} bytes free, the rest held "
+                                        "for readers): retry later or raise --capacity-bytes", retry_after_s=1.0)
+                self._space_freed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._space_freed.wait(), min(left, SPACE_POLL_S))
+        return [ReservedTensor(r, _tensor_view(r.view, dtype, shape)) for r, (shape, dtype) in zip(reserved, layouts)]
+
+    def _reserve_all(self, sizes: list[int]) -> list[Reservation] | None:
+        taken = []
+        for nbytes in sizes:
+            reservation = self.store.reserve_host(nbytes)
+            if reservation is None:
+                for done in taken:
+                    self.store.abandon(done)
+                return None
+            taken.append(reservation)
+        self._reserved.update((r.offset, r) for r in taken)
+        return taken
+
+    async def commit_reserved(self, items: Sequence[tuple[str, ReservedTensor, object]], *, ttl_s: float,
+                              lease_s: float | None = None, ephemeral: bool = False) -> list[common_pb2.TensorRef]:
+        """Make reserved regions entries under keys: each region's bytes are its tensor's as
+        written, or copied from the item's source tensor when it is not None; checksummed in worker
+        threads, then indexed like `put_many`'s. On failure or cancellation the regions are
+        abandoned."""
+        fills = []
+        for i, (key, reserved, source) in enumerate(items):
+            meta = {"dtype": dtype_name(reserved.tensor.dtype), "shape": list(reserved.tensor.shape)}
+            fills.append((i, key, meta, reserved.reservation, None if source is None else tensor_bytes(source)))
+        digests = await self._fill(fills, on_error=lambda: self.abandon([item[1] for item in items]))
+        puts = []
+        for (_, key, meta, reservation, _), digest in zip(fills, digests):
+            self._reserved.pop(reservation.offset, None)
+            puts.append(self.store.commit(key, reservation, {**meta, "checksum": digest}, ttl_s=ttl_s,
+                                          lease_s=lease_s, ephemeral=ephemeral))
+        refs = [self._ref(put.entry.key, put.lease_id) for put in puts]
+        self.metrics.bytes_put.inc(sum(put.entry.nbytes for put in puts))
+        await self._sync_index(new=refs, ttl_s=ttl_s)
+        return refs
+
+    def abandon(self, reserved: Sequence[ReservedTensor]) -> None:
+        """Give reserved regions back (those already committed or abandoned are skipped). Nothing
+        may still be writing into them."""
+        for item in reserved:
+            reservation = self._reserved.pop(item.reservation.offset, None)
+            if reservation is item.reservation:
+                self.store.abandon(reservation)
+        self._space_freed.set()
+
     async def _intact_held(self, keys: Sequence[str]) -> dict[str, Entry]:
         """The held entries of `keys` whose bytes still match their checksum (damaged bytes are
         replaced, not kept), checksummed off the event loop when large. Returns key -> entry."""
@@ -181,24 +280,30 @@ class MMCache:
         lease_id = self.store.lease(key, options["lease_s"]) if options["lease_s"] else ""
         return PutResult(self.store.get(key), lease_id or "")
 
-    async def _fill(self, fills: list[tuple]) -> list[str]:
-        """Copy each fill's source bytes into its reserved region and return their checksums, in
-        worker threads. When fewer entries of SPLIT_MIN_BYTES or more than threads come together
-        (prefill publishes one KV layer at a time: 54 MB at 7B), each is spread over every thread:
-        one checksums the source while the others copy a slice each (the copy and the checksum of
-        one 54 MB layer took 8 + 3.5 ms in a row, one thread); more of them go one per thread."""
+    async def _fill(self, fills: list[tuple], on_error=None) -> list[str]:
+        """Copy each fill's source bytes into its reserved region (a fill without source: its
+        bytes are there already) and return their checksums, in worker threads. When fewer
+        entries of SPLIT_MIN_BYTES or more than threads come together (prefill publishes one KV
+        layer at a time: 54 MB at 7B), each is spread over every thread: one checksums the source
+        while the others copy a slice each (the copy and the checksum of one 54 MB layer took
+        8 + 3.5 ms in a row, one thread); more of them go one per thread. `on_error` gives the
+        regions back on failure (default: straight to the store)."""
         jobs, digest_at = [], []
         copiers = self._workers.threads - 1
-        large = sum(1 for *_, source in fills if len(source) >= SPLIT_MIN_BYTES)
+        large = sum(1 for *_, source in fills if source is not None and len(source) >= SPLIT_MIN_BYTES)
         split = copiers >= 1 and large < self._workers.threads  # more large entries: one per thread is as good
         for _, _, _, reservation, source in fills:
             digest_at.append(len(jobs))
+            if source is None:
+                jobs.append((checksum, reservation.view))
+                continue
             if not split or len(source) < SPLIT_MIN_BYTES:
                 jobs.append((_copy_and_checksum, reservation.view, source))
                 continue
             jobs.append((checksum, source))
             jobs.extend((_copy, reservation.view[a:b], source[a:b]) for a, b in _slices(len(source), copiers))
-        results = await self._parallel(_call, jobs, on_error=lambda: [self.store.abandon(f[3]) for f in fills])
+        abandon_all = on_error or (lambda: [self.store.abandon(f[3]) for f in fills])
+        results = await self._parallel(_call, jobs, on_error=abandon_all)
         return [results[i] for i in digest_at]
 
     async def _parallel(self, fn, jobs: list[tuple], *, on_error=None, inline: bool = False) -> list:
@@ -452,6 +557,7 @@ class MMCache:
     async def release_local(self, pairs: Sequence[tuple[str, str]]) -> int:
         """End leases on this owner's entries; returns how many were live."""
         released = sum(self.store.release(key, lease_id) for key, lease_id in pairs)
+        self._space_freed.set()
         await self._sync_index()
         return released
 
@@ -512,7 +618,8 @@ class MMCache:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
             await self._beat()
-            self.store.sweep()
+            if self.store.sweep():
+                self._space_freed.set()
             await self._sync_index()
             beats += 1
             if beats % JANITOR_EVERY == 0 and self.available:
@@ -565,6 +672,16 @@ def _span_attributes(refs: Sequence[common_pb2.TensorRef | None]) -> dict:
 def _on_device(tensor, store: TieredStore) -> bool:
     device = store.tiers.get("device")
     return device is not None and tensor.device == device.device
+
+
+def _itemsize(dtype) -> int:
+    return dtype.itemsize
+
+
+def _tensor_view(view: memoryview, dtype, shape: tuple[int, ...]):
+    import torch
+
+    return torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def _worker_count() -> int:

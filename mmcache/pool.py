@@ -20,6 +20,11 @@ def _round_up(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def region_bytes(nbytes: int) -> int:
+    """Pool bytes an entry of nbytes takes (regions are aligned, and at least one byte)."""
+    return _round_up(max(nbytes, 1))
+
+
 class SharedMemoryPool:
     """Owner side. Not thread-safe: used from the owner's event loop (and its data-server threads
     only through `view`, which does not change the free list)."""
@@ -41,13 +46,15 @@ class SharedMemoryPool:
         finally:
             os.close(fd)
         self._buffer = memoryview(self._map)
+        self.preallocated = preallocate
+        self._page_locked_at: int | None = None  # the pool's address while registered with CUDA
         self._free_offsets: list[int] = [0]
         self._free_sizes: dict[int, int] = {0: self.capacity_bytes}
         self.used_bytes = 0
 
     def allocate(self, nbytes: int) -> int | None:
         """Offset of a region of at least nbytes, or None when no free range is large enough."""
-        size = _round_up(max(nbytes, 1))
+        size = region_bytes(nbytes)
         for offset in self._free_offsets:
             free = self._free_sizes[offset]
             if free >= size:
@@ -64,7 +71,7 @@ class SharedMemoryPool:
             self._insert(offset + size, free - size)
 
     def free(self, offset: int, nbytes: int) -> None:
-        size = _round_up(max(nbytes, 1))
+        size = region_bytes(nbytes)
         self.used_bytes -= size
         start, end = offset, offset + size
         index = bisect.bisect_left(self._free_offsets, offset)
@@ -94,8 +101,41 @@ class SharedMemoryPool:
     def largest_free(self) -> int:
         return max(self._free_sizes.values(), default=0)
 
+    @property
+    def page_locked(self) -> bool:
+        return self._page_locked_at is not None
+
+    def page_lock(self) -> None:
+        """Register the whole pool with CUDA, so a GPU copies into and out of its regions directly
+        (and asynchronously) instead of through a pinned bounce buffer. Allocates every page first
+        (a mount that cannot hold the pool fails here, cleanly). Raises FailedPreconditionError or
+        RuntimeError (CUDA refused: memlock limit, no GPU)."""
+        import ctypes
+
+        from epdserve.engine.host_memory import page_lock
+
+        if self.page_locked:
+            return
+        if not self.preallocated:
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                _preallocate(fd, self.capacity_bytes)
+            finally:
+                os.close(fd)
+            self.preallocated = True
+        anchor = ctypes.c_char.from_buffer(self._map)  # only to read the mapping's address
+        address = ctypes.addressof(anchor)
+        del anchor
+        page_lock(address, self.capacity_bytes, what="the shared-memory cache pool")
+        self._page_locked_at = address
+
     def close(self) -> None:
         """Unlink the file; the mapping goes now, or with the last zero-copy view still alive."""
+        if self._page_locked_at is not None:
+            from epdserve.engine.host_memory import unpin
+
+            unpin([self._page_locked_at])
+            self._page_locked_at = None
         try:
             self._buffer.release()
             self._map.close()

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from epdserve.engine.expert_cache import CHUNKS, ChunkTask
+from epdserve.engine.host_memory import page_locked, unpin
 from epdserve.models.layers import MixtralMoE
 
 
@@ -53,12 +54,9 @@ class HostExperts:
         """Page-lock every layer's buffer in place with cudaHostRegister: exact sizes, where the
         caching host allocator (`pin_memory=True`) would round each block up to a power of two.
         Raises RuntimeError when CUDA refuses."""
-        cudart = torch.cuda.cudart()
         for w in self.weights:
-            error = int(cudart.cudaHostRegister(w.data_ptr(), w.numel() * w.element_size(), 0))
-            if error:
-                raise RuntimeError(f"cudaHostRegister failed (CUDA error {error})")
-        weakref.finalize(self, _unregister, list(self.weights))
+            page_locked(w)
+        weakref.finalize(self, unpin, [w.data_ptr() for w in self.weights])
 
     @property
     def num_layers(self) -> int:
@@ -82,12 +80,6 @@ class HostExperts:
 
     def chunk(self, layer: int, expert: int, chunk: int) -> torch.Tensor:
         return self.weights[layer][expert, chunk]
-
-
-def _unregister(tensors: list[torch.Tensor]) -> None:
-    cudart = torch.cuda.cudart()
-    for tensor in tensors:
-        cudart.cudaHostUnregister(tensor.data_ptr())
 
 
 class DeviceSlots:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from epdserve.engine.host_memory import pinned_zeros, unpin
 from epdserve.engine.paged_kv import PagedKVCache, PagedKVShape, StepSlots
 
 STAGING_BUFFERS = 2
@@ -110,30 +111,7 @@ def sequence_copies(owned: Sequence[int], stored: Sequence[int], windows: Sequen
     return per_layer
 
 
-# -- host memory and the side stream -----------------------------------------------------------
-def pinned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero-filled CPU tensor page-locked in place (cudaHostRegister: exactly its size, where
-    `pin_memory()` rounds up to a power of two). The caller unregisters it (`unpin`) before
-    dropping it. Raises RuntimeError when the memory cannot be locked."""
-    return page_locked(torch.zeros(shape, dtype=dtype))
-
-
-def page_locked(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` (CPU, contiguous) page-locked in place, exactly its size; the caller unregisters
-    it (`unpin([tensor.data_ptr()])`) before dropping it. Raises RuntimeError when it cannot be."""
-    if tensor.numel():
-        error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.nbytes, 0))
-        if error:
-            raise RuntimeError(f"cannot page-lock {tensor.nbytes / 2**30:.1f} GiB of host memory "
-                               f"(cudaHostRegister error {error}): use less host memory or raise the memlock limit")
-    return tensor
-
-
-def unpin(pointers: list[int]) -> None:
-    for pointer in pointers:
-        torch.cuda.cudart().cudaHostUnregister(pointer)
-
-
+# -- the side stream -----------------------------------------------------------------------
 class LayerCopies:
     """The prefetch side stream and, per staging buffer, a `ready` event (its fill finished) and a
     `free` event (the layer reading it finished). Every method is a no-op off CUDA, where copies

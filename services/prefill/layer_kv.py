@@ -4,19 +4,26 @@ Invariant: only the layer being computed holds KV in device memory; when a layer
 K/V (compressed first when an index is given) is copied to host memory on a side stream and
 handed to `on_layer(layer, host_tensor [2, H_kv, n_l, D], ready)` exactly once, layers in order;
 `ready()` returns once the bytes are on the host. The copy is a pure copy: the host tensor equals
-the device KV bitwise.
+the device KV bitwise. Where the host tensor lives is the `HostKV`'s choice: fresh pinned buffers
+(`StagedHost`), or memory reserved for the layer beforehand (the cache's pool, `ReservedHost`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
+from epdserve.errors import RequestCancelledError
 from services.prefill.fastkv import gather_kv
 
 OnLayer = Callable[[int, torch.Tensor, Callable[[], None]], None]
 Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+Ready = Callable[[], None]
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -27,13 +34,86 @@ def _ready_now() -> None:
     return None
 
 
+def copy_to_host(destination: torch.Tensor, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> Ready:
+    """Copy `tensor` into `destination` after the work queued on the current stream: on `stream`
+    (CUDA; returns what waits for the copy) or now (no stream)."""
+    if stream is None:
+        destination.copy_(tensor)
+        return _ready_now
+    stream.wait_stream(torch.cuda.current_stream(tensor.device))
+    with torch.cuda.stream(stream):
+        destination.copy_(tensor, non_blocking=True)
+        tensor.record_stream(stream)  # the device memory is reused only after the copy
+        done = torch.cuda.Event()
+        done.record(stream)
+    return done.synchronize
+
+
+class HostKV(Protocol):
+    def take(self, layer: int, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, Ready]:
+        """A host copy of one finished layer's KV (called on the model thread, layers in order)
+        and what waits for the copy to land."""
+        ...
+
+
+class StagedHost:
+    """Each layer into a fresh host tensor from `allocate` (pinned: the copy runs asynchronously);
+    off CUDA the layer's tensor itself, no copy."""
+
+    def __init__(self, allocate: Allocate = pinned_empty) -> None:
+        self.allocate = allocate
+
+    def take(self, layer: int, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, Ready]:
+        if stream is None:
+            return tensor, _ready_now
+        host = self.allocate(tuple(tensor.shape), tensor.dtype)
+        return host, copy_to_host(host, tensor, stream)
+
+
+class LayerWritesClosed(RequestCancelledError):
+    """The request this prefill serves is gone: its reserved memory may no longer be written."""
+
+
+class ReservedHost:
+    """Each layer straight into memory reserved for it beforehand (`regions[layer]`, e.g. regions
+    of the cache's page-locked pool: one copy from the GPU, none after). `close()` (any thread)
+    ends writing: it waits for every copy already issued, and a later `take` raises
+    LayerWritesClosed, so the regions can be given back as soon as it returns."""
+
+    def __init__(self, regions: Sequence[torch.Tensor]) -> None:
+        self.regions = list(regions)
+        self._lock = threading.Lock()
+        self._issued: list[Ready] = []
+        self._closed = False
+
+    def take(self, layer: int, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, Ready]:
+        with self._lock:  # a copy is issued and recorded, or refused, as one step against close()
+            if self._closed:
+                raise LayerWritesClosed("the prefill's KV regions were given back (request cancelled or failed)")
+            region = self.regions[layer]
+            if region.shape != tensor.shape or region.dtype != tensor.dtype:
+                raise ValueError(f"layer {layer}: KV {tuple(tensor.shape)} {tensor.dtype} does not fit its reserved "
+                                 f"region {tuple(region.shape)} {region.dtype}")
+            ready = copy_to_host(region, tensor, stream)
+            self._issued.append(ready)
+            return region, ready
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            issued = list(self._issued)
+        for ready in issued:
+            ready()
+
+
 class OffloadingKV:
     """The LayerKV of one prefill. `prefix_blocks` ([L, 2, H_kv, T, D] host tensors, in order) hold
     positions [0, P) and are moved to the device one layer at a time."""
 
     def __init__(self, device: torch.device, on_layer: OnLayer, *, prefix_blocks: Sequence[torch.Tensor] = (),
-                 allocate: Allocate = pinned_empty) -> None:
-        self.device, self.on_layer, self.allocate = torch.device(device), on_layer, allocate
+                 host: HostKV | None = None) -> None:
+        self.device, self.on_layer = torch.device(device), on_layer
+        self.host = host if host is not None else StagedHost()
         self.prefix_blocks = list(prefix_blocks)
         self.prefix_length = sum(int(block.shape[3]) for block in self.prefix_blocks)
         self._current: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -60,21 +140,8 @@ class OffloadingKV:
         self._current = None
         if keep_index is not None:
             k, v = gather_kv(k, v, keep_index)
-        stacked = torch.stack((k[0], v[0]))
-        host, ready = self._to_host(stacked)
+        host, ready = self.host.take(layer, torch.stack((k[0], v[0])), self._stream)
         self.on_layer(layer, host, ready)
-
-    def _to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
-        if self._stream is None:
-            return tensor, _ready_now
-        host = self.allocate(tuple(tensor.shape), tensor.dtype)
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            host.copy_(tensor, non_blocking=True)
-            tensor.record_stream(self._stream)  # the device memory is reused only after the copy
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        return host, done.synchronize
 
 
 class CollectedLayers:

@@ -19,7 +19,7 @@ from epdserve.errors import InvalidArgumentError
 from epdserve.models.decoder import Decoder, merge_image_embeddings
 from epdserve.models.spec import LlavaSpec
 from services.prefill.fastkv import FastKVConfig, FastKVPlan, kv_keep_index, selection_scores, tsp_index
-from services.prefill.layer_kv import CollectedLayers, OffloadingKV, OnLayer
+from services.prefill.layer_kv import CollectedLayers, HostKV, OffloadingKV, OnLayer
 from services.prefill.minisequence import MiniSequenceConfig, chunk_bounds, map_chunks, residual_chunks
 from services.wire import check_finite
 
@@ -74,10 +74,12 @@ class PromptPrefiller:
     @torch.inference_mode()
     def run(self, token_ids: list[int], embeddings: list[torch.Tensor], sampling: SamplingParams,
             prefix_blocks: Sequence[torch.Tensor] = (), publish_blocks_upto: int = 0, block_tokens: int = 1, *,
-            fastkv: FastKVConfig | None = None, on_layer: OnLayer | None = None) -> PrefillResult:
+            fastkv: FastKVConfig | None = None, on_layer: OnLayer | None = None,
+            host: HostKV | None = None) -> PrefillResult:
         """Prefill positions after the cached prefix blocks; the result can cut the blocks
         [len(prefix_blocks), publish_blocks_upto) out of its KV so they can be cached. Each finished layer's KV is
-        handed to `on_layer` as soon as it is on the host (layer-wise publishing)."""
+        handed to `on_layer` as soon as it is on the host (layer-wise publishing), in memory `host` gives
+        (default: fresh pinned buffers)."""
         if fastkv is not None and (prefix_blocks or publish_blocks_upto):
             raise ValueError("FastKV KV depends on the whole prompt: it cannot use or feed the prefix cache")
         embeds = self.embed(token_ids, embeddings)
@@ -88,7 +90,7 @@ class PromptPrefiller:
             if on_layer is not None:
                 on_layer(layer, tensor, ready)
 
-        kv = OffloadingKV(self.decoder.device, hand_off, prefix_blocks=prefix_blocks)
+        kv = OffloadingKV(self.decoder.device, hand_off, prefix_blocks=prefix_blocks, host=host)
         cached = kv.prefix_length
         plan = fastkv.plan(self.spec.decoder.num_layers, len(token_ids)) if fastkv is not None else None
         logits = forward_prompt(self.decoder, embeds[cached:], kv, self.mini, plan)

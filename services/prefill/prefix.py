@@ -74,21 +74,25 @@ class PrefixCache:
         await self.cache.release(refs[run:])
         return PrefixHit(keys, refs[:run], blocks[:run])
 
-    async def publish(self, hit: PrefixHit, result: "PrefillResult") -> None:
+    async def publish(self, hit: PrefixHit, result: "PrefillResult", holds: Sequence[tuple[str, str]] = ()) -> None:
         """Cache the blocks this request computed (best effort: the request does not wait on it).
         The blocks are cut out of the request's KV on this cache's own thread, never on the model
-        thread, and the KV is let go as soon as they are; with MAX_PUBLISHING prompts' blocks
+        thread, and the KV is let go as soon as they are (`holds`, the (key, lease id) pairs that
+        keep its cache entries alive, are released then); with MAX_PUBLISHING prompts' blocks
         already on their way, a new prompt's are skipped (a burst of long prompts must not pile
         up copies of their KV in host memory)."""
         first, end = result.new_block_range
-        if end <= first:
-            return
-        if self._publishing >= MAX_PUBLISHING:
-            log.debug("prefix blocks not cached: %d prompts' blocks already being published", self._publishing)
+        if end <= first or self._publishing >= MAX_PUBLISHING:
+            if end > first:
+                log.debug("prefix blocks not cached: %d prompts' blocks already being published", self._publishing)
+            await self.cache.release_local(holds)
             return
         self._publishing += 1
         try:
-            blocks = await asyncio.get_running_loop().run_in_executor(self._cutter, result.new_blocks)
+            try:
+                blocks = await asyncio.get_running_loop().run_in_executor(self._cutter, result.new_blocks)
+            finally:
+                await asyncio.shield(self.cache.release_local(holds))
             del result  # the whole prompt's KV: only the blocks are needed from here on
             await self.cache.put_many(list(zip(hit.keys[first:end], blocks)), ttl_s=self.config.prefix_ttl_s)
         except Exception as exc:  # a full cache must not fail the request that already succeeded

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 
 from epdserve import tracing
 from epdserve.config import CacheConfig, EncodeConfig, ModelConfig, PrefillConfig, ServerConfig
@@ -18,13 +17,13 @@ from epdserve.security import NO_CREDENTIALS, Credentials
 from epdserve.transport.errors import unary_errors
 from epdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from mmcache.client import MMCache
-from mmcache.keys import kv_layer_key, new_kv_prefix
 from services.load import LoadTracker
 from services.metrics import PrefillMetrics
 from services.prefill.fastkv import FastKVConfig
 from services.prefill.minisequence import MiniSequenceConfig
 from services.prefill.prefill import PromptPrefiller
 from services.prefill.prefix import PrefixCache, PrefixHit
+from services.prefill.publish import KVLayout, LayerPublisher
 from services.runtime import (
     ModelExecutor,
     StageContext,
@@ -36,6 +35,7 @@ from services.runtime import (
 from services.wire import check_embedding_ref, fastkv_from_proto, sampling_from_proto
 
 log = logging.getLogger(__name__)
+PREFIX_CUT_LEASE_S = 120.0  # a prompt's KV held for cutting its prefix blocks at most this long
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
 
 
@@ -48,16 +48,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.load = load or LoadTracker("prefill", "")
         self.fastkv_settings = _fastkv_settings(config)
         self.fastkv_default = self.fastkv_settings if config.fastkv else None
+        self.publisher = LayerPublisher(cache, executor, config, self.load, prefiller.decoder.device)
         self._background: set[asyncio.Task] = set()
 
     @unary_errors
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
         attributes = {"epdserve.request_id": request.request_id, "epdserve.prompt_tokens": len(request.token_ids),
                       "epdserve.images": len(request.image_embeddings)}
+        remaining = context.time_remaining()
+        wait_s = self.config.kv_wait_s if remaining is None else min(self.config.kv_wait_s, remaining)
         with self.load.request(len(request.token_ids)), tracing.server_span("prefill.Prefill", context, attributes):
-            return await self._prefill(request)
+            return await self._prefill(request, wait_s)
 
-    async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
+    async def _prefill(self, request: prefill_pb2.PrefillRequest, kv_wait_s: float) -> prefill_pb2.PrefillResponse:
         sampling = sampling_from_proto(request.sampling)
         fastkv = fastkv_from_proto(request, self.fastkv_default, base=self.fastkv_settings)
         token_ids = list(request.token_ids)
@@ -74,13 +77,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             publish_upto = len(token_ids) // self.config.prefix_block_tokens
             publish_upto = publish_upto if self.config.prefix_cache and fastkv is None else 0
             computed = len(token_ids) - hit.blocks_cached * self.config.prefix_block_tokens
+            with watch.section("kv_wait_ms"):
+                reserved = await self.publisher.reserve(self._layout(len(token_ids), fastkv), kv_wait_s)
             with watch.section("prefill_ms"):
-                result, refs = await self._prefill_and_publish(
+                result, refs = await self.publisher.run(
                     functools.partial(self.prefiller.run, token_ids, embeddings, sampling, hit.blocks, publish_upto,
-                                      self.config.prefix_block_tokens, fastkv=fastkv), watch, computed)
+                                      self.config.prefix_block_tokens, fastkv=fastkv),
+                    reserved, self.prefiller.spec.decoder.num_layers, watch, computed)
         finally:  # inputs were copied into this request's KV (or it failed): end their leases
             await asyncio.shield(self.cache.release(list(request.image_embeddings) + hit.refs))
-        self._in_background(self.prefixes.publish(hit, result))
+        self._publish_prefix(hit, result, refs)
         watch.timings_ms["prefix_hit_tokens"] = float(result.length - result.computed_tokens)
         watch.timings_ms["computed_tokens"] = float(result.computed_tokens)
         watch.timings_ms["kv_tokens_stored"] = float(sum(layer.shape[2] for layer in result.kv_layers))
@@ -91,6 +97,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             kv=common_pb2.KVHandle(layers=refs, length=result.length),
             timings_ms=watch.timings_ms,
         )
+
+    def _layout(self, length: int, fastkv) -> KVLayout | None:
+        """The prompt's KV, reserved before it is computed; None under FastKV (its sizes come as it runs)."""
+        if fastkv is not None:
+            return None
+        d = self.prefiller.spec.decoder
+        return KVLayout(d.num_layers, d.num_kv_heads, length, d.head_dim, self.prefiller.decoder.dtype)
+
+    def _publish_prefix(self, hit: PrefixHit, result, refs) -> None:
+        """Cache the prompt's new prefix blocks in the background; its KV entries are leased until
+        the blocks are cut out of them (decode may take and free them first)."""
+        first, end = result.new_block_range
+        if end > first:
+            holds = [(ref.key, self.cache.lease_local(ref.key, PREFIX_CUT_LEASE_S)) for ref in refs]
+            self._in_background(self.prefixes.publish(hit, result, holds))
 
     def _check_fastkv(self, fastkv) -> None:
         if fastkv is not None and any(w is not None for w in self.prefiller.spec.decoder.sliding_windows):
@@ -113,53 +134,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise FailedPreconditionError(f"image_embeddings[{missing[0]}]: entry is no longer in the cache")
         return tensors
 
-    async def _prefill_and_publish(self, run, watch: Stopwatch, computed_tokens: int):
-        """Run the prefill on the model thread and publish each layer's KV while later layers are
-        computed (layer-wise publishing). On failure or cancellation every published layer is
-        released at once instead of waiting for its TTL."""
-        loop = asyncio.get_running_loop()
-        arrived: asyncio.Queue = asyncio.Queue()
-        published: list = []
-
-        def on_layer(layer: int, tensor, ready) -> None:  # called on the model thread
-            loop.call_soon_threadsafe(arrived.put_nowait, (layer, tensor, ready))
-
-        publisher = asyncio.ensure_future(self._publish_layers(arrived, published))
-        try:
-            timed = self.load.running(computed_tokens, functools.partial(run, on_layer=on_layer))
-            with tracing.span("prefill.forward", {"epdserve.computed_tokens": computed_tokens}):
-                result = await self.executor.run(timed)
-            started = time.perf_counter()
-            await asyncio.shield(publisher)
-            watch.timings_ms["kv_publish_ms"] = (time.perf_counter() - started) * 1000.0
-            return result, published
-        except BaseException:
-            publisher.cancel()
-            await asyncio.gather(publisher, return_exceptions=True)
-            await asyncio.shield(self.cache.release(published))
-            raise
-
-    async def _publish_layers(self, arrived: asyncio.Queue, published: list) -> None:
-        layers = self.prefiller.spec.decoder.num_layers
-        with tracing.span("prefill.kv_publish", {"epdserve.layers": layers}) as span:
-            await self._publish_each(arrived, published, layers, span)
-
-    async def _publish_each(self, arrived: asyncio.Queue, published: list, layers: int, span) -> None:
-        prefix = new_kv_prefix()
-        for _ in range(layers):
-            layer, tensor, ready = await arrived.get()
-            span.add_event("layer_ready", {"epdserve.layer": layer})
-            await asyncio.to_thread(ready)
-            put = asyncio.ensure_future(self.cache.put_many(
-                [(kv_layer_key(prefix, layer), tensor)], ttl_s=self.config.kv_ttl_s, lease_s=self.config.kv_ttl_s,
-                ephemeral=True))
-            try:
-                published.extend(await asyncio.shield(put))
-            except asyncio.CancelledError:  # a put under way completes, so its entry can be released
-                published.extend(await put)
-                raise
-
-
 async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_config: CacheConfig,
                 prefill_config: PrefillConfig, credentials: Credentials = NO_CREDENTIALS,
                 encode_config: EncodeConfig = EncodeConfig()) -> None:
@@ -176,6 +150,8 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
 
     def register(ctx: StageContext) -> None:
+        if prefill_config.kv_zero_copy and decoder.device.type == "cuda":
+            ctx.cache.page_lock_pool()
         prefixes = PrefixCache(ctx.cache, prefill_config, revision, f"lossless/{decoder.dtype}", spec.image_token_id)
         mini = MiniSequenceConfig(prefill_config.chunk_tokens, prefill_config.min_chunk_tokens,
                                   prefill_config.last_position_only)

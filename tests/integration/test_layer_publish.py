@@ -1,0 +1,98 @@
+"""Layer-wise KV publishing into reserved pool regions (real MMCache, real model thread): layers
+are published in order with the bytes written; a prefill cancelled or failing half way leaves
+nothing behind (no region, entry or lease) and stops writing into its regions at the next layer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from epdserve.config import CacheConfig, PrefillConfig
+from mmcache.client import CacheIdentity, MMCache
+from services.load import LoadTracker
+from services.prefill.layer_kv import LayerWritesClosed
+from services.prefill.publish import KVLayout, LayerPublisher
+from services.runtime import ModelExecutor, Stopwatch
+
+pytestmark = pytest.mark.integration
+LAYOUT = KVLayout(layers=4, kv_heads=2, length=64, head_dim=8, dtype=torch.float32)
+
+
+@pytest.fixture
+async def cache(redis_url, namespace, tmp_path):
+    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "owner"),
+                         capacity_bytes=1 << 20, heartbeat_interval_s=0.2)
+    cache = await MMCache.open(config, CacheIdentity("owner", ""))
+    yield cache
+    await cache.close()
+
+
+@pytest.fixture
+def executor():
+    executor = ModelExecutor("model", calls_serve_one_request=True)
+    yield executor
+    executor.shutdown()
+
+
+def _layer(i: int) -> torch.Tensor:
+    return torch.full((2, LAYOUT.kv_heads, LAYOUT.length, LAYOUT.head_dim), float(i))
+
+
+class SlowPrefill:
+    """A prefill's shape on the model thread: one layer every `step_s`, each handed to the host
+    and then to on_layer; `fail_at` raises there. Records how far it got."""
+
+    def __init__(self, step_s: float = 0.0, fail_at: int = -1) -> None:
+        self.step_s, self.fail_at = step_s, fail_at
+        self.layers_written, self.stopped_by = 0, None
+
+    def __call__(self, *, on_layer, host):
+        try:
+            for i in range(LAYOUT.layers):
+                time.sleep(self.step_s)
+                if i == self.fail_at:
+                    raise RuntimeError("kernel fault")
+                tensor, ready = host.take(i, _layer(i), None)
+                self.layers_written += 1
+                on_layer(i, tensor, ready)
+        except LayerWritesClosed as exc:
+            self.stopped_by = exc
+            raise
+        return "result"
+
+
+def _nothing_left(cache: MMCache) -> bool:
+    return cache.store.tiers["host"].pool.used_bytes == 0 and not cache.store.keys()
+
+
+async def test_layers_are_published_in_order_into_their_regions(cache, executor):
+    publisher = LayerPublisher(cache, executor, PrefillConfig(), LoadTracker("prefill", ""), torch.device("cpu"))
+    reserved = await publisher.reserve(LAYOUT, timeout_s=1)
+    watch = Stopwatch()
+    result, refs = await publisher.run(SlowPrefill(), reserved, LAYOUT.layers, watch, LAYOUT.length)
+    assert result == "result" and "kv_publish_ms" in watch.timings_ms
+    got = await cache.get_many(refs)
+    assert all(torch.equal(g, _layer(i)) for i, g in enumerate(got))
+    await cache.release(refs)
+    assert _nothing_left(cache)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "failed"])
+async def test_a_prefill_stopped_half_way_leaves_nothing_behind(cache, executor, how):
+    publisher = LayerPublisher(cache, executor, PrefillConfig(), LoadTracker("prefill", ""), torch.device("cpu"))
+    reserved = await publisher.reserve(LAYOUT, timeout_s=1)
+    prefill = SlowPrefill(step_s=0.1, fail_at=2 if how == "failed" else -1)
+    task = asyncio.ensure_future(publisher.run(prefill, reserved, LAYOUT.layers, Stopwatch(), LAYOUT.length))
+    await asyncio.sleep(0.25)                      # layers 0 and 1 written (and published)
+    if how == "cancelled":
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError if how == "cancelled" else RuntimeError):
+        await task
+    assert _nothing_left(cache)                    # published layers released, the rest given back
+    if how == "cancelled":                         # the model thread stopped at its next layer
+        await asyncio.sleep(0.3)
+        assert isinstance(prefill.stopped_by, LayerWritesClosed) and prefill.layers_written < LAYOUT.layers
+    assert _nothing_left(cache)

@@ -1,0 +1,160 @@
+"""Reserved entries against a real redis-server: memory first, bytes later (prefill reserves a
+prompt's KV before computing it). All or nothing; a reservation waits, in arrival order, for room
+that leases being released make; it fails with RESOURCE_EXHAUSTED when it can never fit or did not
+in time; abandoning gives everything back exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from epdserve.config import CacheConfig
+from epdserve.errors import ResourceExhaustedError
+from mmcache.client import CacheIdentity, MMCache
+from mmcache.codec import checksum, tensor_bytes
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def cache(redis_url, namespace, tmp_path):
+    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "owner"),
+                         capacity_bytes=4 * MiB, heartbeat_interval_s=0.2)
+    cache = await MMCache.open(config, CacheIdentity("owner", ""))
+    yield cache
+    await cache.close()
+
+
+@pytest.fixture
+async def reader(redis_url, namespace, tmp_path):
+    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "reader"))
+    reader = await MMCache.open(config, CacheIdentity("reader", ""))
+    yield reader
+    await reader.close()
+
+
+def _floats(nbytes: int) -> tuple[tuple[int, ...], torch.dtype]:
+    return (nbytes // 4,), torch.float32
+
+
+def _used(cache: MMCache) -> int:
+    return cache.store.tiers["host"].pool.used_bytes
+
+
+async def test_reserved_regions_become_entries_holding_what_was_written(cache, reader):
+    written, copied = torch.randn(1000), torch.randn(2, 500).to(torch.bfloat16)
+    regions = await cache.reserve_tensors([((1000,), torch.float32), ((2, 500), torch.bfloat16)], timeout_s=1)
+    regions[0].tensor.copy_(written)                # bytes written in place (a GPU copy, in prefill)
+    refs = await cache.commit_reserved([("kv:a", regions[0], None), ("kv:b", regions[1], copied)],
+                                       ttl_s=60, lease_s=60, ephemeral=True)
+    assert [r.checksum for r in refs] == [checksum(tensor_bytes(written)), checksum(tensor_bytes(copied))]
+    got = await reader.get_many(refs)               # another process, reading the pool in place
+    assert torch.equal(got[0], written) and torch.equal(got[1], copied)
+    await cache.release(refs)                      # (the owner ends the reader's leases: no control server here)
+    assert _used(cache) == 0                        # ephemeral: freed with their last lease
+    cache.abandon(regions)                          # committed: nothing to give back
+    assert _used(cache) == 0
+
+
+async def test_a_reservation_waits_for_released_space_holding_nothing_meanwhile(cache):
+    held = await cache.put("kv:held", torch.zeros(3 * MiB // 4), ttl_s=60, lease_s=60, ephemeral=True)
+    used = _used(cache)
+    waiting = asyncio.ensure_future(cache.reserve_tensors([_floats(3 * MiB // 4)] * 2, timeout_s=10))
+    await asyncio.sleep(0.3)
+    assert not waiting.done() and _used(cache) == used   # half of it would fit now: all or nothing
+    started = time.monotonic()
+    await cache.release([held])
+    regions = await asyncio.wait_for(waiting, 5)
+    assert time.monotonic() - started < 0.2               # woken by the release, not by polling
+    assert len(regions) == 2 and _used(cache) == 3 * MiB // 2
+    cache.abandon(regions)
+    cache.abandon(regions)                                 # twice: given back once
+    assert _used(cache) == 0
+
+
+async def test_waiting_reservations_are_served_in_arrival_order(cache):
+    held = await cache.put("kv:held", torch.zeros(3 * MiB // 4), ttl_s=60, lease_s=60, ephemeral=True)
+    order = []
+
+    async def reserve(name: str, nbytes: int):
+        regions = await cache.reserve_tensors([_floats(nbytes)], timeout_s=10)
+        order.append(name)
+        return regions
+
+    first = asyncio.ensure_future(reserve("large", 2 * MiB))
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(reserve("small", MiB // 2))   # would fit now, but comes later
+    await asyncio.sleep(0.3)
+    assert order == []
+    await cache.release([held])
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert order == ["large", "small"]
+    cache.abandon(first.result() + second.result())
+    assert _used(cache) == 0
+
+
+async def test_no_room_in_time_or_ever_is_resource_exhausted(cache):
+    await cache.put("kv:held", torch.zeros(3 * MiB // 4), ttl_s=60, lease_s=60, ephemeral=True)
+    used = _used(cache)
+    started = time.monotonic()
+    with pytest.raises(ResourceExhaustedError, match=r"did not fit the cache pool within 0.3 s") as late:
+        await cache.reserve_tensors([_floats(2 * MiB)], timeout_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 2 and late.value.retry_after_s
+    started = time.monotonic()
+    with pytest.raises(ResourceExhaustedError, match=r"exceed the cache pool .* raise --capacity-bytes"):
+        await cache.reserve_tensors([_floats(3 * MiB)] * 2, timeout_s=30)
+    assert time.monotonic() - started < 0.2                 # can never fit: at once, not after 30 s
+    assert _used(cache) == used
+
+
+async def test_unleased_entries_are_evicted_to_make_room(cache):
+    await cache.put("kvb:old", torch.zeros(3 * MiB // 4), ttl_s=60)   # cached, nobody holds it
+    regions = await cache.reserve_tensors([_floats(2 * MiB)], timeout_s=0)
+    assert cache.store.get("kvb:old") is None
+    cache.abandon(regions)
+
+
+async def test_a_failed_commit_gives_its_regions_back(cache, monkeypatch):
+    from mmcache import client as client_module
+
+    regions = await cache.reserve_tensors([_floats(MiB)], timeout_s=1)
+
+    def broken(*args):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(client_module, "checksum", broken)
+    with pytest.raises(OSError):
+        await cache.commit_reserved([("kv:x", regions[0], None)], ttl_s=60)
+    assert _used(cache) == 0 and cache.store.get("kv:x") is None
+    cache.abandon(regions)
+    assert _used(cache) == 0
+
+
+async def test_a_preallocated_pool_can_be_page_locked_only_with_a_gpu(cache):
+    if torch.cuda.is_available():
+        assert cache.page_lock_pool() and cache.page_locked
+    else:
+        assert not cache.page_lock_pool() and not cache.page_locked   # refused, logged, pool still works
+    regions = await cache.reserve_tensors([_floats(MiB)], timeout_s=1)
+    cache.abandon(regions)
+
+
+def test_reserved_host_refuses_writes_once_closed():
+    from services.prefill.layer_kv import LayerWritesClosed, ReservedHost
+
+    regions = [torch.zeros(2, 3), torch.zeros(2, 3)]
+    host = ReservedHost(regions)
+    kv = torch.randn(2, 3)
+    out, ready = host.take(0, kv, None)
+    ready()
+    assert out is regions[0] and torch.equal(regions[0], kv)
+    with pytest.raises(ValueError, match=r"layer 1: KV \(3, 2\) .* does not fit its reserved region \(2, 3\)"):
+        host.take(1, torch.randn(3, 2), None)
+    host.close()
+    with pytest.raises(LayerWritesClosed):
+        host.take(1, kv, None)
+    assert torch.equal(regions[1], torch.zeros(2, 3))
