@@ -6,7 +6,7 @@ already computed (on --device), so this is the hand-off alone, the most it can c
 Reports the first prompt (fresh pool pages) and the median of the rest, per path:
 
 - put-sparse / put: each layer to a host tensor (pinned, on a GPU), then put into the cache (copy
-  + checksum): the FastKV path (sizes known only as it runs), into a sparse or preallocated pool;
+  + checksum), into a sparse or preallocated pool: what prefill did before it reserved its KV;
 - staged: the KV reserved in the pool first; each layer to a pinned buffer, then copied into its
   region (a GPU whose pool could not be page-locked, or --no-kv-zero-copy);
 - direct: the KV reserved in the pool first, each layer copied straight into its region (the pool
@@ -54,7 +54,7 @@ async def publish_prompts(redis_url: str, layers, prompts: int, path: str) -> li
     publisher = LayerPublisher(cache, executor, PrefillConfig(), LoadTracker("prefill", ""), device)
     publisher.direct = path == "direct"
     shape = layers[0].shape
-    layout = KVLayout(len(layers), shape[1], shape[2], shape[3], layers[0].dtype)
+    layout = KVLayout((shape[2],) * len(layers), shape[1], shape[3], layers[0].dtype)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def hand_off(*, on_layer, host):  # the model thread's part: each finished layer to the host
@@ -64,10 +64,13 @@ async def publish_prompts(redis_url: str, layers, prompts: int, path: str) -> li
 
     try:
         times = []
-        for _ in range(prompts):
+        for prompt in range(prompts):
             start = time.perf_counter()
-            reserved = await publisher.reserve(None if path.startswith("put") else layout, timeout_s=10)
-            _, refs = await publisher.run(hand_off, reserved, len(layers), Stopwatch(), shape[2])
+            if path.startswith("put"):
+                refs = await put_each_layer(cache, layers, stream, prompt)
+            else:
+                reserved = await publisher.reserve(layout, timeout_s=10)
+                _, refs = await publisher.run(hand_off, reserved, Stopwatch(), shape[2])
             times.append(time.perf_counter() - start)
             await cache.release(refs)
         return times
@@ -75,6 +78,18 @@ async def publish_prompts(redis_url: str, layers, prompts: int, path: str) -> li
         executor.shutdown()
         await cache.close()
         shutil.rmtree(config.shm_dir, ignore_errors=True)
+
+
+async def put_each_layer(cache, layers, stream, prompt: int) -> list:
+    """The earlier path: each layer to a fresh host tensor, then `put_many` copies it into the pool."""
+    from services.prefill.layer_kv import StagedHost
+
+    staged, refs = StagedHost(), []
+    for i, layer in enumerate(layers):
+        tensor, ready = staged.take(i, layer, stream)
+        await asyncio.to_thread(ready)
+        refs += await cache.put_many([(f"kv:{prompt}:{i}", tensor)], ttl_s=60, lease_s=60, ephemeral=True)
+    return refs
 
 
 def main() -> int:

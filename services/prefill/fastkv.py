@@ -74,6 +74,17 @@ class FastKVPlan:
         """TSP at this layer (the last layer has no later layers to propagate to)."""
         return layer == self.tsp_layer < self.num_layers - 1 and n > self.tsp_length
 
+    def stored_lengths(self, prompt_length: int) -> list[int]:
+        """KV entries each layer stores per KV head for a prompt of this length, known before it
+        runs: the tokens a layer sees (all of them up to the TSP layer, the TSP selection after),
+        at most the budget."""
+        lengths, n = [], prompt_length
+        for layer in range(self.num_layers):
+            lengths.append(min(n, self.kv_budget))
+            if self.propagates_subset(layer, n):
+                n = self.tsp_length
+        return lengths
+
 
 def window_scores(q_win: torch.Tensor, keys: torch.Tensor, config: FastKVConfig) -> torch.Tensor:
     """Per-KV-head saliency of every prefix key: q_win [H, w, D] (the last w queries, RoPE applied),

@@ -1,12 +1,12 @@
 """Layer-wise KV publishing (Mooncake): each layer's KV becomes a cache entry, leased to its
 decode, while the prefill computes the layers after it.
 
-Invariant: every pool region reserved for a prompt's KV ends either committed (an entry under the
-prompt's KV key, leased for its decode) or given back, and is given back only once no copy into it
-can still be running (`ReservedHost.close`); the refs returned are exactly the committed layers,
-in order. A lossless prompt's KV is reserved whole before its prefill starts: a prompt that does
-not fit the pool now waits for earlier KV to be taken, in arrival order, up to its time limit,
-instead of failing half way through.
+Invariant: a prompt's KV is reserved whole in the cache pool before its prefill starts (a prompt
+that does not fit now waits for earlier KV to be taken, in arrival order, up to its time limit,
+instead of failing half way through); every reserved region ends either committed (an entry under
+the prompt's KV key, leased for its decode) or given back, and is given back only once no copy
+into it can still be running (`ReservedHost.close`); the refs returned are exactly the committed
+layers, in order.
 """
 
 from __future__ import annotations
@@ -30,52 +30,46 @@ from services.runtime import ModelExecutor, Stopwatch
 
 @dataclasses.dataclass(frozen=True)
 class KVLayout:
-    """Every layer's KV of one lossless prompt: [2, H_kv, length, D] of dtype, `layers` times."""
+    """Every layer's KV of one prompt, known before it runs: layer l is [2, H_kv, lengths[l], D]
+    of dtype (lengths all the prompt's length when lossless; FastKV's plan says otherwise)."""
 
-    layers: int
+    lengths: tuple[int, ...]
     kv_heads: int
-    length: int
     head_dim: int
     dtype: torch.dtype
 
     def shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        return [((2, self.kv_heads, self.length, self.head_dim), self.dtype)] * self.layers
+        return [((2, self.kv_heads, n, self.head_dim), self.dtype) for n in self.lengths]
 
 
 class LayerPublisher:
-    """Runs one prefill on the model thread and publishes its KV layer by layer.
-
-    Where the bytes go: with a layout (lossless), into regions reserved up front in the cache's
-    pool: straight from the GPU when the pool is page-locked (one copy), else through a pinned
-    buffer copied into the region; without one (FastKV: sizes known only as it runs), each layer
-    is put into the cache as it comes."""
+    """Runs one prefill on the model thread and publishes its KV layer by layer, into the regions
+    reserved for it: straight from the GPU when the pool is page-locked (one copy; on a CPU, the
+    copy out of the layer loop's tensors), else through a pinned buffer copied into the region."""
 
     def __init__(self, cache: MMCache, executor: ModelExecutor, config: PrefillConfig, load: LoadTracker,
                  device: torch.device) -> None:
         self.cache, self.executor, self.config, self.load = cache, executor, config, load
         self.direct = torch.device(device).type == "cpu" or cache.page_locked  # GPU copies land in the pool
 
-    async def reserve(self, layout: KVLayout | None, timeout_s: float) -> list[ReservedTensor]:
-        """The pool regions of a prompt's KV (none without a layout); waits for room (RESOURCE_EXHAUSTED
-        when there is none within timeout_s)."""
-        if layout is None:
-            return []
+    async def reserve(self, layout: KVLayout, timeout_s: float) -> list[ReservedTensor]:
+        """The pool regions of a prompt's KV; waits for room (RESOURCE_EXHAUSTED when there is none
+        within timeout_s, or ever)."""
         return await self.cache.reserve_tensors(layout.shapes(), timeout_s=timeout_s)
 
-    async def run(self, run: Callable, reserved: list[ReservedTensor], layers: int, watch: Stopwatch,
-                  computed_tokens: int):
+    async def run(self, run: Callable, reserved: list[ReservedTensor], watch: Stopwatch, computed_tokens: int):
         """`run(on_layer=, host=)` on the model thread, each layer published as it lands; returns
         (result, refs). On failure or cancellation no layer is left behind: published ones are
         released, reserved ones given back."""
         loop = asyncio.get_running_loop()
         arrived: asyncio.Queue = asyncio.Queue()
         published: list = []
-        host = ReservedHost([r.tensor for r in reserved]) if reserved and self.direct else StagedHost()
+        host = ReservedHost([r.tensor for r in reserved]) if self.direct else StagedHost()
 
         def on_layer(layer: int, tensor, ready) -> None:  # called on the model thread
             loop.call_soon_threadsafe(arrived.put_nowait, (layer, tensor, ready))
 
-        publisher = asyncio.ensure_future(self._publish_layers(arrived, published, reserved, layers))
+        publisher = asyncio.ensure_future(self._publish_layers(arrived, published, reserved))
         try:
             timed = self.load.running(computed_tokens, functools.partial(run, on_layer=on_layer, host=host))
             with tracing.span("prefill.forward", {"epdserve.computed_tokens": computed_tokens}):
@@ -96,25 +90,21 @@ class LayerPublisher:
         self.cache.abandon(reserved)
         await self.cache.release(published)
 
-    async def _publish_layers(self, arrived: asyncio.Queue, published: list, reserved: list[ReservedTensor],
-                              layers: int) -> None:
-        with tracing.span("prefill.kv_publish", {"epdserve.layers": layers}) as span:
+    async def _publish_layers(self, arrived: asyncio.Queue, published: list, reserved: list[ReservedTensor]) -> None:
+        with tracing.span("prefill.kv_publish", {"epdserve.layers": len(reserved)}) as span:
             prefix = new_kv_prefix()
-            for _ in range(layers):
+            for _ in reserved:
                 layer, tensor, ready = await arrived.get()
                 span.add_event("layer_ready", {"epdserve.layer": layer})
                 await asyncio.to_thread(ready)
-                put = asyncio.ensure_future(self._publish_one(kv_layer_key(prefix, layer), tensor,
-                                                              reserved[layer] if reserved else None))
+                put = asyncio.ensure_future(self._publish_one(kv_layer_key(prefix, layer), tensor, reserved[layer]))
                 try:
                     published.extend(await asyncio.shield(put))
                 except asyncio.CancelledError:  # a put under way completes, so its entry can be released
                     published.extend(await put)
                     raise
 
-    async def _publish_one(self, key: str, tensor, region: ReservedTensor | None) -> list:
-        options = dict(ttl_s=self.config.kv_ttl_s, lease_s=self.config.kv_ttl_s, ephemeral=True)
-        if region is None:
-            return await self.cache.put_many([(key, tensor)], **options)
+    async def _publish_one(self, key: str, tensor, region: ReservedTensor) -> list:
         source = None if tensor is region.tensor else tensor  # staged: copy it into the region
-        return await self.cache.commit_reserved([(key, region, source)], **options)
+        return await self.cache.commit_reserved([(key, region, source)], ttl_s=self.config.kv_ttl_s,
+                                                lease_s=self.config.kv_ttl_s, ephemeral=True)

@@ -83,7 +83,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 result, refs = await self.publisher.run(
                     functools.partial(self.prefiller.run, token_ids, embeddings, sampling, hit.blocks, publish_upto,
                                       self.config.prefix_block_tokens, fastkv=fastkv),
-                    reserved, self.prefiller.spec.decoder.num_layers, watch, computed)
+                    reserved, watch, computed)
         finally:  # inputs were copied into this request's KV (or it failed): end their leases
             await asyncio.shield(self.cache.release(list(request.image_embeddings) + hit.refs))
         self._publish_prefix(hit, result, refs)
@@ -98,12 +98,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             timings_ms=watch.timings_ms,
         )
 
-    def _layout(self, length: int, fastkv) -> KVLayout | None:
-        """The prompt's KV, reserved before it is computed; None under FastKV (its sizes come as it runs)."""
-        if fastkv is not None:
-            return None
+    def _layout(self, length: int, fastkv: FastKVConfig | None) -> KVLayout:
+        """The prompt's KV, reserved before it is computed (FastKV's plan says what each layer keeps)."""
         d = self.prefiller.spec.decoder
-        return KVLayout(d.num_layers, d.num_kv_heads, length, d.head_dim, self.prefiller.decoder.dtype)
+        lengths = [length] * d.num_layers
+        if fastkv is not None:
+            try:
+                lengths = fastkv.plan(d.num_layers, length).stored_lengths(length)
+            except ValueError as exc:  # the deployment's --fastkv-tsp-layer does not fit the model
+                raise FailedPreconditionError(f"fastkv: {exc}") from None
+        return KVLayout(tuple(lengths), d.num_kv_heads, d.head_dim, self.prefiller.decoder.dtype)
 
     def _publish_prefix(self, hit: PrefixHit, result, refs) -> None:
         """Cache the prompt's new prefix blocks in the background; its KV entries are leased until

@@ -18,7 +18,8 @@ from services.prefill.publish import KVLayout, LayerPublisher
 from services.runtime import ModelExecutor, Stopwatch
 
 pytestmark = pytest.mark.integration
-LAYOUT = KVLayout(layers=4, kv_heads=2, length=64, head_dim=8, dtype=torch.float32)
+LAYOUT = KVLayout(lengths=(64, 64, 64, 16), kv_heads=2, head_dim=8, dtype=torch.float32)   # FastKV-like last layer
+LAYERS = len(LAYOUT.lengths)
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def executor():
 
 
 def _layer(i: int) -> torch.Tensor:
-    return torch.full((2, LAYOUT.kv_heads, LAYOUT.length, LAYOUT.head_dim), float(i))
+    return torch.full((2, LAYOUT.kv_heads, LAYOUT.lengths[i], LAYOUT.head_dim), float(i))
 
 
 class SlowPrefill:
@@ -51,7 +52,7 @@ class SlowPrefill:
 
     def __call__(self, *, on_layer, host):
         try:
-            for i in range(LAYOUT.layers):
+            for i in range(LAYERS):
                 time.sleep(self.step_s)
                 if i == self.fail_at:
                     raise RuntimeError("kernel fault")
@@ -72,7 +73,7 @@ async def test_layers_are_published_in_order_into_their_regions(cache, executor)
     publisher = LayerPublisher(cache, executor, PrefillConfig(), LoadTracker("prefill", ""), torch.device("cpu"))
     reserved = await publisher.reserve(LAYOUT, timeout_s=1)
     watch = Stopwatch()
-    result, refs = await publisher.run(SlowPrefill(), reserved, LAYOUT.layers, watch, LAYOUT.length)
+    result, refs = await publisher.run(SlowPrefill(), reserved, watch, 64)
     assert result == "result" and "kv_publish_ms" in watch.timings_ms
     got = await cache.get_many(refs)
     assert all(torch.equal(g, _layer(i)) for i, g in enumerate(got))
@@ -85,7 +86,7 @@ async def test_a_prefill_stopped_half_way_leaves_nothing_behind(cache, executor,
     publisher = LayerPublisher(cache, executor, PrefillConfig(), LoadTracker("prefill", ""), torch.device("cpu"))
     reserved = await publisher.reserve(LAYOUT, timeout_s=1)
     prefill = SlowPrefill(step_s=0.1, fail_at=2 if how == "failed" else -1)
-    task = asyncio.ensure_future(publisher.run(prefill, reserved, LAYOUT.layers, Stopwatch(), LAYOUT.length))
+    task = asyncio.ensure_future(publisher.run(prefill, reserved, Stopwatch(), 64))
     await asyncio.sleep(0.25)                      # layers 0 and 1 written (and published)
     if how == "cancelled":
         task.cancel()
@@ -94,5 +95,5 @@ async def test_a_prefill_stopped_half_way_leaves_nothing_behind(cache, executor,
     assert _nothing_left(cache)                    # published layers released, the rest given back
     if how == "cancelled":                         # the model thread stopped at its next layer
         await asyncio.sleep(0.3)
-        assert isinstance(prefill.stopped_by, LayerWritesClosed) and prefill.layers_written < LAYOUT.layers
+        assert isinstance(prefill.stopped_by, LayerWritesClosed) and prefill.layers_written < LAYERS
     assert _nothing_left(cache)

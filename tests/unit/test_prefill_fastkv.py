@@ -59,6 +59,22 @@ def test_cache_sizes_per_layer_and_first_token_from_the_true_last_position(model
     assert all(layer.shape[:2] == (2, decoder.spec.num_kv_heads) for layer in kv)
 
 
+@pytest.mark.parametrize("length, config", [
+    (200, FastKVConfig()),                                   # every layer compressed to the budget
+    (60, FastKVConfig(tsp_rate=1.0, retain_rate=1.0)),       # keep everything
+    (200, FastKVConfig(tsp_length=30, kv_budget=50)),        # layers after TSP see fewer than the budget
+    (200, FastKVConfig(tsp_length=30, kv_budget=50, tsp_layer=3)),   # TSP at the last layer: no subset
+    (12, FastKVConfig()),                                    # shorter than the window
+])
+def test_the_plan_knows_each_layers_kv_size_before_it_runs(model, length, config):
+    """Prefill reserves the KV in the cache pool before computing it: the plan's sizes must be
+    exactly what the layer loop stores."""
+    _, decoder = model
+    plan = config.plan(decoder.spec.num_layers, length)
+    _, kv = _run(decoder, _embeds(decoder, length), config)
+    assert plan.stored_lengths(length) == [layer.shape[2] for layer in kv]
+
+
 def test_small_prompts_are_not_compressed(model):
     _, decoder = model
     config = FastKVConfig(kv_budget=64, tsp_length=128)
