@@ -27,6 +27,8 @@ from epdserve.procutil import spawn, stop_process, stop_processes
 from epdserve.redis_server import PrivateRedis
 
 STAGES = ("encode", "prefill", "decode")
+CLUSTER_DIR_PREFIX = "epdserve-cluster-"  # a cluster's log directory and shared-memory root
+LAUNCHER_PID_FILE = "launcher.pid"        # in each: the launcher that owns it
 
 
 # Every stage of a local cluster shares one GPU: decode's automatic KV cache (its replicas together)
@@ -108,14 +110,18 @@ class LocalCluster:
         self.redis_url = config.redis_url
         self.children: dict[str, _Child] = {}
         self.stop_log_tails: dict[str, str] = {}
-        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="epdserve-cluster-"))
-        self.shm_root = _shm_root() / f"epdserve-cluster-{uuid.uuid4().hex[:12]}"
+        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix=CLUSTER_DIR_PREFIX))
+        self.shm_root = _shm_root() / f"{CLUSTER_DIR_PREFIX}{uuid.uuid4().hex[:12]}"
         self.router_address = ""
         self.router_http_address = ""    # the router's OpenAI HTTP host:port, when started with --http-port
 
     def start(self) -> str:
         """Start everything; returns the router address. Raises FailedPreconditionError (with the
         failing service's log tail) if a service exits or is not ready in time."""
+        for root in (_shm_root(), self.workdir.parent):
+            remove_abandoned_cluster_dirs(root)
+        for directory in (self.workdir, self.shm_root):
+            _claim(directory)
         try:
             if not self.config.endpoints:
                 self._start_stages()
@@ -268,6 +274,40 @@ def security_args(security: SecurityConfig) -> list[str]:
     """The flags that give a service (or `epdserve generate`) the settings of `security` (unset ones left out)."""
     return [arg for field in dataclasses.fields(security) if getattr(security, field.name)
             for arg in ("--" + field.name.replace("_", "-"), str(getattr(security, field.name)))]
+
+
+def remove_abandoned_cluster_dirs(parent: pathlib.Path, *, unclaimed_after_s: float = 3600.0) -> list[pathlib.Path]:
+    """Remove the cluster directories under `parent` (shared-memory pools, logs) left behind by a
+    launcher that was killed before it could stop: those whose launcher process is gone, and
+    unclaimed ones (no launcher pid file) untouched for `unclaimed_after_s`. Returns them."""
+    removed = []
+    for directory in parent.glob(f"{CLUSTER_DIR_PREFIX}*"):
+        try:
+            owner = (directory / LAUNCHER_PID_FILE).read_text().strip()
+            abandoned = not _process_alive(int(owner))
+        except FileNotFoundError:
+            abandoned = time.time() - directory.stat().st_mtime > unclaimed_after_s
+        except (OSError, ValueError):
+            continue
+        if abandoned and directory.is_dir():
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
+
+
+def _claim(directory: pathlib.Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / LAUNCHER_PID_FILE).write_text(str(os.getpid()))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _shm_root() -> pathlib.Path:

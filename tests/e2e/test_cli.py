@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -183,10 +185,13 @@ def test_bench_cache_reports_every_number():
 
 
 def test_a_killed_launcher_leaves_no_orphans(tmp_path):
-    """SIGKILL the `epdserve up` process itself: every child (redis, four services) still goes."""
+    """SIGKILL the `epdserve up` process itself: every child (redis, four services) still goes, and
+    the next launcher removes the directories it left (shared-memory pools, logs)."""
     import re
     import signal
     import time
+
+    from epdserve.launcher import LAUNCHER_PID_FILE, _shm_root, remove_abandoned_cluster_dirs
 
     up = subprocess.Popen([sys.executable, "-m", "epdserve.cli", "up", "--port", "0"], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "EPDSERVE_CACHE_DIR": str(tmp_path)})
@@ -202,6 +207,12 @@ def test_a_killed_launcher_leaves_no_orphans(tmp_path):
         while [pid for pid in children if _running(pid)]:
             assert time.monotonic() < deadline, "children outlived their launcher"
             time.sleep(0.2)
+        left = [path.parent for root in (_shm_root(), pathlib.Path(tempfile.gettempdir()))
+                for path in root.glob(f"epdserve-cluster-*/{LAUNCHER_PID_FILE}") if path.read_text() == str(up.pid)]
+        assert len(left) == 2                                   # its pool root and its log directory
+        for root in {directory.parent for directory in left}:
+            remove_abandoned_cluster_dirs(root)                  # what the next launcher's start does
+        assert not any(directory.exists() for directory in left)
     finally:
         if up.poll() is None:
             up.kill()

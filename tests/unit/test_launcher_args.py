@@ -47,3 +47,31 @@ def test_a_kv_fraction_outside_its_range_is_refused(fraction):
 
     with pytest.raises(ValueError, match="kv_cache_fraction"):
         DecodeConfig(kv_cache_fraction=fraction)
+
+
+def test_cluster_dirs_of_killed_launchers_are_removed_and_live_ones_kept(tmp_path):
+    """A launcher killed before it could stop leaves its shared-memory pools and logs behind; the
+    next launcher removes them: dirs whose launcher process is gone, and unclaimed dirs (older
+    code) untouched for an hour. A live launcher's dir, and a fresh unclaimed one, stay."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from epdserve.launcher import CLUSTER_DIR_PREFIX, LAUNCHER_PID_FILE, remove_abandoned_cluster_dirs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dirs = {name: tmp_path / f"{CLUSTER_DIR_PREFIX}{name}" for name in ("dead", "alive", "old", "new")}
+    for directory in dirs.values():
+        (directory / "prefill").mkdir(parents=True)
+        (directory / "prefill" / "pool.shm").write_bytes(b"x")
+    (dirs["dead"] / LAUNCHER_PID_FILE).write_text(gone.stdout.strip())
+    (dirs["alive"] / LAUNCHER_PID_FILE).write_text(str(os.getpid()))
+    hour_ago = time.time() - 3700
+    os.utime(dirs["old"], (hour_ago, hour_ago))
+    (tmp_path / "unrelated").mkdir()
+
+    removed = remove_abandoned_cluster_dirs(tmp_path)
+    assert sorted(removed) == sorted([dirs["dead"], dirs["old"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [dirs["alive"].name, dirs["new"].name, "unrelated"])
