@@ -102,6 +102,8 @@ class MMCache:
         self._reserved: dict[int, Reservation] = {}  # offset -> region reserved, not yet committed or abandoned
         self._space_freed = asyncio.Event()
         self._reserving = asyncio.Lock()  # waiting reservations are served in arrival order
+        if "host" in store.tiers:
+            self.metrics.watch_pool(store.tiers["host"].pool)
 
     @classmethod
     async def open(cls, config: CacheConfig, identity: CacheIdentity,
@@ -204,19 +206,22 @@ class MMCache:
         sizes = [math.prod(shape) * _itemsize(dtype) for shape, dtype in layouts]
         pool = self.store.tiers["host"].pool
         if sum(region_bytes(n) for n in sizes) > pool.capacity_bytes:
+            self.metrics.reserve_refused.inc()
             raise CapacityError(f"{sum(sizes)} bytes of entries exceed the cache pool ({pool.capacity_bytes} "
                                 "bytes): raise --capacity-bytes")
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
         async with self._reserving:
             while (reserved := self._reserve_all(sizes)) is None:
-                left = deadline - time.monotonic()
+                left = started + timeout_s - time.monotonic()
                 if left <= 0:
+                    self.metrics.reserve_refused.inc()
                     raise CapacityError(f"{sum(sizes)} bytes of entries did not fit the cache pool within {timeout_s:g}"
                                         f" s ({pool.free_bytes} of {pool.capacity_bytes} bytes free, the rest held "
                                         "for readers): retry later or raise --capacity-bytes", retry_after_s=1.0)
                 self._space_freed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._space_freed.wait(), min(left, SPACE_POLL_S))
+        self.metrics.reserve_wait.observe(time.monotonic() - started)
         return [ReservedTensor(r, _tensor_view(r.view, dtype, shape)) for r, (shape, dtype) in zip(reserved, layouts)]
 
     def _reserve_all(self, sizes: list[int]) -> list[Reservation] | None:

@@ -119,4 +119,6 @@ def test_each_stage_counted_what_reached_it(cluster, sent):
     assert encode.value("epdserve_cache_put_bytes_total") > 0  # mmcache's own metrics, same endpoint
     assert prefill.value("epdserve_prefill_prompt_tokens_total") > 0
     assert prefill.value("epdserve_prefill_prefix_hit_tokens_total") >= 0
+    assert prefill.value("epdserve_cache_pool_capacity_bytes") > 0
+    assert prefill.value("epdserve_cache_reserve_wait_seconds_count") == ok + sent["cancelled"]   # every prompt's KV
     assert decode.value("epdserve_decode_kv_capacity_blocks") > 0

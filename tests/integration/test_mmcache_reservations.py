@@ -41,6 +41,11 @@ def _floats(nbytes: int) -> tuple[tuple[int, ...], torch.dtype]:
     return (nbytes // 4,), torch.float32
 
 
+def _sample(metric, suffix: str = "") -> float:
+    """A metric's value as a scrape sees it (`suffix`: a histogram's _count or _sum)."""
+    return next(s.value for s in metric.collect()[0].samples if s.name.endswith(suffix))
+
+
 def _used(cache: MMCache) -> int:
     return cache.store.tiers["host"].pool.used_bytes
 
@@ -71,6 +76,8 @@ async def test_a_reservation_waits_for_released_space_holding_nothing_meanwhile(
     regions = await asyncio.wait_for(waiting, 5)
     assert time.monotonic() - started < 0.2               # woken by the release, not by polling
     assert len(regions) == 2 and _used(cache) == 3 * MiB // 2
+    assert _sample(cache.metrics.pool_used) == _used(cache) and _sample(cache.metrics.pool_capacity) == 4 * MiB
+    assert _sample(cache.metrics.reserve_wait, "_count") == 1 and _sample(cache.metrics.reserve_wait, "_sum") >= 0.3
     cache.abandon(regions)
     cache.abandon(regions)                                 # twice: given back once
     assert _used(cache) == 0
@@ -109,6 +116,7 @@ async def test_no_room_in_time_or_ever_is_resource_exhausted(cache):
         await cache.reserve_tensors([_floats(3 * MiB)] * 2, timeout_s=30)
     assert time.monotonic() - started < 0.2                 # can never fit: at once, not after 30 s
     assert _used(cache) == used
+    assert cache.metrics.value("reserve_refused") == 2
 
 
 async def test_unleased_entries_are_evicted_to_make_room(cache):
