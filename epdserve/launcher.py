@@ -11,6 +11,7 @@ stragglers, and removes the shared-memory and scratch directories, so nothing is
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -28,7 +29,7 @@ from epdserve.redis_server import PrivateRedis
 
 STAGES = ("encode", "prefill", "decode")
 CLUSTER_DIR_PREFIX = "epdserve-cluster-"  # a cluster's log directory and shared-memory root
-LAUNCHER_PID_FILE = "launcher.pid"        # in each: the launcher that owns it
+LAUNCHER_PID_FILE = "launcher.pid"        # in each: the launcher that owns it, locked (flock) while it lives
 
 
 # Every stage of a local cluster shares one GPU: decode's automatic KV cache (its replicas together)
@@ -112,6 +113,7 @@ class LocalCluster:
         self.stop_log_tails: dict[str, str] = {}
         self.workdir = pathlib.Path(tempfile.mkdtemp(prefix=CLUSTER_DIR_PREFIX))
         self.shm_root = _shm_root() / f"{CLUSTER_DIR_PREFIX}{uuid.uuid4().hex[:12]}"
+        self._claims: list[int] = []       # locked pid files of this launcher's directories
         self.router_address = ""
         self.router_http_address = ""    # the router's OpenAI HTTP host:port, when started with --http-port
 
@@ -120,8 +122,7 @@ class LocalCluster:
         failing service's log tail) if a service exits or is not ready in time."""
         for root in (_shm_root(), self.workdir.parent):
             remove_abandoned_cluster_dirs(root)
-        for directory in (self.workdir, self.shm_root):
-            _claim(directory)
+        self._claims = [_claim(directory) for directory in (self.workdir, self.shm_root)]
         try:
             if not self.config.endpoints:
                 self._start_stages()
@@ -252,6 +253,9 @@ class LocalCluster:
             self.redis = None
         shutil.rmtree(self.shm_root, ignore_errors=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        for fd in self._claims:
+            os.close(fd)
+        self._claims = []
         return codes
 
     def __enter__(self) -> "LocalCluster":
@@ -278,36 +282,44 @@ def security_args(security: SecurityConfig) -> list[str]:
 
 def remove_abandoned_cluster_dirs(parent: pathlib.Path, *, unclaimed_after_s: float = 3600.0) -> list[pathlib.Path]:
     """Remove the cluster directories under `parent` (shared-memory pools, logs) left behind by a
-    launcher that was killed before it could stop: those whose launcher process is gone, and
-    unclaimed ones (no launcher pid file) untouched for `unclaimed_after_s`. Returns them."""
+    launcher that was killed before it could stop: those whose launcher no longer holds the lock on
+    their pid file (it is released when the process ends, whatever ended it), and unclaimed ones
+    (older code: no pid file) in which nothing changed for `unclaimed_after_s`. Returns them."""
     removed = []
     for directory in parent.glob(f"{CLUSTER_DIR_PREFIX}*"):
         try:
-            owner = (directory / LAUNCHER_PID_FILE).read_text().strip()
-            abandoned = not _process_alive(int(owner))
-        except FileNotFoundError:
-            abandoned = time.time() - directory.stat().st_mtime > unclaimed_after_s
-        except (OSError, ValueError):
+            abandoned = _abandoned(directory, unclaimed_after_s)
+        except OSError:  # removed meanwhile, or not ours to look into
             continue
-        if abandoned and directory.is_dir():
+        if abandoned:
             shutil.rmtree(directory, ignore_errors=True)
             removed.append(directory)
     return removed
 
 
-def _claim(directory: pathlib.Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / LAUNCHER_PID_FILE).write_text(str(os.getpid()))
-
-
-def _process_alive(pid: int) -> bool:
+def _abandoned(directory: pathlib.Path, unclaimed_after_s: float) -> bool:
+    pid_file = directory / LAUNCHER_PID_FILE
+    if not pid_file.exists():
+        newest = max((p.stat().st_mtime for p in directory.rglob("*")), default=directory.stat().st_mtime)
+        return time.time() - newest > unclaimed_after_s
+    fd = os.open(pid_file, os.O_RDONLY)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its launcher lives
+    finally:
+        os.close(fd)
     return True
+
+
+def _claim(directory: pathlib.Path) -> int:
+    """Mark a cluster directory as this launcher's: its pid file, locked for as long as the
+    returned descriptor stays open (children do not inherit it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LAUNCHER_PID_FILE, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def _shm_root() -> pathlib.Path:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
+import torch
 
 from epdserve import tracing
 from epdserve.config import CacheConfig
@@ -71,7 +72,7 @@ class ReservedTensor:
     and `tensor`, a CPU view of it to write them into (page-locked when the pool is)."""
 
     reservation: Reservation
-    tensor: object  # torch.Tensor of the entry's shape and dtype
+    tensor: torch.Tensor  # of the entry's shape and dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,38 +194,47 @@ class MMCache:
             self.store.tiers["host"].pool.page_lock()
             return True
         except Exception as exc:  # noqa: BLE001 - any refusal leaves a working, unlocked pool
-            log.warning("cache pool not page-locked, GPU copies go through a pinned buffer: %s", exc)
+            log.warning("cache pool not page-locked, so GPU copies go through a pinned buffer (--no-kv-zero-copy "
+                        "skips trying): %s", exc)
             return False
 
-    async def reserve_tensors(self, layouts: Sequence[tuple[tuple[int, ...], object]], *,
-                              timeout_s: float) -> list[ReservedTensor]:
+    async def reserve_tensors(self, layouts: Sequence[tuple[tuple[int, ...], torch.dtype]], *, timeout_s: float,
+                              held_bytes: int = 0, what: str = "entries", wait_flag: str = "") -> list[ReservedTensor]:
         """Host-pool regions for tensors of these (shape, dtype), all or none. While the pool cannot
-        hold them all (after evicting what is not leased), waits for space (earlier hand-offs being
-        released), in arrival order, up to `timeout_s`. Each region must end in `commit_reserved`
-        or `abandon`. Raises CapacityError (RESOURCE_EXHAUSTED) when they can never fit or did not
-        within `timeout_s`."""
-        sizes = [math.prod(shape) * _itemsize(dtype) for shape, dtype in layouts]
-        pool = self.store.tiers["host"].pool
-        if sum(region_bytes(n) for n in sizes) > pool.capacity_bytes:
+        hold them all (after evicting what is not leased: nothing is evicted for an attempt that
+        would still fail), waits for room (earlier hand-offs being released), in arrival order, up
+        to `timeout_s` in all. Each region must end in `commit_reserved` or `abandon`. Raises
+        CapacityError (RESOURCE_EXHAUSTED) at once when they cannot fit even in an empty pool next
+        to the `held_bytes` the caller itself holds there, or when there was no room in time
+        (`what` names them and `wait_flag` the caller's setting of the time limit, in messages)."""
+        sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in layouts]
+        pool, need = self.store.tiers["host"].pool, sum(region_bytes(n) for n in sizes)
+        if need + held_bytes > pool.capacity_bytes:
             self.metrics.reserve_refused.inc()
-            raise CapacityError(f"{sum(sizes)} bytes of entries exceed the cache pool ({pool.capacity_bytes} "
+            held = f" next to the {held_bytes} bytes it holds there" if held_bytes else ""
+            raise CapacityError(f"{what} ({need} bytes){held} cannot fit the cache pool ({pool.capacity_bytes} "
                                 "bytes): raise --capacity-bytes")
         started = time.monotonic()
-        async with self._reserving:
-            while (reserved := self._reserve_all(sizes)) is None:
-                left = started + timeout_s - time.monotonic()
-                if left <= 0:
-                    self.metrics.reserve_refused.inc()
-                    raise CapacityError(f"{sum(sizes)} bytes of entries did not fit the cache pool within {timeout_s:g}"
-                                        f" s ({pool.free_bytes} of {pool.capacity_bytes} bytes free, the rest held "
-                                        "for readers): retry later or raise --capacity-bytes", retry_after_s=1.0)
-                self._space_freed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._space_freed.wait(), min(left, SPACE_POLL_S))
+        try:
+            async with asyncio.timeout(timeout_s), self._reserving:
+                while (reserved := self._reserve_all(sizes)) is None:
+                    self._space_freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SPACE_POLL_S):
+                            await self._space_freed.wait()
+        except TimeoutError:
+            self.metrics.reserve_refused.inc()
+            limit = f" ({wait_flag})" if wait_flag else ""
+            raise CapacityError(f"{what} ({need} bytes) found no room in the cache pool within {timeout_s:g} s{limit}"
+                                f": {pool.free_bytes} of {pool.capacity_bytes} bytes free, the rest held for "
+                                "readers; retry later or raise --capacity-bytes", retry_after_s=1.0) from None
         self.metrics.reserve_wait.observe(time.monotonic() - started)
         return [ReservedTensor(r, _tensor_view(r.view, dtype, shape)) for r, (shape, dtype) in zip(reserved, layouts)]
 
     def _reserve_all(self, sizes: list[int]) -> list[Reservation] | None:
+        pool = self.store.tiers["host"].pool
+        if pool.free_bytes + self.store.evictable_bytes("host") < sum(region_bytes(n) for n in sizes):
+            return None  # cannot succeed now: evict nothing
         taken = []
         for nbytes in sizes:
             reservation = self.store.reserve_host(nbytes)
@@ -235,6 +245,14 @@ class MMCache:
             taken.append(reservation)
         self._reserved.update((r.offset, r) for r in taken)
         return taken
+
+    def _untrack(self, reservation: Reservation) -> bool:
+        """Stop tracking a reserved region; False when it is not outstanding (already committed or
+        given back, and its offset perhaps reserved again since by someone else)."""
+        if self._reserved.get(reservation.offset) is not reservation:
+            return False
+        del self._reserved[reservation.offset]
+        return True
 
     async def commit_reserved(self, items: Sequence[tuple[str, ReservedTensor, object]], *, ttl_s: float,
                               lease_s: float | None = None, ephemeral: bool = False) -> list[common_pb2.TensorRef]:
@@ -249,7 +267,8 @@ class MMCache:
         digests = await self._fill(fills, on_error=lambda: self.abandon([item[1] for item in items]))
         puts = []
         for (_, key, meta, reservation, _), digest in zip(fills, digests):
-            self._reserved.pop(reservation.offset, None)
+            if not self._untrack(reservation):
+                raise ValueError(f"{key}: its region is not reserved (given back already)")
             puts.append(self.store.commit(key, reservation, {**meta, "checksum": digest}, ttl_s=ttl_s,
                                           lease_s=lease_s, ephemeral=ephemeral))
         refs = [self._ref(put.entry.key, put.lease_id) for put in puts]
@@ -261,9 +280,8 @@ class MMCache:
         """Give reserved regions back (those already committed or abandoned are skipped). Nothing
         may still be writing into them."""
         for item in reserved:
-            reservation = self._reserved.pop(item.reservation.offset, None)
-            if reservation is item.reservation:
-                self.store.abandon(reservation)
+            if self._untrack(item.reservation):
+                self.store.abandon(item.reservation)
         self._space_freed.set()
 
     async def _intact_held(self, keys: Sequence[str]) -> dict[str, Entry]:
@@ -679,13 +697,7 @@ def _on_device(tensor, store: TieredStore) -> bool:
     return device is not None and tensor.device == device.device
 
 
-def _itemsize(dtype) -> int:
-    return dtype.itemsize
-
-
-def _tensor_view(view: memoryview, dtype, shape: tuple[int, ...]):
-    import torch
-
+def _tensor_view(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(shape)
 
 

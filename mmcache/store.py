@@ -173,6 +173,13 @@ class TieredStore:
 
     # ---- leases ----------------------------------------------------------------------------------
 
+    def evictable_bytes(self, tier: str) -> int:
+        """Pool bytes the tier's unleased entries take (what eviction could free now)."""
+        from mmcache.pool import region_bytes
+
+        now = time.monotonic()
+        return sum(region_bytes(self.entries[k].nbytes) for k in self.lru[tier] if not self.entries[k].leased(now))
+
     def lease(self, key: str, lease_s: float) -> str | None:
         """Pin an entry for a reader (promoting a disk entry to host); None if the key is gone."""
         entry = self.entries.get(key)

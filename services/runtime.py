@@ -146,9 +146,9 @@ async def run_stage(stage: str, service_name: str, server_config: ServerConfig, 
     cache_pb2_grpc.add_CacheControlServicer_to_server(cache.servicer(), server.server)
     load_pb2_grpc.add_LoadServiceServicer_to_server(LoadServicer(*loads), server.server)
 
-    async def cleanup() -> None:
+    async def cleanup() -> None:  # the model thread first: no copy into the cache's memory outlives it
+        await asyncio.to_thread(executor.shutdown)
         await cache.close()
-        executor.shutdown()
 
     await run_until_signalled(server, cleanup)
 

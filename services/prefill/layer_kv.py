@@ -19,11 +19,9 @@ import torch
 from epdserve.errors import RequestCancelledError
 from services.prefill.fastkv import gather_kv
 
-OnLayer = Callable[[int, torch.Tensor, Callable[[], None]], None]
+Ready = Callable[[], None]  # returns once a copy has landed
+OnLayer = Callable[[int, torch.Tensor, Ready], None]
 Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
-
-
-Ready = Callable[[], None]
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -55,33 +53,23 @@ class HostKV(Protocol):
         and what waits for the copy to land."""
         ...
 
-
-class StagedHost:
-    """Each layer into a fresh host tensor from `allocate` (pinned: the copy runs asynchronously);
-    off CUDA the layer's tensor itself, no copy."""
-
-    def __init__(self, allocate: Allocate = pinned_empty) -> None:
-        self.allocate = allocate
-
-    def take(self, layer: int, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, Ready]:
-        if stream is None:
-            return tensor, _ready_now
-        host = self.allocate(tuple(tensor.shape), tensor.dtype)
-        return host, copy_to_host(host, tensor, stream)
+    def close(self) -> None:
+        """Take no more layers (`take` raises LayerWritesClosed); returns once the copies issued
+        have landed."""
+        ...
 
 
 class LayerWritesClosed(RequestCancelledError):
-    """The request this prefill serves is gone: its reserved memory may no longer be written."""
+    """The request this prefill serves is gone: its layers are no longer wanted (nor, with reserved
+    memory, may they be written there)."""
 
 
-class ReservedHost:
-    """Each layer straight into memory reserved for it beforehand (`regions[layer]`, e.g. regions
-    of the cache's page-locked pool: one copy from the GPU, none after). `close()` (any thread)
-    ends writing: it waits for every copy already issued, and a later `take` raises
-    LayerWritesClosed, so the regions can be given back as soon as it returns."""
+class _ClosableHost:
+    """A HostKV that refuses further layers once closed (the model thread then stops the prefill at
+    its next layer). `close()` may be called from any thread and returns once every copy already
+    issued has landed."""
 
-    def __init__(self, regions: Sequence[torch.Tensor]) -> None:
-        self.regions = list(regions)
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._issued: list[Ready] = []
         self._closed = False
@@ -89,14 +77,13 @@ class ReservedHost:
     def take(self, layer: int, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, Ready]:
         with self._lock:  # a copy is issued and recorded, or refused, as one step against close()
             if self._closed:
-                raise LayerWritesClosed("the prefill's KV regions were given back (request cancelled or failed)")
-            region = self.regions[layer]
-            if region.shape != tensor.shape or region.dtype != tensor.dtype:
-                raise ValueError(f"layer {layer}: KV {tuple(tensor.shape)} {tensor.dtype} does not fit its reserved "
-                                 f"region {tuple(region.shape)} {region.dtype}")
-            ready = copy_to_host(region, tensor, stream)
+                raise LayerWritesClosed("the prefill's request is gone (cancelled or failed)")
+            host, ready = self._copy(layer, tensor, stream)
             self._issued.append(ready)
-            return region, ready
+            return host, ready
+
+    def _copy(self, layer: int, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, Ready]:
+        raise NotImplementedError
 
     def close(self) -> None:
         with self._lock:
@@ -104,6 +91,38 @@ class ReservedHost:
             issued = list(self._issued)
         for ready in issued:
             ready()
+
+
+class StagedHost(_ClosableHost):
+    """Each layer into a fresh host tensor from `allocate` (pinned: the copy runs asynchronously);
+    off CUDA the layer's tensor itself, no copy."""
+
+    def __init__(self, allocate: Allocate = pinned_empty) -> None:
+        super().__init__()
+        self.allocate = allocate
+
+    def _copy(self, layer: int, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, Ready]:
+        if stream is None:
+            return tensor, _ready_now
+        host = self.allocate(tuple(tensor.shape), tensor.dtype)
+        return host, copy_to_host(host, tensor, stream)
+
+
+class ReservedHost(_ClosableHost):
+    """Each layer straight into memory reserved for it beforehand (`regions[layer]`, e.g. regions
+    of the cache's page-locked pool: one copy from the GPU, none after). Once `close()` returns
+    nothing writes into the regions any more, so they can be given back."""
+
+    def __init__(self, regions: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.regions = list(regions)
+
+    def _copy(self, layer: int, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, Ready]:
+        region = self.regions[layer]
+        if region.shape != tensor.shape or region.dtype != tensor.dtype:
+            raise ValueError(f"layer {layer}: KV {tuple(tensor.shape)} {tensor.dtype} does not fit its reserved "
+                             f"region {tuple(region.shape)} {region.dtype}")
+        return region, copy_to_host(region, tensor, stream)
 
 
 class OffloadingKV:

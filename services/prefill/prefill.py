@@ -79,7 +79,7 @@ class PromptPrefiller:
         """Prefill positions after the cached prefix blocks; the result can cut the blocks
         [len(prefix_blocks), publish_blocks_upto) out of its KV so they can be cached. Each finished layer's KV is
         handed to `on_layer` as soon as it is on the host (layer-wise publishing), in memory `host` gives
-        (default: fresh pinned buffers)."""
+        (default `StagedHost`: fresh pinned buffers on a GPU, the layer's own tensor on a CPU)."""
         if fastkv is not None and (prefix_blocks or publish_blocks_upto):
             raise ValueError("FastKV KV depends on the whole prompt: it cannot use or feed the prefix cache")
         embeds = self.embed(token_ids, embeddings)

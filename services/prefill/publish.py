@@ -12,6 +12,7 @@ layers, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import time
@@ -44,18 +45,22 @@ class KVLayout:
 
 class LayerPublisher:
     """Runs one prefill on the model thread and publishes its KV layer by layer, into the regions
-    reserved for it: straight from the GPU when the pool is page-locked (one copy; on a CPU, the
-    copy out of the layer loop's tensors), else through a pinned buffer copied into the region."""
+    reserved for it: on a GPU with the pool page-locked, copied straight from the GPU into them
+    (one copy, `direct`); else each layer goes to a host tensor first (pinned on a GPU; on a CPU
+    the layer loop's own) and worker threads copy it into its region, off the model thread."""
 
     def __init__(self, cache: MMCache, executor: ModelExecutor, config: PrefillConfig, load: LoadTracker,
                  device: torch.device) -> None:
         self.cache, self.executor, self.config, self.load = cache, executor, config, load
-        self.direct = torch.device(device).type == "cpu" or cache.page_locked  # GPU copies land in the pool
+        self.direct = torch.device(device).type == "cuda" and cache.page_locked
+        self._giving_back: set[asyncio.Task] = set()
 
-    async def reserve(self, layout: KVLayout, timeout_s: float) -> list[ReservedTensor]:
+    async def reserve(self, layout: KVLayout, timeout_s: float, *, held_bytes: int = 0,
+                      what: str = "the prompt's KV") -> list[ReservedTensor]:
         """The pool regions of a prompt's KV; waits for room (RESOURCE_EXHAUSTED when there is none
-        within timeout_s, or ever)."""
-        return await self.cache.reserve_tensors(layout.shapes(), timeout_s=timeout_s)
+        within timeout_s, or ever next to the `held_bytes` the request holds in the pool)."""
+        return await self.cache.reserve_tensors(layout.shapes(), timeout_s=timeout_s, held_bytes=held_bytes,
+                                                what=what, wait_flag="--kv-wait-s, or the request's deadline")
 
     async def run(self, run: Callable, reserved: list[ReservedTensor], watch: Stopwatch, computed_tokens: int):
         """`run(on_layer=, host=)` on the model thread, each layer published as it lands; returns
@@ -79,14 +84,17 @@ class LayerPublisher:
             watch.timings_ms["kv_publish_ms"] = (time.perf_counter() - started) * 1000.0
             return result, published
         except BaseException:
-            publisher.cancel()
-            await asyncio.gather(publisher, return_exceptions=True)
-            await asyncio.shield(self._give_back(host, reserved, published))
+            giving_back = asyncio.ensure_future(self._give_back(publisher, host, reserved, published))
+            self._giving_back.add(giving_back)
+            giving_back.add_done_callback(self._giving_back.discard)
+            await asyncio.shield(giving_back)  # cancelled again while it runs: it still runs to the end
             raise
 
-    async def _give_back(self, host, reserved: list[ReservedTensor], published: list) -> None:
-        if isinstance(host, ReservedHost):
-            await asyncio.to_thread(host.close)  # no copy into a region outlives this
+    async def _give_back(self, publisher: asyncio.Future, host: StagedHost | ReservedHost,
+                         reserved: list[ReservedTensor], published: list) -> None:
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
+        await asyncio.to_thread(host.close)  # the model thread writes no more layers; copies issued have landed
         self.cache.abandon(reserved)
         await self.cache.release(published)
 
@@ -101,7 +109,11 @@ class LayerPublisher:
                 try:
                     published.extend(await asyncio.shield(put))
                 except asyncio.CancelledError:  # a put under way completes, so its entry can be released
-                    published.extend(await put)
+                    while not put.done():
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await asyncio.shield(put)
+                    if not put.cancelled() and put.exception() is None:
+                        published.extend(put.result())
                     raise
 
     async def _publish_one(self, key: str, tensor, region: ReservedTensor) -> list:

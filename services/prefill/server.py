@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
+import time
 
 from epdserve import tracing
 from epdserve.config import CacheConfig, EncodeConfig, ModelConfig, PrefillConfig, ServerConfig
@@ -21,7 +23,7 @@ from services.load import LoadTracker
 from services.metrics import PrefillMetrics
 from services.prefill.fastkv import FastKVConfig
 from services.prefill.minisequence import MiniSequenceConfig
-from services.prefill.prefill import PromptPrefiller
+from services.prefill.prefill import PrefillResult, PromptPrefiller
 from services.prefill.prefix import PrefixCache, PrefixHit
 from services.prefill.publish import KVLayout, LayerPublisher
 from services.runtime import (
@@ -56,47 +58,72 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         attributes = {"epdserve.request_id": request.request_id, "epdserve.prompt_tokens": len(request.token_ids),
                       "epdserve.images": len(request.image_embeddings)}
         remaining = context.time_remaining()
-        wait_s = self.config.kv_wait_s if remaining is None else min(self.config.kv_wait_s, remaining)
+        deadline = math.inf if remaining is None else time.monotonic() + remaining
         with self.load.request(len(request.token_ids)), tracing.server_span("prefill.Prefill", context, attributes):
-            return await self._prefill(request, wait_s)
+            watch, published = Stopwatch(), []
+            try:
+                hit, result = await self._prefill(request, deadline, watch, published)
+            except BaseException:  # failed after its KV was published (cancelled on the way out): let it go now
+                await asyncio.shield(self.cache.release(published))
+                raise
+            return self._respond(hit, result, published, watch)
 
-    async def _prefill(self, request: prefill_pb2.PrefillRequest, kv_wait_s: float) -> prefill_pb2.PrefillResponse:
+    async def _prefill(self, request: prefill_pb2.PrefillRequest, deadline: float, watch: Stopwatch,
+                       published: list) -> tuple[PrefixHit, PrefillResult]:
+        """Fetch and check the inputs, reserve the prompt's KV in the pool (waiting for room), look
+        up its cached prefix, run the prefill; the KV refs land in `published`."""
         sampling = sampling_from_proto(request.sampling)
         fastkv = fastkv_from_proto(request, self.fastkv_default, base=self.fastkv_settings)
         token_ids = list(request.token_ids)
-        watch = Stopwatch()
         hit = PrefixHit([], [], [])
         try:
-            with watch.section("cache_get_ms"), tracing.span("prefill.fetch_inputs") as fetch:
+            with watch.section("cache_get_ms"), tracing.span("prefill.fetch_inputs"):
                 embeddings = await self._fetch_embeddings(request.image_embeddings)
                 self.prefiller.validate(token_ids, embeddings)
                 self._check_fastkv(fastkv)
-                if fastkv is None:  # FastKV's KV depends on the whole prompt: no prefix reuse
-                    hit = await self.prefixes.lookup(token_ids, request.image_embeddings, request.cache_salt)
-                fetch.set_attribute("epdserve.prefix_blocks_cached", hit.blocks_cached)
+                layout = self._layout(len(token_ids), fastkv)
+            with watch.section("kv_wait_ms"):  # before the prefix lookup: a waiting prompt holds no cached blocks
+                reserved = await self.publisher.reserve(
+                    layout, min(self.config.kv_wait_s, max(0.0, deadline - time.monotonic())),
+                    held_bytes=self._held_here(request.image_embeddings),
+                    what=f"token_ids: the KV of this {len(token_ids)}-token prompt")
+            try:
+                with watch.section("cache_get_ms"), tracing.span("prefill.prefix_lookup") as lookup:
+                    if fastkv is None:  # FastKV's KV depends on the whole prompt: no prefix reuse
+                        hit = await self.prefixes.lookup(token_ids, request.image_embeddings, request.cache_salt)
+                    lookup.set_attribute("epdserve.prefix_blocks_cached", hit.blocks_cached)
+            except BaseException:
+                self.cache.abandon(reserved)  # nothing was written into it yet
+                raise
             publish_upto = len(token_ids) // self.config.prefix_block_tokens
             publish_upto = publish_upto if self.config.prefix_cache and fastkv is None else 0
             computed = len(token_ids) - hit.blocks_cached * self.config.prefix_block_tokens
-            with watch.section("kv_wait_ms"):
-                reserved = await self.publisher.reserve(self._layout(len(token_ids), fastkv), kv_wait_s)
             with watch.section("prefill_ms"):
                 result, refs = await self.publisher.run(
                     functools.partial(self.prefiller.run, token_ids, embeddings, sampling, hit.blocks, publish_upto,
                                       self.config.prefix_block_tokens, fastkv=fastkv),
                     reserved, watch, computed)
+                published.extend(refs)
         finally:  # inputs were copied into this request's KV (or it failed): end their leases
             await asyncio.shield(self.cache.release(list(request.image_embeddings) + hit.refs))
+        return hit, result
+
+    def _respond(self, hit: PrefixHit, result: PrefillResult, refs: list, watch: Stopwatch):
         self._publish_prefix(hit, result, refs)
         watch.timings_ms["prefix_hit_tokens"] = float(result.length - result.computed_tokens)
         watch.timings_ms["computed_tokens"] = float(result.computed_tokens)
         watch.timings_ms["kv_tokens_stored"] = float(sum(layer.shape[2] for layer in result.kv_layers))
         if self.metrics is not None:
-            self.metrics.prefilled(len(token_ids), result.length - result.computed_tokens)
+            self.metrics.prefilled(result.length, result.length - result.computed_tokens)
         return prefill_pb2.PrefillResponse(
             first_token_id=result.first_token_id,
             kv=common_pb2.KVHandle(layers=refs, length=result.length),
             timings_ms=watch.timings_ms,
         )
+
+    def _held_here(self, refs) -> int:
+        """Bytes of these inputs in this process's own pool (E+P colocated: its images' embeddings)."""
+        return sum(ref.nbytes for ref in refs if ref.owner == self.cache.owner.owner_id)
 
     def _layout(self, length: int, fastkv: FastKVConfig | None) -> KVLayout:
         """The prompt's KV, reserved before it is computed (FastKV's plan says what each layer keeps)."""
@@ -106,15 +133,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             try:
                 lengths = fastkv.plan(d.num_layers, length).stored_lengths(length)
             except ValueError as exc:  # the deployment's --fastkv-tsp-layer does not fit the model
-                raise FailedPreconditionError(f"fastkv: {exc}") from None
+                raise FailedPreconditionError(f"fastkv: {exc} (--fastkv-tsp-layer)") from None
         return KVLayout(tuple(lengths), d.num_kv_heads, d.head_dim, self.prefiller.decoder.dtype)
 
-    def _publish_prefix(self, hit: PrefixHit, result, refs) -> None:
-        """Cache the prompt's new prefix blocks in the background; its KV entries are leased until
-        the blocks are cut out of them (decode may take and free them first)."""
+    def _publish_prefix(self, hit: PrefixHit, result: PrefillResult, refs: list) -> None:
+        """Cache the prompt's new prefix blocks in the background. Where its KV layers are views of
+        the pool (copied there directly), their entries are leased until the blocks are cut out of
+        them: decode may take and free them first."""
         first, end = result.new_block_range
         if end > first:
-            holds = [(ref.key, self.cache.lease_local(ref.key, PREFIX_CUT_LEASE_S)) for ref in refs]
+            held = refs if self.publisher.direct else []
+            holds = [(ref.key, self.cache.lease_local(ref.key, PREFIX_CUT_LEASE_S)) for ref in held]
             self._in_background(self.prefixes.publish(hit, result, holds))
 
     def _check_fastkv(self, fastkv) -> None:

@@ -17,7 +17,7 @@ import pytest
 import redis
 from PIL import Image
 
-from epdserve.launcher import ClusterConfig, LocalCluster
+from epdserve.launcher import LAUNCHER_PID_FILE, ClusterConfig, LocalCluster
 from epdserve.procutil import stop_process, stop_processes
 from epdserve.sdk import Client
 from epdserve.v1 import cache_pb2, cache_pb2_grpc
@@ -57,7 +57,7 @@ def cluster(tiny_checkpoint):
     # the services first (as LocalCluster.stop does), so what they leave can be seen before it is wiped
     stop_process(cluster.children["router"].process, timeout_s=15)
     stop_processes([c.process for name, c in cluster.children.items() if name != "router"], timeout_s=15)
-    pools = [str(p) for p in cluster.shm_root.rglob("*") if p.is_file()]
+    pools = [str(p) for p in cluster.shm_root.rglob("*") if p.is_file() and p.name != LAUNCHER_PID_FILE]
     registered = _keys_without_ttl(cluster.redis_url, registry_too=True)
     codes = cluster.stop()
     assert all(code == 0 for code in codes.values()), codes

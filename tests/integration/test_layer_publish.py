@@ -69,8 +69,17 @@ def _nothing_left(cache: MMCache) -> bool:
     return cache.store.tiers["host"].pool.used_bytes == 0 and not cache.store.keys()
 
 
-async def test_layers_are_published_in_order_into_their_regions(cache, executor):
+def _publisher(cache, executor, direct: bool) -> LayerPublisher:
+    """On a CPU the publisher stages; `direct` makes it write into the regions as it does from a GPU."""
     publisher = LayerPublisher(cache, executor, PrefillConfig(), LoadTracker("prefill", ""), torch.device("cpu"))
+    assert not publisher.direct
+    publisher.direct = direct
+    return publisher
+
+
+@pytest.mark.parametrize("direct", [False, True])
+async def test_layers_are_published_in_order_into_their_regions(cache, executor, direct):
+    publisher = _publisher(cache, executor, direct)
     reserved = await publisher.reserve(LAYOUT, timeout_s=1)
     watch = Stopwatch()
     result, refs = await publisher.run(SlowPrefill(), reserved, watch, 64)
@@ -81,19 +90,22 @@ async def test_layers_are_published_in_order_into_their_regions(cache, executor)
     assert _nothing_left(cache)
 
 
-@pytest.mark.parametrize("how", ["cancelled", "failed"])
-async def test_a_prefill_stopped_half_way_leaves_nothing_behind(cache, executor, how):
-    publisher = LayerPublisher(cache, executor, PrefillConfig(), LoadTracker("prefill", ""), torch.device("cpu"))
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("how", ["cancelled", "cancelled twice", "failed"])
+async def test_a_prefill_stopped_half_way_leaves_nothing_behind(cache, executor, how, direct):
+    publisher = _publisher(cache, executor, direct)
     reserved = await publisher.reserve(LAYOUT, timeout_s=1)
     prefill = SlowPrefill(step_s=0.1, fail_at=2 if how == "failed" else -1)
     task = asyncio.ensure_future(publisher.run(prefill, reserved, Stopwatch(), 64))
     await asyncio.sleep(0.25)                      # layers 0 and 1 written (and published)
-    if how == "cancelled":
+    if how.startswith("cancelled"):
         task.cancel()
-    with pytest.raises(asyncio.CancelledError if how == "cancelled" else RuntimeError):
+    if how == "cancelled twice":                   # again while it gives back (waiting for the model thread)
+        await asyncio.sleep(0.01)
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError if how.startswith("cancelled") else RuntimeError):
         await task
+    await asyncio.sleep(0.3)                       # a give-back cancelled mid-way finishes in the background
     assert _nothing_left(cache)                    # published layers released, the rest given back
-    if how == "cancelled":                         # the model thread stopped at its next layer
-        await asyncio.sleep(0.3)
+    if how.startswith("cancelled"):                # the model thread stopped at its next layer
         assert isinstance(prefill.stopped_by, LayerWritesClosed) and prefill.layers_written < LAYERS
-    assert _nothing_left(cache)

@@ -65,7 +65,10 @@ async def test_reserved_regions_become_entries_holding_what_was_written(cache, r
     assert _used(cache) == 0
 
 
-async def test_a_reservation_waits_for_released_space_holding_nothing_meanwhile(cache):
+async def test_a_reservation_waits_for_released_space_holding_nothing_meanwhile(cache, monkeypatch):
+    from mmcache import client as client_module
+
+    monkeypatch.setattr(client_module, "SPACE_POLL_S", 30.0)   # only the release can wake it in time
     held = await cache.put("kv:held", torch.zeros(3 * MiB // 4), ttl_s=60, lease_s=60, ephemeral=True)
     used = _used(cache)
     waiting = asyncio.ensure_future(cache.reserve_tensors([_floats(3 * MiB // 4)] * 2, timeout_s=10))
@@ -74,7 +77,7 @@ async def test_a_reservation_waits_for_released_space_holding_nothing_meanwhile(
     started = time.monotonic()
     await cache.release([held])
     regions = await asyncio.wait_for(waiting, 5)
-    assert time.monotonic() - started < 0.2               # woken by the release, not by polling
+    assert time.monotonic() - started < 2                  # woken by the release (polling would take 30 s)
     assert len(regions) == 2 and _used(cache) == 3 * MiB // 2
     assert _sample(cache.metrics.pool_used) == _used(cache) and _sample(cache.metrics.pool_capacity) == 4 * MiB
     assert _sample(cache.metrics.reserve_wait, "_count") == 1 and _sample(cache.metrics.reserve_wait, "_sum") >= 0.3
@@ -108,22 +111,57 @@ async def test_no_room_in_time_or_ever_is_resource_exhausted(cache):
     await cache.put("kv:held", torch.zeros(3 * MiB // 4), ttl_s=60, lease_s=60, ephemeral=True)
     used = _used(cache)
     started = time.monotonic()
-    with pytest.raises(ResourceExhaustedError, match=r"did not fit the cache pool within 0.3 s") as late:
+    with pytest.raises(ResourceExhaustedError, match=r"found no room in the cache pool within 0.3 s") as late:
         await cache.reserve_tensors([_floats(2 * MiB)], timeout_s=0.3)
     assert 0.3 <= time.monotonic() - started < 2 and late.value.retry_after_s
     started = time.monotonic()
-    with pytest.raises(ResourceExhaustedError, match=r"exceed the cache pool .* raise --capacity-bytes"):
+    with pytest.raises(ResourceExhaustedError, match=r"entries \(6291456 bytes\) cannot fit the cache pool .* "
+                                                     r"raise --capacity-bytes"):
         await cache.reserve_tensors([_floats(3 * MiB)] * 2, timeout_s=30)
     assert time.monotonic() - started < 0.2                 # can never fit: at once, not after 30 s
     assert _used(cache) == used
     assert cache.metrics.value("reserve_refused") == 2
 
 
-async def test_unleased_entries_are_evicted_to_make_room(cache):
-    await cache.put("kvb:old", torch.zeros(3 * MiB // 4), ttl_s=60)   # cached, nobody holds it
-    regions = await cache.reserve_tensors([_floats(2 * MiB)], timeout_s=0)
-    assert cache.store.get("kvb:old") is None
+async def test_unleased_entries_are_evicted_to_make_room_only_when_that_is_enough(cache):
+    await cache.put("kvb:old", torch.zeros(MiB // 4), ttl_s=60)                 # cached, nobody holds it
+    await cache.put("kv:held", torch.zeros(5 * MiB // 8), ttl_s=60, lease_s=60)  # 2.5 MiB a reader holds
+    with pytest.raises(ResourceExhaustedError):          # 0.5 MiB free + 1 MiB evictable < 2 MiB
+        await cache.reserve_tensors([_floats(2 * MiB)], timeout_s=0.3)
+    assert cache.store.get("kvb:old") is not None         # a failed attempt evicted nothing
+    regions = await cache.reserve_tensors([_floats(MiB)], timeout_s=0)
+    assert cache.store.get("kvb:old") is None             # this one needed it gone, and fits
     cache.abandon(regions)
+
+
+async def test_the_time_limit_covers_waiting_behind_other_reservations(cache):
+    await cache.put("kv:held", torch.zeros(3 * MiB // 4), ttl_s=60, lease_s=60, ephemeral=True)
+    first = asyncio.ensure_future(cache.reserve_tensors([_floats(2 * MiB)], timeout_s=10))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(ResourceExhaustedError, match=r"within 0.2 s \(--my-flag\)"):
+        await cache.reserve_tensors([_floats(MiB // 4)], timeout_s=0.2, wait_flag="--my-flag")
+    assert time.monotonic() - started < 1
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+
+
+async def test_what_the_caller_holds_in_the_pool_counts_against_never_fitting(cache):
+    started = time.monotonic()
+    with pytest.raises(ResourceExhaustedError, match=r"the KV \(3145728 bytes\) next to the 2097152 bytes it holds"):
+        await cache.reserve_tensors([_floats(3 * MiB)], timeout_s=30, held_bytes=2 * MiB, what="the KV")
+    assert time.monotonic() - started < 0.2
+
+
+async def test_giving_back_a_region_twice_never_frees_someone_elses(cache):
+    (first,) = await cache.reserve_tensors([_floats(MiB)], timeout_s=1)
+    cache.abandon([first])
+    (second,) = await cache.reserve_tensors([_floats(MiB)], timeout_s=1)
+    assert second.reservation.offset == first.reservation.offset     # the same place, reserved again
+    cache.abandon([first])                                             # a stale give-back
+    assert _used(cache) == MiB
+    refs = await cache.commit_reserved([("kv:x", second, None)], ttl_s=60)
+    assert len(refs) == 1 and _used(cache) == MiB
 
 
 async def test_a_failed_commit_gives_its_regions_back(cache, monkeypatch):
@@ -142,7 +180,7 @@ async def test_a_failed_commit_gives_its_regions_back(cache, monkeypatch):
     assert _used(cache) == 0
 
 
-async def test_a_preallocated_pool_can_be_page_locked_only_with_a_gpu(cache):
+async def test_the_pool_page_locks_only_with_a_gpu(cache):
     if torch.cuda.is_available():
         assert cache.page_lock_pool() and cache.page_locked
     else:

@@ -51,27 +51,46 @@ def test_a_kv_fraction_outside_its_range_is_refused(fraction):
 
 def test_cluster_dirs_of_killed_launchers_are_removed_and_live_ones_kept(tmp_path):
     """A launcher killed before it could stop leaves its shared-memory pools and logs behind; the
-    next launcher removes them: dirs whose launcher process is gone, and unclaimed dirs (older
-    code) untouched for an hour. A live launcher's dir, and a fresh unclaimed one, stay."""
+    next launcher removes them: dirs whose pid file nobody holds locked any more (the lock goes with
+    its process, however it ended), and unclaimed dirs (older code) where nothing changed for an
+    hour. A live launcher's dir, an unclaimed dir with a recent write, and other files stay."""
+    import fcntl
     import os
-    import subprocess
-    import sys
     import time
 
     from epdserve.launcher import CLUSTER_DIR_PREFIX, LAUNCHER_PID_FILE, remove_abandoned_cluster_dirs
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dirs = {name: tmp_path / f"{CLUSTER_DIR_PREFIX}{name}" for name in ("dead", "alive", "old", "new")}
+    dirs = {name: tmp_path / f"{CLUSTER_DIR_PREFIX}{name}" for name in ("dead", "alive", "old", "old-but-written")}
     for directory in dirs.values():
         (directory / "prefill").mkdir(parents=True)
         (directory / "prefill" / "pool.shm").write_bytes(b"x")
-    (dirs["dead"] / LAUNCHER_PID_FILE).write_text(gone.stdout.strip())
-    (dirs["alive"] / LAUNCHER_PID_FILE).write_text(str(os.getpid()))
+    (dirs["dead"] / LAUNCHER_PID_FILE).write_text("1")        # a pid that is alive: only the lock counts
+    live = os.open(dirs["alive"] / LAUNCHER_PID_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(live, fcntl.LOCK_EX)
     hour_ago = time.time() - 3700
-    os.utime(dirs["old"], (hour_ago, hour_ago))
+    for name in ("old", "old-but-written"):
+        for path in [dirs[name], *dirs[name].rglob("*")]:
+            os.utime(path, (hour_ago, hour_ago))
+    (dirs["old-but-written"] / "prefill" / "pool.shm").write_bytes(b"y")   # a live older launcher's pool
     (tmp_path / "unrelated").mkdir()
-
-    removed = remove_abandoned_cluster_dirs(tmp_path)
+    try:
+        removed = remove_abandoned_cluster_dirs(tmp_path)
+    finally:
+        os.close(live)
     assert sorted(removed) == sorted([dirs["dead"], dirs["old"]])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [dirs["alive"].name, dirs["new"].name, "unrelated"])
+        [dirs["alive"].name, dirs["old-but-written"].name, "unrelated"])
+
+
+def test_a_claimed_directory_is_abandoned_only_once_its_claim_is_released(tmp_path):
+    import os
+
+    from epdserve.launcher import CLUSTER_DIR_PREFIX, _claim, remove_abandoned_cluster_dirs
+
+    mine = tmp_path / f"{CLUSTER_DIR_PREFIX}mine"
+    claim = _claim(mine)
+    try:
+        assert remove_abandoned_cluster_dirs(tmp_path) == []    # even this process cannot take its lock
+    finally:
+        os.close(claim)                                          # as when the launcher's process ends
+    assert remove_abandoned_cluster_dirs(tmp_path) == [mine] and not mine.exists()
