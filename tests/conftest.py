@@ -53,6 +53,26 @@ def namespace() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture
+async def open_cache(redis_url, namespace, tmp_path):
+    """`await open_cache(name, **CacheConfig fields)`: an mmcache owner on this test's Redis
+    namespace, its pool in its own directory; closed after the test."""
+    from epdserve.config import CacheConfig
+    from mmcache.client import CacheIdentity, MMCache
+
+    opened = []
+
+    async def open_one(name: str = "owner", **config) -> MMCache:
+        settings = {"redis_url": redis_url, "namespace": namespace, "shm_dir": str(tmp_path / name),
+                    "heartbeat_interval_s": 0.2, **config}
+        opened.append(await MMCache.open(CacheConfig(**settings), CacheIdentity(name, "")))
+        return opened[-1]
+
+    yield open_one
+    for cache in opened:
+        await cache.close()
+
+
 _CHECKPOINTS: dict[tuple, pathlib.Path] = {}
 
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epdserve.config import CacheConfig, PrefillConfig
+from epdserve.config import PrefillConfig
 from epdserve.engine.sampler import SamplingParams
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
-from mmcache.client import CacheIdentity, MMCache
 from services.load import LoadTracker
 from services.prefill.layer_kv import ReservedHost
 from services.prefill.prefill import PromptPrefiller
@@ -22,12 +21,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture
-async def cache(redis_url, namespace, tmp_path):
-    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "owner"),
-                         capacity_bytes=64 << 20, heartbeat_interval_s=0.2)
-    cache = await MMCache.open(config, CacheIdentity("owner", ""))
-    yield cache
-    await cache.close()
+async def cache(open_cache):
+    return await open_cache(capacity_bytes=64 << 20)
 
 
 async def test_layers_go_from_the_gpu_straight_into_the_page_locked_pool(cache):

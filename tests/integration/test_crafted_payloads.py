@@ -13,9 +13,7 @@ import tracemalloc
 import pytest
 import torch
 
-from epdserve.config import CacheConfig
 from epdserve.v1 import common_pb2
-from mmcache.client import CacheIdentity, MMCache
 from mmcache.codec import CorruptEntryError
 from mmcache.transfer import MAGIC, NONCE_BYTES, VERSION, DataClient, DataServer
 
@@ -106,12 +104,8 @@ async def test_a_crafted_request_does_not_take_the_owner_down():
 
 
 @pytest.fixture
-async def cache(redis_url, namespace, tmp_path):
-    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "a"),
-                         capacity_bytes=8 << 20, heartbeat_interval_s=0.2)
-    cache = await MMCache.open(config, CacheIdentity("reader", ""))
-    yield cache
-    await cache.close()
+async def cache(open_cache):
+    return await open_cache("reader", capacity_bytes=8 << 20)
 
 
 def _crafted(ref: common_pb2.TensorRef, **fields) -> common_pb2.TensorRef:

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from epdserve.config import CacheConfig, PrefillConfig
-from mmcache.client import CacheIdentity, MMCache
+from epdserve.config import PrefillConfig
+from mmcache.client import MMCache
 from services.load import LoadTracker
 from services.prefill.layer_kv import LayerWritesClosed
 from services.prefill.publish import KVLayout, LayerPublisher
@@ -23,12 +23,8 @@ LAYERS = len(LAYOUT.lengths)
 
 
 @pytest.fixture
-async def cache(redis_url, namespace, tmp_path):
-    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "owner"),
-                         capacity_bytes=1 << 20, heartbeat_interval_s=0.2)
-    cache = await MMCache.open(config, CacheIdentity("owner", ""))
-    yield cache
-    await cache.close()
+async def cache(open_cache):
+    return await open_cache(capacity_bytes=1 << 20)
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ import time
 import pytest
 import torch
 
-from epdserve.config import CacheConfig
 from epdserve.errors import ResourceExhaustedError
-from mmcache.client import CacheIdentity, MMCache
+from mmcache.client import MMCache
 from mmcache.codec import checksum, tensor_bytes
 
 pytestmark = pytest.mark.integration
@@ -21,20 +20,13 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-async def cache(redis_url, namespace, tmp_path):
-    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "owner"),
-                         capacity_bytes=4 * MiB, heartbeat_interval_s=0.2)
-    cache = await MMCache.open(config, CacheIdentity("owner", ""))
-    yield cache
-    await cache.close()
+async def cache(open_cache):
+    return await open_cache(capacity_bytes=4 * MiB)
 
 
 @pytest.fixture
-async def reader(redis_url, namespace, tmp_path):
-    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "reader"))
-    reader = await MMCache.open(config, CacheIdentity("reader", ""))
-    yield reader
-    await reader.close()
+async def reader(open_cache):
+    return await open_cache("reader")
 
 
 def _floats(nbytes: int) -> tuple[tuple[int, ...], torch.dtype]:
