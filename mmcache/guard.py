@@ -38,8 +38,10 @@ class RedisGuard:
         """Run one Redis operation, or raise CacheUnavailableError (fast while the guard is open)."""
         if not self.available and time.monotonic() < self._retry_at:
             raise CacheUnavailableError("cache index unavailable (Redis)")
-        try:
-            result = await asyncio.wait_for(operation(), timeout_s or self.timeout_s)
+        try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation (the owner's
+            # background loop would then outlive close())
+            async with asyncio.timeout(timeout_s or self.timeout_s):
+                result = await operation()
         except (OSError, asyncio.TimeoutError, _redis_errors()) as exc:
             self._trip(exc)
             raise CacheUnavailableError(f"cache index unavailable (Redis: {type(exc).__name__})") from None
@@ -49,7 +51,8 @@ class RedisGuard:
     async def probe(self) -> bool:
         """One PING (used by the owner's background loop while the guard is open)."""
         try:
-            await asyncio.wait_for(self.redis.ping(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await self.redis.ping()
         except (OSError, asyncio.TimeoutError, _redis_errors()):
             return False
         self._recover()

@@ -169,7 +169,8 @@ class DataServer:
         await conn.send(MAGIC + bytes([VERSION, TOKEN_REQUIRED if self._token else 0]) + nonce)
         if not self._token:
             return True
-        proof = await asyncio.wait_for(_recv_exact(conn, PROOF_BYTES), HANDSHAKE_TIMEOUT_S)
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+            proof = await _recv_exact(conn, PROOF_BYTES)
         accepted = hmac.compare_digest(bytes(proof), token_proof(self._token, nonce))
         await conn.send(bytes([OK if accepted else UNAUTHENTICATED]))
         if not accepted:
@@ -257,7 +258,8 @@ class DataClient:
         unreachable."""
         conn = self._idle.get(address, []).pop() if self._idle.get(address) else await self._connect(address)
         try:
-            result = await asyncio.wait_for(self._exchange(conn, key, lease_id, nbytes), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                result = await self._exchange(conn, key, lease_id, nbytes)
         except BaseException:
             conn.close()
             raise
@@ -267,9 +269,11 @@ class DataClient:
     async def _connect(self, address: str):
         host, port = address.rsplit(":", 1)
         host = host.strip("[]")
-        conn = await asyncio.wait_for(self._open(host, int(port)), self.timeout_s)
+        async with asyncio.timeout(self.timeout_s):
+            conn = await self._open(host, int(port))
         try:
-            await asyncio.wait_for(self._handshake(conn), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await self._handshake(conn)
         except BaseException:
             conn.close()
             raise
