@@ -7,10 +7,11 @@ Reports the first prompt (fresh pool pages) and the median of the rest, per path
 
 - put-sparse / put: each layer to a host tensor (pinned, on a GPU), then put into the cache (copy
   + checksum), into a sparse or preallocated pool: what prefill did before it reserved its KV;
-- staged: the KV reserved in the pool first; each layer to a pinned buffer, then copied into its
-  region (a GPU whose pool could not be page-locked, or --no-kv-zero-copy);
+- staged: the KV reserved in the pool first; each layer to a host tensor (pinned on a GPU), then
+  copied into its region by worker threads (a GPU whose pool could not be page-locked, or
+  --no-kv-zero-copy; and every CPU prefill);
 - direct: the KV reserved in the pool first, each layer copied straight into its region (the pool
-  page-locked on a GPU; on a CPU, the one copy there is): only the checksum after.
+  page-locked on a GPU; forced on a CPU, the copy runs on the model thread): only the checksum after.
 
     python bench/kv_publish.py [--device cpu|cuda] [--prompts 5] [--tokens 3300] [--json]
 """
