@@ -231,9 +231,12 @@ class MMCache:
         self.metrics.reserve_wait.observe(time.monotonic() - started)
         return [ReservedTensor(r, _tensor_view(r.view, dtype, shape)) for r, (shape, dtype) in zip(reserved, layouts)]
 
+    def room_bytes(self) -> int:
+        """Bytes a reservation could take now: the pool's free bytes and what eviction would free."""
+        return self.store.tiers["host"].pool.free_bytes + self.store.evictable_bytes("host")
+
     def _reserve_all(self, sizes: list[int]) -> list[Reservation] | None:
-        pool = self.store.tiers["host"].pool
-        if pool.free_bytes + self.store.evictable_bytes("host") < sum(region_bytes(n) for n in sizes):
+        if self.room_bytes() < sum(region_bytes(n) for n in sizes):
             return None  # cannot succeed now: evict nothing
         taken = []
         for nbytes in sizes:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65pdserve/v1/load.proto\x12\x0b\x65pdserve.v1\"\x1f\n\x0eGetLoadRequest\x12\r\n\x05stage\x18\x01 \x01(\t\"\xac\x03\n\nLoadReport\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\x05\x12\x18\n\x10running_requests\x18\x04 \x01(\x05\x12\x13\n\x0bqueued_work\x18\x05 \x01(\x03\x12\x12\n\nwork_per_s\x18\x06 \x01(\x01\x12\x13\n\x0boverhead_ms\x18\x07 \x01(\x01\x12\x16\n\x0erunning_tokens\x18\x08 \x01(\x03\x12\x16\n\x0e\x66ree_kv_blocks\x18\t \x01(\x03\x12\x17\n\x0ftotal_kv_blocks\x18\n \x01(\x03\x12\x17\n\x0fkv_block_tokens\x18\x0b \x01(\x05\x12\x13\n\x0bmax_running\x18\x0c \x01(\x05\x12\x0f\n\x07step_ms\x18\r \x01(\x01\x12 \n\x18local_prefill_max_tokens\x18\x0e \x01(\x05\x12\x1b\n\x13prefix_block_tokens\x18\x0f \x01(\x05\x12\x1a\n\x12prefix_kv_settings\x18\x10 \x01(\t\x12\x16\n\x0emodel_revision\x18\x11 \x01(\t\x12\x0f\n\x07host_id\x18\x12 \x01(\t2N\n\x0bLoadService\x12?\n\x07GetLoad\x12\x1b.epdserve.v1.GetLoadRequest\x1a\x17.epdserve.v1.LoadReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65pdserve/v1/load.proto\x12\x0b\x65pdserve.v1\"\x1f\n\x0eGetLoadRequest\x12\r\n\x05stage\x18\x01 \x01(\t\"\xe4\x03\n\nLoadReport\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\x05\x12\x18\n\x10running_requests\x18\x04 \x01(\x05\x12\x13\n\x0bqueued_work\x18\x05 \x01(\x03\x12\x12\n\nwork_per_s\x18\x06 \x01(\x01\x12\x13\n\x0boverhead_ms\x18\x07 \x01(\x01\x12\x16\n\x0erunning_tokens\x18\x08 \x01(\x03\x12\x16\n\x0e\x66ree_kv_blocks\x18\t \x01(\x03\x12\x17\n\x0ftotal_kv_blocks\x18\n \x01(\x03\x12\x17\n\x0fkv_block_tokens\x18\x0b \x01(\x05\x12\x13\n\x0bmax_running\x18\x0c \x01(\x05\x12\x0f\n\x07step_ms\x18\r \x01(\x01\x12 \n\x18local_prefill_max_tokens\x18\x0e \x01(\x05\x12\x1b\n\x13prefix_block_tokens\x18\x0f \x01(\x05\x12\x1a\n\x12prefix_kv_settings\x18\x10 \x01(\t\x12\x16\n\x0emodel_revision\x18\x11 \x01(\t\x12\x0f\n\x07host_id\x18\x12 \x01(\t\x12\x1a\n\x12kv_pool_room_bytes\x18\x13 \x01(\x03\x12\x1a\n\x12kv_bytes_per_token\x18\x14 \x01(\x03\x32N\n\x0bLoadService\x12?\n\x07GetLoad\x12\x1b.epdserve.v1.GetLoadRequest\x1a\x17.epdserve.v1.LoadReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETLOADREQUEST']._serialized_start=39
   _globals['_GETLOADREQUEST']._serialized_end=70
   _globals['_LOADREPORT']._serialized_start=73
-  _globals['_LOADREPORT']._serialized_end=501
-  _globals['_LOADSERVICE']._serialized_start=503
-  _globals['_LOADSERVICE']._serialized_end=581
+  _globals['_LOADREPORT']._serialized_end=557
+  _globals['_LOADSERVICE']._serialized_start=559
+  _globals['_LOADSERVICE']._serialized_end=637
 # @@protoc_insertion_point(module_scope)

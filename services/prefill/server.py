@@ -190,19 +190,21 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
                                   prefill_config.last_position_only)
         servicer = PrefillServicer(PromptPrefiller(spec, decoder, mini), ctx.cache, ctx.executor, prefill_config,
                                    prefixes, ctx.load, PrefillMetrics(ctx.metrics.registry))
-        ctx.load.extra = functools.partial(_prefix_fields, prefixes, ctx.cache.owner.host_id)
+        kv_bytes_per_token = spec.decoder.kv_bytes_per_token * decoder.dtype.itemsize
+        ctx.load.extra = functools.partial(_prefill_fields, prefixes, ctx.cache, kv_bytes_per_token)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, ctx.server.server)
 
     await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register, credentials, colocated)
 
 
-def _prefix_fields(prefixes: PrefixCache, host_id: str, report) -> None:
+def _prefill_fields(prefixes: PrefixCache, cache: MMCache, kv_bytes_per_token: int, report) -> None:
     """How this replica keys its prefix blocks (the router computes the same keys to look up a
-    prompt's cached prefix) and where it runs."""
+    prompt's cached prefix), where it runs, and the room its pool has for prompts' KV."""
     if prefixes.config.prefix_cache:
         report.prefix_block_tokens = prefixes.config.prefix_block_tokens
         report.prefix_kv_settings, report.model_revision = prefixes.kv_settings, prefixes.revision
-    report.host_id = host_id
+    report.host_id = cache.owner.host_id
+    report.kv_pool_room_bytes, report.kv_bytes_per_token = cache.room_bytes(), kv_bytes_per_token
 
 
 def _fastkv_settings(config: PrefillConfig) -> FastKVConfig:

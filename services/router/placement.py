@@ -73,14 +73,25 @@ def choose_prefill(replicas: Sequence[Replica], tokens: int, defaults: CostDefau
     moving the cached blocks it does not hold. The queue term is the load-balance guard: cache
     affinity wins only while the affine replica's queue is shorter than the work it saves.
     `ahead_s` (replica index -> seconds): other work its model thread runs first (E+P colocated:
-    the encode work queued there, and this request's images when it would encode them)."""
+    the encode work queued there, and this request's images when it would encode them). Only
+    replicas whose cache pool has room for the prompt's KV now are considered (all of them when
+    none has: the prompt then waits there for decode to take earlier KV)."""
     def choice(r: Replica) -> Choice:
         hit = (cached or {}).get(r.index, NOTHING_CACHED)
         compute_s = finish_time_s(r, tokens - hit.tokens, defaults.prefill_tokens_per_s)
         compute_s += (ahead_s or {}).get(r.index, 0.0)
         return Choice(r, compute_s + hit.transfer_bytes(r.load) / defaults.kv_transfer_bytes_per_s, hit.tokens)
 
-    return min((choice(r) for r in replicas), key=lambda c: (c.predicted_s, c.replica.index))
+    with_room = [r for r in replicas if kv_room_fits(r, tokens)] or replicas
+    return min((choice(r) for r in with_room), key=lambda c: (c.predicted_s, c.replica.index))
+
+
+def kv_room_fits(replica: Replica, tokens: int) -> bool:
+    """Whether the prefill replica's pool (as last reported) has room for a prompt's KV now."""
+    load = replica.load
+    if load is None or load.kv_bytes_per_token == 0:
+        return True
+    return load.kv_pool_room_bytes >= tokens * load.kv_bytes_per_token
 
 
 def decode_batch(replica: Replica) -> int:

@@ -110,5 +110,17 @@ def test_a_prompt_waits_for_room_for_its_kv_and_one_that_never_fits_is_refused(m
                                                              r"cannot fit the cache pool .* raise --capacity-bytes"):
             client.generate(PROMPT * 2, max_tokens=1)
         again = client.generate(PROMPT, max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        report = _load_report(cluster.children["prefill"].address)
     assert all(r.token_ids == alone.token_ids for r in together + [again])
+    assert report.kv_bytes_per_token == spec.decoder.kv_bytes_per_token * 4   # what the router places by
+    assert 0 < report.kv_pool_room_bytes <= kv_bytes * 3 // 2
     assert max(r.timings_ms["prefill.kv_wait_ms"] for r in together) > 5.0   # someone waited for a decode to take KV
+
+
+def _load_report(address: str):
+    import grpc
+
+    from epdserve.v1 import load_pb2, load_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return load_pb2_grpc.LoadServiceStub(channel).GetLoad(load_pb2.GetLoadRequest(), timeout=10)

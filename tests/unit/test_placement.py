@@ -39,6 +39,19 @@ def test_prefill_goes_where_the_prompt_finishes_first():
     assert choice.replica is idle_slow and choice.predicted_s == pytest.approx(0.05)
 
 
+def test_prefill_avoids_a_replica_whose_pool_has_no_room_for_the_prompts_kv():
+    """A prompt whose KV does not fit a prefill replica's pool waits there for decode to take
+    earlier KV; while another replica has room, it goes there instead (all replicas stay candidates
+    when none has: it waits wherever it finishes first)."""
+    full = _replica(0, work_per_s=10000.0, kv_pool_room_bytes=1000, kv_bytes_per_token=10)     # 100 tokens
+    roomy = _replica(1, work_per_s=2000.0, kv_pool_room_bytes=100_000, kv_bytes_per_token=10)  # slower
+    assert choose_prefill([full, roomy], 100, DEFAULTS).replica is full      # fits both: the faster
+    assert choose_prefill([full, roomy], 500, DEFAULTS).replica is roomy     # fits only the slower
+    assert choose_prefill([full, roomy], 50_000, DEFAULTS).replica is full   # fits neither: the faster
+    unreported = _replica(2, work_per_s=10000.0)                              # an older replica: no filter
+    assert choose_prefill([unreported, roomy], 500, DEFAULTS).replica is unreported
+
+
 def test_colocated_encode_work_ahead_moves_the_prefill_choice():
     """E+P colocated: a replica's model thread also runs the encode work queued on it (and this
     request's images, when it would encode them), so an idle prefill queue is not enough."""
