@@ -29,7 +29,7 @@ class DealtPool:
         try:
             done = await asyncio.shield(asyncio.gather(*futures))
         except BaseException:
-            await _all_stopped(futures)
+            await wait_until_done(futures)
             raise
         results: list = [None] * len(jobs)
         for w, chunk_results in enumerate(done):
@@ -40,8 +40,9 @@ class DealtPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def _all_stopped(futures: list[asyncio.Future]) -> None:
-    """Wait until every future is done, whatever cancels the waiter meanwhile."""
+async def wait_until_done(futures: Sequence[asyncio.Future]) -> None:
+    """Wait until every future is done, whatever cancels the waiter meanwhile (for a caller that
+    must not go on, e.g. free memory, while work it started may still touch it)."""
     while not all(f.done() for f in futures):
         try:
             await asyncio.shield(asyncio.wait(futures))

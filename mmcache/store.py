@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 
 from epdserve.errors import ResourceExhaustedError
+from mmcache.pool import region_bytes
 from mmcache.tiers import DeviceTier, DiskTier, HostTier, Location
 
 
@@ -175,8 +176,6 @@ class TieredStore:
 
     def evictable_bytes(self, tier: str) -> int:
         """Pool bytes the tier's unleased entries take (what eviction could free now)."""
-        from mmcache.pool import region_bytes
-
         now = time.monotonic()
         return sum(region_bytes(self.entries[k].nbytes) for k in self.lru[tier] if not self.entries[k].leased(now))
 

@@ -12,7 +12,6 @@ layers, in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import time
@@ -22,6 +21,7 @@ import torch
 
 from epdserve import tracing
 from epdserve.config import PrefillConfig
+from epdserve.threadpool import wait_until_done
 from mmcache.client import MMCache, ReservedTensor
 from mmcache.keys import kv_layer_key, new_kv_prefix
 from services.load import LoadTracker
@@ -109,9 +109,7 @@ class LayerPublisher:
                 try:
                     published.extend(await asyncio.shield(put))
                 except asyncio.CancelledError:  # a put under way completes, so its entry can be released
-                    while not put.done():
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await asyncio.shield(put)
+                    await wait_until_done([put])
                     if not put.cancelled() and put.exception() is None:
                         published.extend(put.result())
                     raise
