@@ -660,9 +660,7 @@ class MMCache:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _stop(self._tasks)
         if self.data_server is not None:
             await self.data_server.close()
         try:
@@ -698,6 +696,16 @@ def _span_attributes(refs: Sequence[common_pb2.TensorRef | None]) -> dict:
 def _on_device(tensor, store: TieredStore) -> bool:
     device = store.tiers.get("device")
     return device is not None and tensor.device == device.device
+
+
+async def _stop(tasks: list[asyncio.Task]) -> None:
+    """Cancel tasks and wait until they end, cancelling again each second: a cancellation can be
+    lost inside a Redis call (the owner's background loop once outlived close() that way)."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
 
 
 def _tensor_view(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
