@@ -3,25 +3,39 @@
 IncrementalDetokenizer re-decodes a small window (prefix_offset..end) so tokenizers that
 need left context (SentencePiece spaces, byte-level UTF-8 sequences split across tokens)
 stream exactly what a full decode would give; text ending in an incomplete UTF-8 sequence
-(U+FFFD) is held back until the next token completes it.
+(U+FFFD) is held back until the next token completes it. Every decode gives exactly
+`tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)`: for a fast
+tokenizer with transformers' own decode (see `rust_backend`) that is its Rust backend's
+`decode(ids, skip_special_tokens=True)`, called directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+
+from epdserve.models.prompt import rust_backend
 
 REPLACEMENT = "\ufffd"
+DECODE_METHODS = ("decode", "_decode")
+
+
+def text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """ids -> `tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)`."""
+    backend = rust_backend(tokenizer, DECODE_METHODS)
+    if backend is not None:
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, context_ids: list[int], *, context_tokens: int = 5) -> None:
         self.tokenizer = tokenizer
+        self._decode = text_decoder(tokenizer)
         self.ids = list(context_ids[-context_tokens:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the newly completed text (possibly "")."""
