@@ -191,9 +191,10 @@ class PrefillConfig:
     kv_wait_s: float = setting(30.0, "longest a prompt waits for room in the cache pool for its KV (earlier "
                                      "prompts' KV being taken by decode) before RESOURCE_EXHAUSTED; the "
                                      "request's deadline caps it")
-    kv_zero_copy: bool = setting(True, "on a GPU, page-lock the cache pool at start (all of it becomes resident) "
-                                       "so each layer's KV is copied from the GPU straight into it: one copy "
-                                       "instead of two")
+    kv_zero_copy: bool = setting(False, "on a GPU, page-lock the cache pool at start (all of it becomes resident) "
+                                        "so each layer's KV is copied from the GPU straight into it: one copy "
+                                        "instead of two (experimental: off by default, it slowed decode's reads of "
+                                        "the KV in the end-to-end benchmark, docs/BENCHMARKS.md)")
     prefix_cache: bool = setting(True, "reuse cached KV of full prompt blocks (lossless) and publish new ones")
     prefix_block_tokens: int = setting(32, "tokens per prefix-cache block (only full blocks are cached)")
     prefix_ttl_s: float = setting(900.0, "seconds a cached prefix block lives after its last use")
@@ -241,6 +242,9 @@ class DecodeConfig:
     kv_cache_fraction: float = setting(0.9, "share of the GPU's free memory an automatic KV cache takes (lower it "
                                             "when other stages share the GPU)")
     cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (dense models on CUDA)")
+    held_kv_gib: float = setting(8.0, "GiB of hand-off KV taken from the cache ahead of free KV blocks (requests "
+                                      "waiting for blocks hold private copies); further requests wait with their "
+                                      "KV left in the prefill's pool (one larger request alone is always let in)")
     text_keep_rate: float = setting(1.0, "generated-token sparsification (Dynamic-LLaVA decode): target fraction "
                                          "of new tokens whose KV is kept (1.0 = off, exact)")
     text_sparsify_layer: int = setting(2, "first decoder layer where dropped tokens' KV is not kept")
@@ -277,6 +281,8 @@ class DecodeConfig:
             raise ValueError(f"block_size must be a power of two in [1, 256] (got {self.block_size})")
         if not 0.0 < self.kv_cache_fraction <= 0.95:
             raise ValueError(f"kv_cache_fraction must be in (0, 0.95] (got {self.kv_cache_fraction})")
+        if not self.held_kv_gib > 0:
+            raise ValueError(f"held_kv_gib must be > 0 (got {self.held_kv_gib})")
         for name in ("max_running", "max_context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")

@@ -23,6 +23,7 @@ from epdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, load_pb2
 from mmcache.client import MMCache
 from services.decode.decoder import check_layers
 from services.decode.engine import DecodeEngine, DecodeJob
+from services.decode.held_kv import HeldKV
 from services.decode.local_prefill import PromptJob
 from services.decode.loop import EngineLoop
 from services.decode.setup import build_engine, place_experts
@@ -39,6 +40,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(self, engine: DecodeEngine, loop: EngineLoop, cache: MMCache, config: DecodeConfig,
                  load: LoadTracker | None = None) -> None:
         self.engine, self.loop, self.cache, self.config = engine, loop, cache, config
+        self.held = HeldKV(max(1, int(config.held_kv_gib * 2**30)))
         self.load = load or LoadTracker("decode", "")
         self.load.extra = self.load_fields
 
@@ -74,6 +76,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             yield decode_pb2.DecodeResponse(finish_reason="length")
             return
         watch = Stopwatch()
+        with watch.section("held_kv_wait_ms"):
+            await self.held.acquire(held := sum(ref.nbytes for ref in refs))
         released = finished = produced = False
         try:
             with (watch.section("prompt_fetch_ms" if local else "kv_fetch_ms"),
@@ -84,6 +88,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             try:
                 async for response in _traced(responses, span) if span.is_recording() else responses:
                     if response is None:  # the engine no longer reads the leased layers
+                        self.held.release(held)
+                        held = 0
                         await self.cache.release(refs)
                         released = True
                         continue
@@ -95,6 +101,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     self.loop.abort(request.request_id)
                 self.loop.forget(request.request_id)
         finally:
+            self.held.release(held)
             # a replica whose engine failed keeps a request's inputs leased when it produced nothing:
             # the router re-sends the request to another replica, which reads them (the lease
             # deadline frees them otherwise)

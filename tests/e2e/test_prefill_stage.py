@@ -124,3 +124,28 @@ def _load_report(address: str):
 
     with grpc.insecure_channel(address) as channel:
         return load_pb2_grpc.LoadServiceStub(channel).GetLoad(load_pb2.GetLoadRequest(), timeout=10)
+
+
+def test_decode_takes_no_more_kv_than_held_kv_gib_and_the_rest_waits_in_the_prefill_pool(model_dir):
+    """Decode's paged KV holds one sequence and --held-kv-gib one prompt's KV: of four requests
+    sent together, later ones wait before decode fetches their KV (`decode.held_kv_wait_ms`),
+    leaving it in the prefill's pool, and every one answers with the tokens of a request alone."""
+    import concurrent.futures
+
+    from epdserve.models.prompt import PromptBuilder
+    from epdserve.models.spec import load_spec
+
+    spec = load_spec(model_dir)
+    length = len(PromptBuilder(spec).build(PROMPT, 0, False).token_ids)
+    kv_bytes = spec.decoder.kv_bytes_per_token * 4 * length   # float32 on CPU
+    decode = ("--held-kv-gib", f"{kv_bytes * 1.2 / 2**30:.9f}",
+              "--kv-cache-gib", f"{kv_bytes * 1.5 / 2**30:.9f}", "--no-local-prefill")
+    config = ClusterConfig(model_dir=model_dir, device="cpu", stage_args={"decode": decode})
+    with LocalCluster(config) as cluster, Client(cluster.router_address, timeout_s=120) as client:
+        alone = client.generate(PROMPT, max_tokens=4 * NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        with concurrent.futures.ThreadPoolExecutor(4) as threads:
+            together = list(threads.map(lambda _: client.generate(PROMPT, max_tokens=4 * NEW_TOKENS, temperature=0.0,
+                                                                  ignore_eos=True), range(4)))
+    assert all(r.token_ids == alone.token_ids for r in together)
+    waits = sorted(r.timings_ms["decode.held_kv_wait_ms"] for r in together)
+    assert waits[0] < 1.0 and waits[-1] > 5.0   # the first went straight in; later ones waited their turn
