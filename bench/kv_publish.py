@@ -13,7 +13,12 @@ Reports the first prompt (fresh pool pages) and the median of the rest, per path
 - direct: the KV reserved in the pool first, each layer copied straight into its region (the pool
   page-locked on a GPU; forced on a CPU, the copy runs on the model thread): only the checksum after.
 
-    python bench/kv_publish.py [--device cpu|cuda] [--prompts 5] [--tokens 3300] [--json]
+With --reader, each prompt's published layers are then fetched as decode fetches them, by a
+second process (another cache owner on this host): `get_many` (mapped in place, verified) and
+each layer copied to --device, then released; `<path>_fetch_*` report that, `<path>_corrupt` the
+reads whose in-place bytes failed verification (fetched from the owner instead).
+
+    python bench/kv_publish.py [--device cpu|cuda] [--prompts 5] [--tokens 3300] [--reader] [--json]
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ sys.path.insert(0, ROOT)
 PATHS = ("put-sparse", "put", "staged", "direct")
 
 
-async def publish_prompts(redis_url: str, layers, prompts: int, path: str) -> list[float]:
+async def publish_prompts(redis_url: str, layers, prompts: int, path: str, reader: bool = False) -> dict:
     import torch
 
     from epdserve.config import CacheConfig, PrefillConfig
@@ -63,8 +68,9 @@ async def publish_prompts(redis_url: str, layers, prompts: int, path: str) -> li
             tensor, ready = host.take(i, layer, stream)
             on_layer(i, tensor, ready)
 
+    fetcher = await Fetcher.start(redis_url, config.namespace, str(device)) if reader else None
     try:
-        times = []
+        times: dict[str, list[float]] = {"publish": [], "fetch": [], "get": [], "corrupt": []}
         for prompt in range(prompts):
             start = time.perf_counter()
             if path.startswith("put"):
@@ -72,11 +78,95 @@ async def publish_prompts(redis_url: str, layers, prompts: int, path: str) -> li
             else:
                 reserved = await publisher.reserve(layout, timeout_s=10)
                 _, refs = await publisher.run(hand_off, reserved, Stopwatch(), shape[2])
-            times.append(time.perf_counter() - start)
-            await cache.release(refs)
+            times["publish"].append(time.perf_counter() - start)
+            if fetcher is None:
+                await cache.release(refs)
+                continue
+            fetched = await fetcher.fetch(refs)
+            times["fetch"].append(fetched["seconds"])
+            times["get"].append(fetched["get_s"])
+            times["corrupt"].append(fetched["corrupt"])
         return times
     finally:
+        if fetcher is not None:
+            await fetcher.stop()
         executor.shutdown()
+        await cache.close()
+        shutil.rmtree(config.shm_dir, ignore_errors=True)
+
+
+class Fetcher:
+    """The decode side in its own process (`--fetch-as-decode`): refs in (one JSON line of base64
+    TensorRefs per prompt on stdin), one JSON line out per prompt: seconds to get, copy to the
+    device and release, and how many reads failed in-place verification so far."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, redis_url: str, namespace: str, device: str) -> "Fetcher":
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.abspath(__file__), "--fetch-as-decode", redis_url, namespace, device,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        return cls(process)
+
+    async def fetch(self, refs) -> dict:
+        import base64
+
+        line = json.dumps([base64.b64encode(ref.SerializeToString()).decode() for ref in refs]) + "\n"
+        self.process.stdin.write(line.encode())
+        await self.process.stdin.drain()
+        answer = await self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError("the fetching process ended early")
+        return json.loads(answer)
+
+    async def stop(self) -> None:
+        self.process.stdin.close()
+        await self.process.wait()
+
+
+async def fetch_as_decode(redis_url: str, namespace: str, device: str) -> None:
+    import base64
+
+    import torch
+
+    from epdserve.config import CacheConfig
+    from epdserve.v1 import common_pb2
+    from mmcache.client import CacheIdentity, MMCache
+
+    if os.environ.get("KV_BENCH_SHARED_MAP"):   # experiment: read the owner's pool through a shared mapping
+        import mmap
+        import warnings
+
+        from mmcache.pool import PoolMappings
+
+        def shared_map(path: str, size: int) -> memoryview:
+            with open(path, "rb") as f:
+                return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ))
+
+        PoolMappings._map = staticmethod(shared_map)
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=tempfile.mkdtemp(dir="/dev/shm"),
+                         capacity_bytes=64 << 20)
+    cache = await MMCache.open(config, CacheIdentity(f"fetch-{uuid.uuid4().hex[:6]}", ""))
+    try:
+        for line in sys.stdin:
+            refs = [common_pb2.TensorRef.FromString(base64.b64decode(item)) for item in json.loads(line)]
+            start = time.perf_counter()
+            layers = await cache.get_many(refs)
+            got = time.perf_counter()
+            if any(layer is None for layer in layers):
+                raise SystemExit("fetch: an entry was missing")
+            for layer in layers:  # as decode's admission loads each layer into its KV blocks
+                layer.to(device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            await cache.release(refs)
+            seconds = time.perf_counter() - start
+            print(json.dumps({"seconds": seconds, "get_s": got - start, "corrupt": cache.metrics.value("corrupt")}),
+                  flush=True)
+    finally:
         await cache.close()
         shutil.rmtree(config.shm_dir, ignore_errors=True)
 
@@ -104,7 +194,13 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=3300)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--reader", action="store_true", help="fetch each prompt's KV from a second process")
+    parser.add_argument("--fetch-as-decode", nargs=3, metavar=("REDIS_URL", "NAMESPACE", "DEVICE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fetch_as_decode:
+        asyncio.run(fetch_as_decode(*args.fetch_as_decode))
+        return 0
     layers = [torch.empty(2, 32, args.tokens, 128, dtype=torch.float16, device=args.device).normal_()
               for _ in range(32)]
     redis = PrivateRedis().start()
@@ -113,9 +209,13 @@ def main() -> int:
                   "layers": 32, "layer_mb": round(layers[0].numel() * 2 / 1e6, 1), "cores": os.cpu_count(),
                   "worker_threads": _worker_count()}
         for path in PATHS:
-            times = asyncio.run(publish_prompts(redis.url, layers, args.prompts, path))
-            result[f"{path}_first_ms"] = round(times[0] * 1000, 1)
-            result[f"{path}_median_ms"] = round(statistics.median(times[1:]) * 1000, 1)
+            times = asyncio.run(publish_prompts(redis.url, layers, args.prompts, path, args.reader))
+            for phase in ("publish", "fetch", "get") if args.reader else ("publish",):
+                name = path if phase == "publish" else f"{path}_{phase}"
+                result[f"{name}_first_ms"] = round(times[phase][0] * 1000, 1)
+                result[f"{name}_median_ms"] = round(statistics.median(times[phase][1:]) * 1000, 1)
+            if args.reader:
+                result[f"{path}_corrupt"] = times["corrupt"][-1]
     finally:
         redis.stop()
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
