@@ -54,6 +54,7 @@ DEFAULT_RATES = {"image-heavy": (1.0, 2.0, 4.0, 6.0), "mixed": (2.0, 4.0, 8.0, 1
                  "text-only": (4.0, 8.0, 16.0)}
 SLO_TTFT_S, SLO_TPOT_S, GOODPUT_ATTAINMENT = 2.0, 0.1, 0.9
 KV_POOL = "24Gi"
+METRICS = ("--metrics-port", "0")   # the replicas' cache counters are read after each workload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +123,10 @@ def cluster_config(layout: Layout, model_dir: pathlib.Path, local_prefill_tokens
     from epdserve.launcher import ClusterConfig
 
     router = ("--local-prefill-tokens", str(local_prefill_tokens), "--request-timeout-s", "120")
-    decode = ("--local-prefill-max-tokens", "8192")
+    decode = ("--local-prefill-max-tokens", "8192", *METRICS)
     # a 7B prompt's KV is 0.5 MB per token (~2 GB at 4k tokens), published layer by layer until decode
     # takes it: the prefill's host pool holds several (the default 2 GiB holds one)
-    prefill = ("--capacity-bytes", KV_POOL, "--preallocate-pool") if device == "cuda" else ()
+    prefill = (*(("--capacity-bytes", KV_POOL, "--preallocate-pool") if device == "cuda" else ()), *METRICS)
     stage_args = {"router": router, "decode": decode, "prefill": prefill}
     if device == "cuda":   # a stage's first replica is named like the stage: its flags go to every replica of
         # the stage, and each later replica's own flags come after them (the last of a flag wins)
@@ -221,6 +222,20 @@ async def run_workload(address: str, workload: str, rates, duration_s: float, wa
     return points
 
 
+def cache_counters(cluster) -> dict[str, dict[str, float]]:
+    """The prefill and decode replicas' mmcache counters so far: reads whose in-place bytes failed
+    verification, bytes read in place and from other owners' data channels (a hand-off that
+    should stay on this host)."""
+    names = ("epdserve_cache_corrupt_total", "epdserve_cache_read_local_bytes_total",
+             "epdserve_cache_read_remote_bytes_total")
+    counters = {}
+    for name in cluster.children:
+        if name.startswith(("prefill", "decode")):
+            samples = cluster.scrape_metrics(name)
+            counters[name] = {metric: samples.value(metric) for metric in names}
+    return counters
+
+
 def goodput(points) -> float:
     """Highest measured rate with >= 90% attainment (0 if none)."""
     return max((p["rate_rps"] for p in points if p["attainment"] >= GOODPUT_ATTAINMENT), default=0.0)
@@ -265,6 +280,7 @@ def run(args) -> int:
                           "slo": {"ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S},
                           "points": [dataclasses.asdict(p) for p in points]}
                 result["goodput_rps"] = goodput(result["points"])
+                result["cache_counters"] = cache_counters(cluster)
                 (out / f"e2e-{layout.label}-{workload}.json").write_text(json.dumps(result, indent=1) + "\n")
                 if any(p.failed for p in points):   # the services' own account of the failures
                     logs = {name: cluster.log_tail(name, 100) for name in cluster.children}

@@ -191,10 +191,9 @@ class PrefillConfig:
     kv_wait_s: float = setting(30.0, "longest a prompt waits for room in the cache pool for its KV (earlier "
                                      "prompts' KV being taken by decode) before RESOURCE_EXHAUSTED; the "
                                      "request's deadline caps it")
-    kv_zero_copy: bool = setting(False, "on a GPU, page-lock the cache pool at start (all of it becomes resident) "
-                                        "so each layer's KV is copied from the GPU straight into it: one copy "
-                                        "instead of two (experimental: off by default, it slowed decode's reads of "
-                                        "the KV in the end-to-end benchmark, docs/BENCHMARKS.md)")
+    kv_zero_copy: bool = setting(True, "on a GPU, page-lock the cache pool at start (all of it becomes resident) "
+                                       "so each layer's KV is copied from the GPU straight into it: one copy "
+                                       "instead of two")
     prefix_cache: bool = setting(True, "reuse cached KV of full prompt blocks (lossless) and publish new ones")
     prefix_block_tokens: int = setting(32, "tokens per prefix-cache block (only full blocks are cached)")
     prefix_ttl_s: float = setting(900.0, "seconds a cached prefix block lives after its last use")

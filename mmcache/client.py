@@ -194,8 +194,8 @@ class MMCache:
             self.store.tiers["host"].pool.page_lock()
             return True
         except Exception as exc:  # noqa: BLE001 - any refusal leaves a working, unlocked pool
-            log.warning("cache pool not page-locked, so GPU copies go through a pinned buffer (without "
-                        "--kv-zero-copy it is not tried): %s", exc)
+            log.warning("cache pool not page-locked, so GPU copies go through a pinned buffer (--no-kv-zero-copy "
+                        "skips trying): %s", exc)
             return False
 
     async def reserve_tensors(self, layouts: Sequence[tuple[tuple[int, ...], torch.dtype]], *, timeout_s: float,

@@ -19,6 +19,7 @@ def page_lock(pointer: int, nbytes: int, *, what: str = "host memory") -> None:
         return
     error = int(torch.cuda.cudart().cudaHostRegister(pointer, nbytes, PORTABLE))
     if error:
+        _drop_last_error()
         raise RuntimeError(f"cannot page-lock {nbytes / 2**30:.1f} GiB of {what} (cudaHostRegister error "
                            f"{error}): use less host memory or raise the memlock limit")
 
@@ -38,4 +39,14 @@ def pinned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def unpin(pointers: list[int]) -> None:
     for pointer in pointers:
-        torch.cuda.cudart().cudaHostUnregister(pointer)
+        if int(torch.cuda.cudart().cudaHostUnregister(pointer)):
+            _drop_last_error()
+
+
+def _drop_last_error() -> None:
+    """A failed CUDA runtime call leaves its error with this thread, and the next kernel launch
+    check here reports it as that kernel's failure; launch one now and drop what it reports."""
+    try:
+        torch.empty(1, device="cuda").zero_()
+    except RuntimeError:
+        pass

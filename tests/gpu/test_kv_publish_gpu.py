@@ -4,10 +4,15 @@ the device KV; the prefill's layers through reserved regions equal those through
 
 from __future__ import annotations
 
+import mmap
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from epdserve.config import PrefillConfig
+from epdserve.engine.host_memory import page_lock, unpin
 from epdserve.engine.sampler import SamplingParams
 from epdserve.models.loader import load_decoder
 from epdserve.models.spec import load_spec
@@ -22,7 +27,26 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture
 async def cache(open_cache):
-    return await open_cache(capacity_bytes=64 << 20)
+    """A pool on tmpfs, as deployed (CUDA refuses to page-lock a mapping of a file on disk)."""
+    shm_dir = tempfile.mkdtemp(dir="/dev/shm")
+    yield await open_cache(capacity_bytes=64 << 20, shm_dir=shm_dir)
+    shutil.rmtree(shm_dir, ignore_errors=True)
+
+
+def test_a_refused_page_lock_leaves_no_error_behind_for_the_next_kernel(tmp_path):
+    """CUDA refuses a file on disk; the refusal raises here, and later work on this thread runs
+    (a failed runtime call's error would otherwise fail the next kernel launched)."""
+    path = tmp_path / "pool"
+    path.write_bytes(bytes(1 << 20))
+    with open(path, "r+b") as f:
+        mapping = mmap.mmap(f.fileno(), 1 << 20)
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="cannot page-lock"):
+        page_lock(tensor.data_ptr(), tensor.nbytes)
+    unpin([tensor.data_ptr()])            # not registered: refused too
+    assert torch.ones(4, device="cuda").sum().item() == 4.0
+    del tensor
+    mapping.close()
 
 
 async def test_layers_go_from_the_gpu_straight_into_the_page_locked_pool(cache):
