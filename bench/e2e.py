@@ -275,7 +275,7 @@ def run(args) -> int:
                 points = asyncio.run(run_workload(cluster.router_address, workload, rates[workload], args.duration,
                                                   args.warmup, args.stop_below, args.seed))
                 result = {**_environment(args.commit), "layout": layout.label, "gpus_used": args.gpus,
-                          "replicas": dataclasses.asdict(layout), "workload": workload,
+                          "replicas": dataclasses.asdict(layout), "workload": workload, "stage_args": extra,
                           "spec": f"{WORKLOADS[workload]},{COMMON}", "duration_s": args.duration,
                           "slo": {"ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S},
                           "points": [dataclasses.asdict(p) for p in points]}
