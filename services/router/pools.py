@@ -2,8 +2,10 @@
 
 Invariant: a replica receives new requests only while it is `healthy`. It leaves that state when a
 health check, a load poll or a request to it fails with UNAVAILABLE (so a dead replica stops
-getting traffic at the first failed call, and at the latest one poll interval after it died), and
-returns to it only when a health check answers SERVING again. `outstanding` counts what this router
+getting traffic at the first failed call, and at the latest one poll interval after it died), or
+when `SLOW_PROBES_TO_REMOVE` probes in a row time out (a replica too busy to answer for a moment
+keeps its traffic; a hung one leaves within a few seconds), and returns to it only when a health
+check answers SERVING again. `outstanding` counts what this router
 has sent to a replica and not yet seen finish, so placement reacts to its own decisions between
 two load reports.
 """
@@ -27,6 +29,7 @@ from epdserve.v1 import load_pb2, load_pb2_grpc
 
 log = logging.getLogger(__name__)
 MIN_PROBE_TIMEOUT_S = 1.0
+SLOW_PROBES_TO_REMOVE = 3
 
 
 @dataclasses.dataclass
@@ -41,6 +44,7 @@ class Replica:
     outstanding: int = 0         # requests this router sent and has not seen finish
     outstanding_work: int = 0    # their work units (images, prompt tokens)
     removed: bool = False        # no longer a member (discovery dropped it); closed once idle
+    slow_probes: int = 0         # probes in a row that timed out
     health_stub: object = None
     load_stub: object = None
 
@@ -160,12 +164,24 @@ class ReplicaPool:
                 return
             load = await replica.load_stub.GetLoad(load_pb2.GetLoadRequest(stage=self.stage), timeout=timeout)
         except grpc.RpcError as exc:
-            self.mark_down(replica, f"probe failed: {exc.code().name}")
+            self._probe_failed(replica, exc.code())
             return
+        replica.slow_probes = 0
         replica.load, replica.reported_at = load, time.monotonic()
         if not replica.healthy and not replica.removed:
             log.warning("%s replica %d (%s) re-admitted", self.stage, replica.index, replica.address)
             replica.healthy = True
+
+    def _probe_failed(self, replica: Replica, code: grpc.StatusCode) -> None:
+        if code != grpc.StatusCode.DEADLINE_EXCEEDED:
+            self.mark_down(replica, f"probe failed: {code.name}")
+            return
+        replica.slow_probes += 1
+        if replica.slow_probes >= SLOW_PROBES_TO_REMOVE:
+            self.mark_down(replica, f"{replica.slow_probes} probes in a row timed out")
+        elif replica.healthy:
+            log.info("%s replica %d (%s): probe timed out (%d of %d before removal)", self.stage, replica.index,
+                     replica.address, replica.slow_probes, SLOW_PROBES_TO_REMOVE)
 
     async def close(self) -> None:
         tasks = [*self._closers, *([self._poller] if self._poller is not None else [])]

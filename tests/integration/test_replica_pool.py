@@ -22,12 +22,22 @@ SERVICE = "epdserve.v1.PrefillService"
 INTERVAL = 0.1
 
 
+class SlowHealth(health.aio.HealthServicer):
+    """The standard health service, answering each check `delay_s` late (a busy or hung replica)."""
+
+    delay_s = 0.0
+
+    async def Check(self, request, context):
+        await asyncio.sleep(self.delay_s)
+        return await super().Check(request, context)
+
+
 class FakeReplica:
     """A loopback server with the standard health service and a LoadService."""
 
     def __init__(self, replica_id: str) -> None:
         self.tracker = LoadTracker("prefill", replica_id)
-        self.health = health.aio.HealthServicer()
+        self.health = SlowHealth()
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -98,6 +108,31 @@ async def test_a_stopped_replica_is_removed_within_seconds_and_readmitted_on_res
     assert removed_after < 2.0
     await replicas[0].start(port=replicas[0].port)  # the same address comes back
     await _until(lambda: pool.replicas[0].healthy, 5.0)
+
+
+async def test_a_replica_too_busy_to_answer_a_probe_keeps_its_traffic_and_a_hung_one_leaves(replicas, pool):
+    """A probe timing out once or twice (a replica busy for a moment) leaves it in the pool; one
+    that keeps timing out leaves after SLOW_PROBES_TO_REMOVE probes, a few seconds."""
+    replica = pool.replicas[0]
+    was_removed = []
+
+    async def watch():
+        while True:
+            was_removed.append(not replica.healthy)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    replicas[0].health.delay_s = 1.5          # past the 1 s probe timeout
+    await _until(lambda: replica.slow_probes >= 1, 3.0)
+    replicas[0].health.delay_s = 0.0
+    await _until(lambda: replica.slow_probes == 0, 3.0)
+    watcher.cancel()
+    assert not any(was_removed)
+    replicas[0].health.delay_s = 30.0         # hung
+    removed_after = await _until(lambda: not replica.healthy, 8.0)
+    assert 2.0 < removed_after < 6.0 and pool.healthy() == [pool.replicas[1]]
+    replicas[0].health.delay_s = 0.0
+    await _until(lambda: replica.healthy, 5.0)
 
 
 async def test_no_healthy_replica_is_unavailable(replicas, pool):
