@@ -16,9 +16,11 @@ Reports the first prompt (fresh pool pages) and the median of the rest, per path
 With --reader, each prompt's published layers are then fetched as decode fetches them, by a
 second process (another cache owner on this host): `get_many` (mapped in place, verified) and
 each layer copied to --device, then released; `<path>_fetch_*` report that, `<path>_corrupt` the
-reads whose in-place bytes failed verification (fetched from the owner instead).
+reads whose in-place bytes failed verification (fetched from the owner instead). The reader maps
+the owner's pool as decode does (`copy`: private, copy-on-write) or, to compare, `shared`
+(read-only, shared).
 
-    python bench/kv_publish.py [--device cpu|cuda] [--prompts 5] [--tokens 3300] [--reader] [--json]
+    python bench/kv_publish.py [--device cpu|cuda] [--prompts 5] [--tokens 3300] [--reader [copy|shared]] [--json]
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ sys.path.insert(0, ROOT)
 PATHS = ("put-sparse", "put", "staged", "direct")
 
 
-async def publish_prompts(redis_url: str, layers, prompts: int, path: str, reader: bool = False) -> dict:
+async def publish_prompts(redis_url: str, layers, prompts: int, path: str, reader: str | None = None) -> dict:
     import torch
 
     from epdserve.config import CacheConfig, PrefillConfig
@@ -68,7 +70,7 @@ async def publish_prompts(redis_url: str, layers, prompts: int, path: str, reade
             tensor, ready = host.take(i, layer, stream)
             on_layer(i, tensor, ready)
 
-    fetcher = await Fetcher.start(redis_url, config.namespace, str(device)) if reader else None
+    fetcher = await Fetcher.start(redis_url, config.namespace, str(device), reader) if reader else None
     try:
         times: dict[str, list[float]] = {"publish": [], "fetch": [], "get": [], "corrupt": []}
         for prompt in range(prompts):
@@ -104,9 +106,9 @@ class Fetcher:
         self.process = process
 
     @classmethod
-    async def start(cls, redis_url: str, namespace: str, device: str) -> "Fetcher":
+    async def start(cls, redis_url: str, namespace: str, device: str, mapping: str) -> "Fetcher":
         process = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.abspath(__file__), "--fetch-as-decode", redis_url, namespace, device,
+            sys.executable, os.path.abspath(__file__), "--fetch-as-decode", redis_url, namespace, device, mapping,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         return cls(process)
 
@@ -126,7 +128,22 @@ class Fetcher:
         await self.process.wait()
 
 
-async def fetch_as_decode(redis_url: str, namespace: str, device: str) -> None:
+def _read_through_shared_mappings() -> None:
+    """This process maps other owners' pools read-only and shared instead of copy-on-write."""
+    import mmap
+    import warnings
+
+    from mmcache.pool import PoolMappings
+
+    def shared_map(path: str, size: int) -> memoryview:
+        with open(path, "rb") as f:
+            return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ))
+
+    PoolMappings._map = staticmethod(shared_map)
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+async def fetch_as_decode(redis_url: str, namespace: str, device: str, mapping: str) -> None:
     import base64
 
     import torch
@@ -135,18 +152,8 @@ async def fetch_as_decode(redis_url: str, namespace: str, device: str) -> None:
     from epdserve.v1 import common_pb2
     from mmcache.client import CacheIdentity, MMCache
 
-    if os.environ.get("KV_BENCH_SHARED_MAP"):   # experiment: read the owner's pool through a shared mapping
-        import mmap
-        import warnings
-
-        from mmcache.pool import PoolMappings
-
-        def shared_map(path: str, size: int) -> memoryview:
-            with open(path, "rb") as f:
-                return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ))
-
-        PoolMappings._map = staticmethod(shared_map)
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    if mapping == "shared":
+        _read_through_shared_mappings()
     config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=tempfile.mkdtemp(dir="/dev/shm"),
                          capacity_bytes=64 << 20)
     cache = await MMCache.open(config, CacheIdentity(f"fetch-{uuid.uuid4().hex[:6]}", ""))
@@ -194,8 +201,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=3300)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--reader", action="store_true", help="fetch each prompt's KV from a second process")
-    parser.add_argument("--fetch-as-decode", nargs=3, metavar=("REDIS_URL", "NAMESPACE", "DEVICE"),
+    parser.add_argument("--reader", nargs="?", const="copy", choices=("copy", "shared"),
+                        help="fetch each prompt's KV from a second process (its pool mapping: copy or shared)")
+    parser.add_argument("--fetch-as-decode", nargs=4, metavar=("REDIS_URL", "NAMESPACE", "DEVICE", "MAPPING"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fetch_as_decode:
@@ -207,7 +215,7 @@ def main() -> int:
     try:
         result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                   "layers": 32, "layer_mb": round(layers[0].numel() * 2 / 1e6, 1), "cores": os.cpu_count(),
-                  "worker_threads": _worker_count()}
+                  "worker_threads": _worker_count(), "reader_mapping": args.reader or ""}
         for path in PATHS:
             times = asyncio.run(publish_prompts(redis.url, layers, args.prompts, path, args.reader))
             for phase in ("publish", "fetch", "get") if args.reader else ("publish",):

@@ -7,6 +7,7 @@ processes, two prefill and two decode replicas, one of each faulty."""
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
 import time
 
 import pytest
@@ -50,7 +51,7 @@ def _exited(cluster, name: str, within_s: float) -> bool:
     try:
         cluster.children[name].process.wait(timeout=within_s)
         return True
-    except Exception:
+    except subprocess.TimeoutExpired:
         return False
 
 
