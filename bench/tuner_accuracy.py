@@ -52,12 +52,13 @@ def parse_config(text: str):
     return Candidate(int(e), int(p), int(d))
 
 
-async def _profile(address: str, cores: int, repeats: int):
+async def _profile(address: str, cores: int, repeats: int, processes: int):
     from epdserve.sdk import AsyncClient
     from tuner.profiler import Deployment, Profiler, SweepConfig
 
     async with AsyncClient(address) as client:
-        deployment = Deployment(host_cores=cores, measured_on=f"{cores}-core CPU ({platform.processor() or 'x86_64'})")
+        deployment = Deployment(host_cores=cores, measured_on=f"{cores}-core CPU ({platform.processor() or 'x86_64'})",
+                                processes=processes)
         return await Profiler(client, SweepConfig(repeats=repeats)).run(deployment)
 
 
@@ -96,10 +97,11 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    cluster = _cluster(model_dir, Candidate(1, 1, 1))
+    profiled = Candidate(1, 1, 1)
+    cluster = _cluster(model_dir, profiled)
     try:
         started = time.perf_counter()
-        profile = asyncio.run(_profile(cluster.start(), cores, args.repeats))
+        profile = asyncio.run(_profile(cluster.start(), cores, args.repeats, profiled.processes()))
         print(f"profiled in {time.perf_counter() - started:.0f} s", flush=True)
     finally:
         cluster.stop()
@@ -131,7 +133,7 @@ def main() -> int:
 
     speed = _simulator_speed(profile)
     result = {"date": datetime.date.today().isoformat(), "hardware": f"{cores}-core CPU, {platform.platform()}",
-              "model": profile.model, "spec": SPEC, "rows": rows, "simulator_configs_per_s_1000_requests": speed}
+              "model": profile.model, "idle_cores_per_process": profile.idle_cores_per_process, "spec": SPEC, "rows": rows, "simulator_configs_per_s_1000_requests": speed}
     (out / "tuner-accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "tuner-accuracy.md").write_text(markdown(result))
     print(markdown(result))

@@ -143,6 +143,11 @@ def _add_profile(sub) -> None:
     profile.add_argument("--out", required=True, help="profile JSON to write")
     profile.add_argument("--shared-host-cores", type=int, default=0,
                          help="all replicas share this many CPU cores (a local deployment); 0: each has its own GPU")
+    profile.add_argument("--shared-host-processes", type=int, default=None,
+                         help="with --shared-host-cores: the deployment's service processes on that host, router "
+                              "included; the CPU they use while idle is measured and taken from the cores the "
+                              "simulator gives busy replicas (default with --endpoints: its addresses + the "
+                              "private router; with --router: not measured)")
     profile.add_argument("--max-running", type=int, default=64, help="the decode replicas' --max-running")
     profile.add_argument("--kv-capacity-tokens", type=int, default=1 << 20, help="KV rows per decode replica")
     profile.add_argument("--prefix-block-tokens", type=int, default=32, help="the prefill replicas' setting")
@@ -180,7 +185,7 @@ def _profile(args: argparse.Namespace) -> int:
     from tuner.profiler import Deployment, Profiler, SweepConfig, summary_rows
 
     deployment = Deployment(args.prefix_block_tokens, args.max_running, args.kv_capacity_tokens,
-                            args.shared_host_cores, args.measured_on)
+                            args.shared_host_cores, args.measured_on, _shared_host_processes(args))
 
     async def run():
         async with _router_client(args) as client:
@@ -198,6 +203,22 @@ def _profile(args: argparse.Namespace) -> int:
     for name, fit in summary_rows(profile):
         terms = " + ".join(f"{c:.4g}*{t}" if t != "const" else f"{c:.4g}" for t, c in zip(fit.terms, fit.coef) if c)
         print(f"  {name:<28} {terms or '0'}   (n={fit.samples}, MAPE {fit.mape:.0%})")
+    if profile.host_cores:
+        print(f"  {'shared host':<28} {profile.host_cores} cores, {profile.idle_cores_per_process:.3f} of a core "
+              f"per idle service process")
+    return 0
+
+
+def _shared_host_processes(args: argparse.Namespace) -> int:
+    if args.shared_host_cores <= 0:
+        return 0
+    if args.shared_host_processes is not None:
+        if args.shared_host_processes < 0:
+            raise SystemExit(f"--shared-host-processes must be >= 0 (got {args.shared_host_processes})")
+        return args.shared_host_processes
+    if args.endpoints:
+        return len({a for addresses in parse_endpoints(args.endpoints).values() for a in addresses}) + 1
+    print("  note: idle CPU not measured (give --shared-host-processes: the router and every replica)")
     return 0
 
 

@@ -67,7 +67,7 @@ class Cpu:
     min(1, cores / busy) and finish times are recomputed whenever that changes. A job's work can be
     shortened while it runs (a decode segment cut by an arrival)."""
 
-    def __init__(self, clock: Clock, cores: int) -> None:
+    def __init__(self, clock: Clock, cores: float) -> None:
         self.clock, self.cores = clock, cores
         self._jobs: set[Job] = set()
         self._speed, self._since = 1.0, 0.0

@@ -151,7 +151,17 @@ class Profile:
     measured_on: str = ""  # hardware, e.g. "2-core CPU (Debian, no GPU)" or "1x NVIDIA H200"
     measured_at: str = ""  # ISO date
     host_cores: int = 0    # > 0: every replica of the profiled deployment shared this many CPU cores
+    idle_cores_per_process: float = 0.0  # shared host: CPU an idle service process (router or replica) keeps
+                                         # using (health and load polling, heartbeats, gRPC's timers)
     notes: str = ""
+
+    def cores_for_work(self, processes: int) -> float:
+        """On a shared host, the cores a deployment of `processes` service processes leaves to busy
+        work: the host's less what every process uses while idle (at least a tenth of the host).
+        0 when each replica has its own accelerator."""
+        if self.host_cores <= 0:
+            return 0.0
+        return max(self.host_cores - processes * self.idle_cores_per_process, 0.1 * self.host_cores)
 
     def image_tokens(self, keep_ratio: float = 1.0) -> int:
         return max(1, round(self.encode.tokens_per_image * keep_ratio))

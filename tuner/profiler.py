@@ -7,7 +7,9 @@ cache and hand-off overheads). Sweeps, in order: prefill (prompt lengths, uncach
 cached), the same lengths with FastKV at the deployment's rates (skipped when the model refuses
 it), encode (images per request x image size, then the same images again as cache hits), decode
 (concurrent streams x prompt length). Prompts start with a random word so that no run
-hits another's prefix cache unless the sweep means it to.
+hits another's prefix cache unless the sweep means it to. On a shared host (a local deployment,
+`Deployment.host_cores`), the CPU its processes use while no request runs is measured first, from
+the host's counters, and charged per process.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import os
+import pathlib
 import random
 import statistics
+import time
 from collections.abc import Callable, Sequence
 
 from epdserve.errors import InvalidArgumentError
 from tuner.live import Measured, PromptMaker, random_png, timed_generate
 from tuner.profile import DecodeProfile, EncodeProfile, Fit, PrefillProfile, Profile, constant, fit_linear
+
+PROC_STAT = pathlib.Path("/proc/stat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +42,7 @@ class SweepConfig:
     repeats: int = 3
     idle_s: float = 0.25   # mean pause before each measurement: a replica serving a trace is not busy back
     seed: int = 0          # to back, and an idle one answers slower (cold caches, thread and vCPU wake-ups)
+    idle_window_s: float = 5.0  # shared host: seconds without requests over which the idle CPU is measured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +53,8 @@ class Deployment:
     kv_capacity_tokens: int = 1 << 20  # decode KV rows (blocks x block size)
     host_cores: int = 0                # > 0: all replicas share this many CPU cores (a local deployment)
     measured_on: str = ""
+    processes: int = 0                 # shared host: its service processes, router included (> 0: their idle
+                                       # CPU is measured)
 
 
 @dataclasses.dataclass
@@ -74,12 +84,13 @@ class Profiler:
         await self.prompts.calibrate(self.client)
         limit = info.max_context // 2
         await self._warm_up(limit)
+        idle = await self._idle_cores_per_process(deployment)
         lengths = [t for t in self.sweep.prompt_tokens if t <= limit]
         prefill = await self._prefill_sweep(lengths)
         fastkv = await self._fastkv_sweep(lengths)
         encode = await self._encode_sweep()
         decode = await self._decode_sweep([t for t in self.sweep.decode_prompt_tokens if t <= limit])
-        return build_profile(info, prefill, encode, decode, deployment, fastkv)
+        return build_profile(info, prefill, encode, decode, deployment, fastkv, idle)
 
     async def _warm_up(self, limit: int) -> None:
         """First calls pay one-time costs (lazy initialisation, allocator growth): not measured."""
@@ -91,6 +102,15 @@ class Profiler:
         for tokens in self.sweep.prompt_tokens:
             if tokens <= limit:
                 await timed_generate(self.client, self.prompts.prompt(tokens), max_tokens=4)
+
+    async def _idle_cores_per_process(self, deployment: Deployment) -> float:
+        if deployment.host_cores <= 0 or deployment.processes <= 0:
+            return 0.0
+        if not PROC_STAT.exists():
+            self.progress("idle CPU not measured: no /proc/stat on this host")
+            return 0.0
+        self.progress(f"idle CPU of {deployment.processes} service processes ({self.sweep.idle_window_s:g} s)")
+        return await idle_host_cores(self.sweep.idle_window_s) / deployment.processes
 
     async def _pause(self) -> None:
         await asyncio.sleep(self.sweep.idle_s * self.rng.uniform(0.5, 1.5))
@@ -151,8 +171,23 @@ class Profiler:
         return samples
 
 
+def host_busy_cpu_s() -> float:
+    """CPU seconds this host's processors have been busy since boot (Linux /proc/stat: user, nice,
+    system, irq and softirq time; not idle, iowait, or time a hypervisor gave to other guests)."""
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in PROC_STAT.read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+async def idle_host_cores(seconds: float) -> float:
+    """Cores the host's other processes kept busy over `seconds` while this one only waited."""
+    host, own, start = host_busy_cpu_s(), time.process_time(), time.monotonic()
+    await asyncio.sleep(seconds)
+    others = (host_busy_cpu_s() - host) - (time.process_time() - own)
+    return max(others, 0.0) / (time.monotonic() - start)
+
+
 def build_profile(info, prefill: Sequence[Sample], encode: Sequence[Sample], decode: Sequence[Sample],
-                  deployment: Deployment, fastkv: Sequence[Sample] = ()) -> Profile:
+                  deployment: Deployment, fastkv: Sequence[Sample] = (), idle_cores_per_process: float = 0.0) -> Profile:
     alone = [s for s in (*prefill, *encode, *decode) if s.concurrency == 1]
     decoded = [s for s in decode if s.timings.get("decode.decode_steps", 0) > 1]
     return Profile(
@@ -175,6 +210,7 @@ def build_profile(info, prefill: Sequence[Sample], encode: Sequence[Sample], dec
         measured_on=deployment.measured_on,
         measured_at=datetime.date.today().isoformat(),
         host_cores=deployment.host_cores,
+        idle_cores_per_process=idle_cores_per_process,
     )
 
 

@@ -13,7 +13,9 @@ sequences wait) and it joins the batch with no KV hand-off. Simplified: the pref
 the next step (the service's insertion policy may defer it, and waits for a free slot). Service
 times come from the profile's fits times a draw from each fit's residuals. With a shared-host
 profile (`host_cores` > 0) every busy replica and every request's overheads (RPCs, image decoding,
-the router's work) share those cores (processor sharing), as the processes of a local deployment do.
+the router's work) share those cores (processor sharing), as the processes of a local deployment do,
+less what each of the candidate's processes uses while idle (`idle_cores_per_process`: polling,
+heartbeats), which more replicas take from the busy ones.
 
 E+P colocated (`encode_colocated`: prefill --with-encode, router --encode-colocated): no encode
 replicas; each prefill replica owns an encode batcher (the same batching rules) whose tower batches
@@ -74,6 +76,10 @@ class Candidate:
     def gpus(self, per_replica: Sequence[int] = (1, 1, 1)) -> int:
         e, p, d = per_replica
         return self.encode_replicas * e + self.prefill_replicas * p + self.decode_replicas * d
+
+    def processes(self) -> int:
+        """Service processes of a deployment of this candidate: every replica and the router."""
+        return self.encode_replicas + self.prefill_replicas + self.decode_replicas + 1
 
     def label(self) -> str:
         encode = "E+" if self.encode_colocated else f"E{self.encode_replicas}"
@@ -390,7 +396,7 @@ class Simulation:
     def __init__(self, profile: Profile, candidate: Candidate, *, seed: int = 0) -> None:
         self.profile, self.candidate = profile, candidate
         self.clock = Clock()
-        self.cpu = Cpu(self.clock, profile.host_cores)
+        self.cpu = Cpu(self.clock, profile.cores_for_work(candidate.processes()))
         self.noise = Noise(seed)
         self.busy = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
         self.encoders = [_EncodeReplica(self) for _ in range(candidate.encode_replicas)]

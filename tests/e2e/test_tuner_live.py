@@ -26,9 +26,11 @@ def cluster(tiny_checkpoint):
 def test_profile_optimize_validate_on_a_live_deployment(cluster, tmp_path, capsys):
     profile_path = tmp_path / "profile.json"
     assert cli.main(["profile", "--router", cluster.router_address, "--out", str(profile_path), "--repeats", "1",
-                     "--idle-s", "0.02", "--shared-host-cores", "2", "--measured-on", "test"]) == 0
+                     "--idle-s", "0.02", "--shared-host-cores", "2", "--shared-host-processes", "4",
+                     "--measured-on", "test"]) == 0
     profile = Profile.load(profile_path)
     assert profile.encode.tokens_per_image == 16 and profile.host_cores == 2
+    assert 0.0 < profile.idle_cores_per_process < 0.5   # idle replicas and the router still poll and beat
     assert profile.decode.step_ms.samples >= 5 and profile.prefill.compute_ms.samples >= 5
     assert profile.decode.step_ms.predict(batch=8, context=2000) > profile.decode.step_ms.predict(batch=1, context=100)
     fastkv = profile.prefill.fastkv_compute_ms   # FastKV swept at the deployment's rates (tsp 0.2, retain 0.1)
@@ -64,6 +66,7 @@ def test_profile_through_the_stage_endpoints_directly(cluster, tiny_checkpoint, 
     assert cli.main(argv) == 0
     profile = Profile.load(profile_path)
     assert profile.encode.tokens_per_image == 16
+    assert "idle CPU of 4 service processes" in capsys.readouterr().out   # 3 endpoints + the private router
     assert profile.decode.step_ms.samples >= 5 and profile.prefill.compute_ms.samples >= 5
     assert profile.decode.step_ms.predict(batch=8, context=2000) > profile.decode.step_ms.predict(batch=1, context=100)
 

@@ -74,8 +74,10 @@ def test_fit_coefficients_are_never_negative():
 
 
 def test_profile_json_round_trip_and_bundled_profile():
-    profile = make_profile(host_cores=2, measured_on="test box")
+    profile = make_profile(host_cores=2, measured_on="test box", idle_cores_per_process=0.07)
     assert Profile.from_json(profile.to_json()) == profile
+    older = {key: value for key, value in profile.to_json().items() if key != "idle_cores_per_process"}
+    assert Profile.from_json(older).idle_cores_per_process == 0.0   # profiles written before the field
     assert "cpu-tiny" in bundled_profiles()
     shipped = load_profile("cpu-tiny")
     assert shipped.measured_on and shipped.measured_at and shipped.encode.tokens_per_image > 0
@@ -189,6 +191,29 @@ def test_processor_sharing_slows_concurrent_work_on_a_shared_host():
     two_cores = simulate(trace, dataclasses.replace(profile, host_cores=2), Candidate(prefill_replicas=2))
     assert one_core.percentile("ttft", 50) - own_gpus.percentile("ttft", 50) == pytest.approx(0.1, abs=0.02)
     assert two_cores.percentile("ttft", 50) == pytest.approx(own_gpus.percentile("ttft", 50), abs=0.01)
+
+
+def test_idle_processes_take_cores_from_busy_work_on_a_shared_host():
+    """Each service process's idle CPU (polling, heartbeats) comes off the cores busy replicas share:
+    two 100 ms prefills on 2 cores run side by side, but not when the candidate's 5 processes keep
+    one core busy while idle; a profile with its own accelerators ignores the figure."""
+    profile = make_profile(prefill=dataclasses.replace(make_profile().prefill, compute_ms=constant(100.0)))
+    trace = [request(0.0), request(0.0)]
+    candidate = Candidate(prefill_replicas=2)
+    assert candidate.processes() == 5
+    quiet = dataclasses.replace(profile, host_cores=2)
+    busy_idle = dataclasses.replace(profile, host_cores=2, idle_cores_per_process=0.2)
+    one_core = dataclasses.replace(profile, host_cores=1)
+    assert busy_idle.cores_for_work(candidate.processes()) == pytest.approx(1.0)
+    assert simulate(trace, busy_idle, candidate).percentile("ttft", 50) == pytest.approx(
+        simulate(trace, one_core, candidate).percentile("ttft", 50))
+    assert simulate(trace, busy_idle, candidate).percentile("ttft", 50) > simulate(
+        trace, quiet, candidate).percentile("ttft", 50) + 0.08
+    own_gpus = dataclasses.replace(profile, idle_cores_per_process=0.2)
+    assert own_gpus.cores_for_work(5) == 0.0
+    assert simulate(trace, own_gpus, candidate).percentile("ttft", 50) == pytest.approx(
+        simulate(trace, profile, candidate).percentile("ttft", 50))
+    assert dataclasses.replace(profile, host_cores=2, idle_cores_per_process=1.0).cores_for_work(5) == 0.2
 
 
 def test_every_request_is_completed_or_rejected_and_runs_are_reproducible():
