@@ -133,7 +133,8 @@ def main() -> int:
 
     speed = _simulator_speed(profile)
     result = {"date": datetime.date.today().isoformat(), "hardware": f"{cores}-core CPU, {platform.platform()}",
-              "model": profile.model, "idle_cores_per_process": profile.idle_cores_per_process, "spec": SPEC, "rows": rows, "simulator_configs_per_s_1000_requests": speed}
+              "model": profile.model, "idle_cores_per_process": profile.idle_cores_per_process, "spec": SPEC,
+              "rows": rows, "simulator_configs_per_s_1000_requests": speed}
     (out / "tuner-accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "tuner-accuracy.md").write_text(markdown(result))
     print(markdown(result))

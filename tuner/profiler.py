@@ -187,7 +187,8 @@ async def idle_host_cores(seconds: float) -> float:
 
 
 def build_profile(info, prefill: Sequence[Sample], encode: Sequence[Sample], decode: Sequence[Sample],
-                  deployment: Deployment, fastkv: Sequence[Sample] = (), idle_cores_per_process: float = 0.0) -> Profile:
+                  deployment: Deployment, fastkv: Sequence[Sample] = (),
+                  idle_cores_per_process: float = 0.0) -> Profile:
     alone = [s for s in (*prefill, *encode, *decode) if s.concurrency == 1]
     decoded = [s for s in decode if s.timings.get("decode.decode_steps", 0) > 1]
     return Profile(
