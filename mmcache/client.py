@@ -95,6 +95,7 @@ class MMCache:
         self.ready = ReadinessStream(self.index, self.guard)
         self.data_client = DataClient(timeout_s=max(config.redis_timeout_s, 30.0), credentials=credentials)
         self.mappings = PoolMappings()
+        self._other_hosts: set[str] = set()
         self.data_server: DataServer | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._workers = DealtPool(_worker_count(), "mmcache")
@@ -525,7 +526,13 @@ class MMCache:
         if ref.owner == self.owner.owner_id:
             data = self.store.host_bytes(ref.key)
             return data if data is None or ref.lease_id else bytearray(data)
-        if not (self.config.prefer_shared_memory and ref.host == self.owner.host_id):
+        if not self.config.prefer_shared_memory:
+            return None
+        if ref.host != self.owner.host_id:
+            if ref.host not in self._other_hosts:
+                self._other_hosts.add(ref.host)
+                log.info("entries owned on host %r are read over their owners' data channels (this is %r)",
+                         ref.host, self.owner.host_id)
             return None
         if ref.tier == "host":
             region = self.mappings.region(ref.path, ref.offset, ref.nbytes)

@@ -9,10 +9,12 @@ stable bytes. Consumers on the same host map the file once and read regions in p
 from __future__ import annotations
 
 import bisect
+import logging
 import mmap
 import os
 import pathlib
 
+log = logging.getLogger(__name__)
 ALIGN = 64  # bytes; regions start on cache-line boundaries
 
 
@@ -171,29 +173,45 @@ def _check_room(directory: pathlib.Path, capacity: int) -> None:
 
 class PoolMappings:
     """Consumer side: one read mapping per owner pool file, dropped when the file is gone or
-    replaced (a restarted owner), so a dead owner's memory is not kept alive by its readers."""
+    replaced (a restarted owner), so a dead owner's memory is not kept alive by its readers. A
+    region that cannot be read in place is None (the caller asks the owner's data channel); why is
+    logged once per pool file and cause, since every later read of that pool pays the same detour."""
 
     def __init__(self, max_files: int = 64) -> None:
         self._maps: dict[str, tuple[tuple[int, int], memoryview]] = {}
         self.max_files = max_files
+        self._warned: set[tuple[str, str]] = set()
 
     def region(self, path: str, offset: int, nbytes: int) -> memoryview | None:
         try:
             stat = os.stat(path)
-        except OSError:
+        except OSError as exc:
             self._maps.pop(path, None)
+            self._warn(path, "unseen", f"the pool file is not visible here ({exc.strerror})")
             return None
         identity = (stat.st_dev, stat.st_ino)
         cached = self._maps.get(path)
         if cached is None or cached[0] != identity:
-            cached = (identity, self._map(path, stat.st_size))
+            try:
+                cached = (identity, self._map(path, stat.st_size))
+            except OSError as exc:  # e.g. ENOMEM: a private mapping of the whole pool is refused
+                self._warn(path, "unmapped", f"mapping its {stat.st_size} bytes failed ({exc.strerror})")
+                return None
             if len(self._maps) >= self.max_files:
                 self._maps.pop(next(iter(self._maps)))
             self._maps[path] = cached
         buffer = cached[1]
         if offset < 0 or offset + nbytes > len(buffer):
+            self._warn(path, "outside", f"bytes [{offset}, {offset + nbytes}) lie outside its {len(buffer)} "
+                                        "mapped bytes")
             return None
         return buffer[offset : offset + nbytes]
+
+    def _warn(self, path: str, kind: str, cause: str) -> None:
+        if (path, kind) not in self._warned:
+            self._warned.add((path, kind))
+            log.warning("cache pool %s cannot be read in place: %s; its entries come over the owner's data "
+                        "channel instead", path, cause)
 
     @staticmethod
     def _map(path: str, size: int) -> memoryview:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mmcache.codec import CorruptEntryError, checksum, tensor_bytes, tensor_from_buffer, verify
 from mmcache.keys import image_key, processor_digest, validate_key
-from mmcache.pool import SharedMemoryPool
+from mmcache.pool import PoolMappings, SharedMemoryPool
 from mmcache.store import CapacityError, TieredStore
 from mmcache.tiers import DeviceTier, DiskTier, HostTier
 
@@ -123,6 +123,31 @@ def test_pool_regions_never_overlap_and_frees_coalesce(tmp_path):
     assert pool.largest_free() == pool.capacity_bytes
     pool.close()
     assert not (tmp_path / "p.shm").exists()
+
+
+def test_a_pool_that_cannot_be_read_in_place_is_a_fallback_said_once(tmp_path, monkeypatch, caplog):
+    """A reader's in-place view of an owner's pool: the region's bytes; None (the caller then asks the
+    owner's data channel) when the file is gone, a mapping is refused (ENOMEM for a private mapping
+    larger than memory) or the bytes lie outside it, with one warning per pool and cause."""
+    pool = SharedMemoryPool(tmp_path / "pool.shm", 1 << 16)
+    offset = pool.allocate(100)
+    pool.view(offset, 100)[:] = bytes(range(100))
+    mappings = PoolMappings()
+    assert bytes(mappings.region(str(pool.path), offset, 100)) == bytes(range(100))
+    with caplog.at_level("WARNING", logger="mmcache.pool"):
+        assert mappings.region(str(pool.path), (1 << 16) - 10, 100) is None
+        assert mappings.region(str(pool.path), (1 << 16) - 20, 100) is None
+        assert mappings.region(str(tmp_path / "gone.shm"), 0, 10) is None
+        other = PoolMappings()
+        monkeypatch.setattr(PoolMappings, "_map", staticmethod(lambda path, size: (_ for _ in ()).throw(
+            OSError(12, "Cannot allocate memory"))))
+        assert other.region(str(pool.path), offset, 100) is None
+        assert other.region(str(pool.path), offset, 100) is None
+    causes = [r.getMessage() for r in caplog.records]
+    assert len(causes) == 3, causes
+    assert "outside its 65536 mapped bytes" in causes[0] and "not visible here" in causes[1]
+    assert "Cannot allocate memory" in causes[2]
+    pool.close()
 
 
 def test_pool_refuses_more_than_the_mount_holds(tmp_path):
