@@ -5,9 +5,8 @@ health check, a load poll or a request to it fails with UNAVAILABLE (so a dead r
 getting traffic at the first failed call, and at the latest one poll interval after it died), or
 when `SLOW_PROBES_TO_REMOVE` probes in a row time out (a replica too busy to answer for a moment
 keeps its traffic; a hung one leaves within a few seconds), and returns to it only when a health
-check answers SERVING again. `outstanding` counts what this router
-has sent to a replica and not yet seen finish, so placement reacts to its own decisions between
-two load reports.
+check answers SERVING again. `outstanding` counts what this router has sent to a replica and not
+yet seen finish, so placement reacts to its own decisions between two load reports.
 """
 
 from __future__ import annotations
