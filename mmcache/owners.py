@@ -4,6 +4,9 @@ An owner is one process start (its id carries a random epoch, so a restarted ser
 owner). It registers itself and refreshes a heartbeat key every `interval_s`; the key expires
 after `ttl_intervals` missed beats. Any owner's janitor (off the request path) drops the index
 entries of owners whose heartbeat is gone and, on the same host, their leftover shared memory.
+A silent owner on the same host whose process still holds its pool file (a blocked event loop: a
+model load, a long compile) is alive, and is left alone: removing its file would leave it serving
+from memory no reader on the host can map.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 
 from mmcache.guard import RedisGuard
 from mmcache.index import RedisIndex
+from mmcache.pool import held_by_a_live_owner
 
 log = logging.getLogger(__name__)
 _BATCH = 500
@@ -48,6 +52,7 @@ class OwnerRegistry:
         self.index, self.guard, self.owner = index, guard, owner
         self.interval_s = interval_s
         self.ttl_s = interval_s * ttl_intervals
+        self._spared: set[str] = set()  # silent owners found alive on this host (warned once each)
 
     async def heartbeat(self) -> None:
         """(Re-)register and refresh the heartbeat; also how an owner reappears after a Redis restart."""
@@ -95,12 +100,26 @@ class OwnerRegistry:
         removed = []
         for owner in dead:
             info = _parse_owner(owners.get(owner.encode(), owners.get(owner)))
+            if info is not None and self._alive_here(info):
+                continue
             await self._drop_owner(owner)
             if info is not None:
                 removed.append(info)
                 if info.host_id == self.owner.host_id and info.owner_id != self.owner.owner_id:
                     remove_owner_files(pathlib.Path(info.store_dir), info.owner_id)
         return removed
+
+    def _alive_here(self, info: OwnerInfo) -> bool:
+        """A silent owner on this host whose process still holds its pool file."""
+        if info.host_id != self.owner.host_id or not info.store_dir:
+            return False
+        if not held_by_a_live_owner(pool_file(pathlib.Path(info.store_dir), info.owner_id)):
+            return False
+        if info.owner_id not in self._spared:
+            self._spared.add(info.owner_id)
+            log.warning("cache owner %s missed its heartbeats but its process still holds its pool: kept (blocked, or "
+                        "cut off from Redis, for over %.1f s)", info.owner_id, self.ttl_s)
+        return True
 
     async def _drop_owner(self, owner: str) -> None:
         redis = self.index.redis

@@ -3,12 +3,16 @@
 Invariant: regions handed out never overlap; the free list is sorted by offset, covers exactly
 the bytes not handed out, and never holds two adjacent ranges (frees coalesce). Writes into a
 region happen before its entry is published, so a reader that holds a lease on the entry sees
-stable bytes. Consumers on the same host map the file once and read regions in place.
+stable bytes. Consumers on the same host map the file once and read regions in place. The owner
+holds an exclusive flock on the file for as long as its process lives (the kernel drops it when
+the process ends, however it ends): that, not a heartbeat, tells another process on the host
+whether the file may be removed (`held_by_a_live_owner`).
 """
 
 from __future__ import annotations
 
 import bisect
+import fcntl
 import logging
 import mmap
 import os
@@ -41,12 +45,15 @@ class SharedMemoryPool:
         _check_room(self.path.parent, self.capacity_bytes)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, self.capacity_bytes)
             if preallocate:
                 _preallocate(fd, self.capacity_bytes)
             self._map = mmap.mmap(fd, self.capacity_bytes, access=mmap.ACCESS_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._lock_fd = fd  # held open (and locked) until close(); not inherited by children
         self._buffer = memoryview(self._map)
         self.preallocated = preallocate
         self._page_locked_at: int | None = None  # the pool's address while registered with CUDA
@@ -144,6 +151,25 @@ class SharedMemoryPool:
         except BufferError:
             pass
         self.path.unlink(missing_ok=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def held_by_a_live_owner(path: pathlib.Path) -> bool:
+    """Whether a running process still owns the pool file at `path` (it holds the file's lock).
+    False when the file is gone or its owner's process has ended."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock taken when nobody held it
+    return False
 
 
 def _preallocate(fd: int, capacity: int) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 import struct
+import sys
 import time
 
 import grpc
@@ -162,25 +164,83 @@ async def test_longest_prefix_stops_at_the_first_miss(config):
     await owner.stop()
 
 
-async def test_a_dead_owner_is_forgotten(config, tmp_path):
-    """An owner that dies without closing: its entries stop being returned once its heartbeat
-    lapses, and another owner's janitor removes its index entries and its pool file."""
-    dead = await Owner.start(config, "dead")
-    await dead.cache.put("img:ghost", torch.ones(2), ttl_s=600)
-    pool_file = next((tmp_path / "a").glob("pool-dead.shm"))
-    for task in dead.cache._tasks:  # simulate SIGKILL: no more heartbeats, no close
-        task.cancel()
-    await dead.server.stop(None)
-    survivor = await Owner.start(_other(config, tmp_path), "survivor")
-    deadline = time.monotonic() + 10
-    while await survivor.cache.lookup_many(["img:ghost"]) != [None]:
-        assert time.monotonic() < deadline, "a dead owner's entry is still served"
+_OWNER_PROCESS = """
+import asyncio, sys, torch
+from epdserve.config import CacheConfig
+from mmcache.client import CacheIdentity, MMCache
+
+async def main():
+    config = CacheConfig(redis_url=sys.argv[1], namespace=sys.argv[2], shm_dir=sys.argv[3],
+                         capacity_bytes=1 << 20, heartbeat_interval_s=0.2)
+    cache = await MMCache.open(config, CacheIdentity("other", ""))
+    await cache.put("img:ghost", torch.ones(2), ttl_s=600)
+    print("ready", flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+async def _owner_process(config, shm_dir):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _OWNER_PROCESS, config.redis_url, config.namespace, str(shm_dir),
+        stdout=asyncio.subprocess.PIPE)
+    line = await asyncio.wait_for(process.stdout.readline(), timeout=60)
+    assert line.strip() == b"ready"
+    return process
+
+
+async def _wait_for(condition, message: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, message
         await asyncio.sleep(0.1)
-    while pool_file.exists() or await survivor.cache.redis.exists(survivor.cache.index.entry_key("img:ghost")):
-        assert time.monotonic() < deadline, "the janitor did not clean up after the dead owner"
-        await asyncio.sleep(0.1)
-    await survivor.stop()
-    await dead.cache.close()
+
+
+async def test_a_stalled_owner_is_kept_and_a_killed_one_is_forgotten(config, tmp_path):
+    """Another process owns an entry. Stopped (SIGSTOP: a blocked event loop, as a long model load
+    makes one), it misses its heartbeats: lookups stop returning its entry, but the janitor keeps
+    its index entries and its pool file, since its process still holds the pool; resumed, it serves
+    the entry again. Killed (SIGKILL, no close), the janitor removes both."""
+    process = await _owner_process(config, tmp_path / "other")
+    pool_file = next((tmp_path / "other").glob("pool-other.shm"))
+    survivor = await Owner.start(config, "survivor")
+    entry_key = survivor.cache.index.entry_key("img:ghost")
+    try:
+        assert (await survivor.cache.lookup_many(["img:ghost"]))[0] is not None
+        process.send_signal(signal.SIGSTOP)
+        await _wait_for(lambda: _is_none(survivor.cache.lookup_many(["img:ghost"])),
+                        "a silent owner's entry is still offered")
+        await asyncio.sleep(2.0)  # ten heartbeat periods: two janitor rounds
+        assert pool_file.exists() and await survivor.cache.redis.exists(entry_key), \
+            "the janitor removed a live owner's pool or entries"
+        process.send_signal(signal.SIGCONT)
+        await _wait_for(lambda: _is_not_none(survivor.cache.lookup_many(["img:ghost"])),
+                        "a resumed owner's entry is not offered again")
+        (ref,) = await survivor.cache.lookup_many(["img:ghost"])
+        (tensor,) = await survivor.cache.get_many([ref])
+        assert torch.equal(tensor, torch.ones(2)) and survivor.cache.metrics.value("bytes_read_local") > 0
+        process.kill()
+        await process.wait()
+        await _wait_for(lambda: _gone(pool_file, survivor.cache.redis, entry_key),
+                        "the janitor did not clean up after the killed owner")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await survivor.stop()
+
+
+async def _is_none(lookup) -> bool:
+    return (await lookup)[0] is None
+
+
+async def _is_not_none(lookup) -> bool:
+    return (await lookup)[0] is not None
+
+
+async def _gone(path, redis, key) -> bool:
+    return not path.exists() and not await redis.exists(key)
 
 
 async def test_close_removes_everything(config, tmp_path):
