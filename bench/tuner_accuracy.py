@@ -6,8 +6,13 @@ a synthetic multimodal trace open-loop against it (`tuner validate`'s replay) an
 measured client-side percentiles with the simulator's prediction for the same trace, configuration
 and profile. Writes JSON and a markdown table.
 
+With `--rounds R` the whole procedure runs R times in turn (a fresh profile, then every
+configuration and rate with requests/R requests of a trace seeded seed + round), and each row pools
+its rounds: on a shared machine whose speed drifts by tens of percent over minutes, a configuration
+measured only early or only late would otherwise be compared with a profile taken at another speed.
+
     python bench/tuner_accuracy.py [--configs "1,1,1;1,2,1;2,1,2;+,1,1"] [--rates 2,6] [--requests 200]
-                                   [--out bench/results]
+                                   [--rounds 3] [--out bench/results]
 
 A configuration is E,P,D replica counts; E "+" means encode colocated in the prefill replicas
 (prefill --with-encode, router --encode-colocated).
@@ -81,15 +86,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=4, help="profile samples per sweep point")
     parser.add_argument("--warmup", type=int, default=40, help="requests served before each replay, not measured")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleave: each round profiles afresh, then replays requests/rounds requests per "
+                             "configuration and rate (seed + round); the rounds are pooled, so a machine whose "
+                             "speed drifts over minutes weighs on every configuration alike")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
 
     from epdserve.env import read_env
     from epdserve.models.tiny import cached_tiny_checkpoint
-    from tuner.sim import Candidate, simulate
-    from tuner.synth import parse_spec, synthesize
-    from tuner.validate import compare, compare_by_class, comparison_json
-
     configs = [parse_config(item) for item in args.configs.split(";")]
     rates = [float(x) for x in args.rates.split(",")]
     cores = len(os.sched_getaffinity(0))
@@ -97,48 +102,101 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    profiled = Candidate(1, 1, 1)
-    cluster = _cluster(model_dir, profiled)
-    try:
-        started = time.perf_counter()
-        profile = asyncio.run(_profile(cluster.start(), cores, args.repeats, profiled.processes()))
-        print(f"profiled in {time.perf_counter() - started:.0f} s", flush=True)
-    finally:
-        cluster.stop()
-    profile.save(out / "tuner-accuracy-profile.json")
-
-    rows = []
-    for candidate in configs:
-        cluster = _cluster(model_dir, candidate)
-        try:
-            address = cluster.start()
-            for rate in rates:
-                trace = synthesize(parse_spec(SPEC.format(requests=args.requests, rate=rate, seed=args.seed)))
-                measured = asyncio.run(_replay(address, trace, args.warmup))
-                started = time.perf_counter()
-                predicted = simulate(trace, profile, candidate, seed=args.seed)
-                sim_s = time.perf_counter() - started
-                comparison = compare(predicted, measured)
-                by_class = compare_by_class(trace, predicted, measured)
-                row = {"replicas": candidate.label(), "rate_rps": rate, "requests": len(trace),
-                       "failed": sum(1 for m in measured if m.error), "simulate_s": sim_s,
-                       "comparison": comparison_json(comparison),
-                       "by_class": {name: comparison_json(rows) for name, rows in by_class.items()}}
-                rows.append(row)
-                print(json.dumps({"replicas": candidate.label(), "rate": rate, **{
-                    f"{c.metric}_{c.statistic}": [round(c.predicted_s * 1000, 1), round(c.measured_s * 1000, 1),
-                                                  f"{c.error:+.0%}"] for c in comparison}}), flush=True)
-        finally:
-            cluster.stop()
+    pooled: dict[tuple[str, float], list] = {}
+    for round_ in range(args.rounds):
+        profile = _profile_deployment(model_dir, cores, args.repeats)
+        name = "tuner-accuracy-profile.json" if round_ == 0 else f"tuner-accuracy-profile-round{round_}.json"
+        profile.save(out / name)
+        for candidate in configs:
+            for rate, sample in _measure(model_dir, candidate, rates, profile, args, round_):
+                pooled.setdefault((candidate.label(), rate), []).append(sample)
+    rows = [_row(label, rate, samples) for (label, rate), samples in pooled.items()]
 
     speed = _simulator_speed(profile)
     result = {"date": datetime.date.today().isoformat(), "hardware": f"{cores}-core CPU, {platform.platform()}",
               "model": profile.model, "idle_cores_per_process": profile.idle_cores_per_process, "spec": SPEC,
+              "rounds": args.rounds, "requests_per_round": args.requests // args.rounds,
               "rows": rows, "simulator_configs_per_s_1000_requests": speed}
     (out / "tuner-accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "tuner-accuracy.md").write_text(markdown(result))
     print(markdown(result))
     return 0
+
+
+def _profile_deployment(model_dir, cores: int, repeats: int):
+    """Profile a fresh local E1P1D1 deployment."""
+    from tuner.sim import Candidate
+
+    profiled = Candidate(1, 1, 1)
+    cluster = _cluster(model_dir, profiled)
+    try:
+        started = time.perf_counter()
+        profile = asyncio.run(_profile(cluster.start(), cores, repeats, profiled.processes()))
+        print(f"profiled in {time.perf_counter() - started:.0f} s", flush=True)
+    finally:
+        cluster.stop()
+    return profile
+
+
+def _measure(model_dir, candidate, rates, profile, args, round_: int):
+    """One round of one configuration: per rate, (rate, (trace, predicted, measured, simulate_s)) for
+    a fresh trace of requests/rounds requests (seed + round), replayed live and simulated with the
+    round's profile."""
+    from tuner.sim import simulate
+    from tuner.synth import parse_spec, synthesize
+
+    requests = args.requests // args.rounds
+    cluster = _cluster(model_dir, candidate)
+    try:
+        address = cluster.start()
+        for rate in rates:
+            trace = synthesize(parse_spec(SPEC.format(requests=requests, rate=rate, seed=args.seed + round_)))
+            measured = asyncio.run(_replay(address, trace, args.warmup))
+            started = time.perf_counter()
+            predicted = simulate(trace, profile, candidate, seed=args.seed + round_)
+            sample = (trace, predicted, measured, time.perf_counter() - started)
+            _print_row(candidate.label(), rate, f"round {round_ + 1}/{args.rounds}", [sample])
+            yield rate, sample
+    finally:
+        cluster.stop()
+
+
+def _pool(samples):
+    """The rounds' traces, predictions and measurements as one: outcomes and measurements
+    concatenated in arrival order (each round's arrivals shifted after the previous round's)."""
+    import dataclasses
+
+    trace, outcomes, measured, offset = [], [], [], 0.0
+    for round_trace, predicted, round_measured, _ in samples:
+        ordered = sorted(round_trace, key=lambda r: r.arrival_s)
+        trace += [dataclasses.replace(r, arrival_s=r.arrival_s + offset) for r in ordered]
+        offset += (ordered[-1].arrival_s if ordered else 0.0) + 1.0
+        outcomes += predicted.outcomes
+        measured += list(round_measured)
+    return trace, dataclasses.replace(samples[0][1], outcomes=outcomes), measured
+
+
+def _row(label: str, rate: float, samples) -> dict:
+    from tuner.validate import compare, compare_by_class, comparison_json
+
+    trace, predicted, measured = _pool(samples)
+    by_class = compare_by_class(trace, predicted, measured)
+    row = {"replicas": label, "rate_rps": rate, "requests": len(trace), "rounds": len(samples),
+           "failed": sum(1 for m in measured if m.error), "simulate_s": sum(s[3] for s in samples),
+           "comparison": comparison_json(compare(predicted, measured)),
+           "by_class": {name: comparison_json(rows) for name, rows in by_class.items()}}
+    if len(samples) > 1:
+        _print_row(label, rate, "pooled", samples)
+    return row
+
+
+def _print_row(label: str, rate: float, what: str, samples) -> None:
+    from tuner.validate import compare
+
+    _, predicted, measured = _pool(samples)
+    print(json.dumps({"replicas": label, "rate": rate, "what": what, **{
+        f"{c.metric}_{c.statistic}": [round(c.predicted_s * 1000, 1), round(c.measured_s * 1000, 1), f"{c.error:+.0%}"]
+        for c in compare(predicted, measured)}}), flush=True)
 
 
 def _simulator_speed(profile) -> float:
