@@ -109,10 +109,12 @@ class MMCache:
 
     @classmethod
     async def open(cls, config: CacheConfig, identity: CacheIdentity,
-                   credentials: Credentials = NO_CREDENTIALS) -> "MMCache":
+                   credentials: Credentials = NO_CREDENTIALS, *, page_lock_pool: bool = False) -> "MMCache":
         """Create the store, start the data channel, register, and start the background loop.
         Redis being down is not fatal: the cache starts degraded and reconnects later. With
-        `credentials` the data channel needs the token / TLS, and calls to other owners send them."""
+        `credentials` the data channel needs the token / TLS, and calls to other owners send them.
+        `page_lock_pool`: register the host pool with CUDA (`page_lock_pool`) before the first
+        heartbeat, since it holds the event loop for seconds (10.7 s for 24 GiB on an H100 host)."""
         import redis.asyncio as aioredis
 
         store_dir = pathlib.Path(config.shm_dir) if config.shm_dir else default_store_dir(identity.owner_id)
@@ -121,6 +123,8 @@ class MMCache:
                                    socket_connect_timeout=config.redis_timeout_s)
         cache = cls(config, OwnerInfo(identity.owner_id, local_host_id(), identity.control_address,
                                       store_dir=str(store_dir)), client, store, credentials)
+        if page_lock_pool:
+            cache.page_lock_pool()
         await cache._start(identity)
         return cache
 

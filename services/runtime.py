@@ -119,8 +119,9 @@ class Colocated:
 
 async def run_stage(stage: str, service_name: str, server_config: ServerConfig, cache_config: CacheConfig,
                     register: Callable[[StageContext], None], credentials: Credentials = NO_CREDENTIALS,
-                    colocated: tuple[Colocated, ...] = ()) -> None:
-    """Wire a stage process: bind its server, open its mmcache (owner = this process start), let
+                    colocated: tuple[Colocated, ...] = (), *, page_lock_cache: bool = False) -> None:
+    """Wire a stage process: bind its server, open its mmcache (owner = this process start; its pool
+    page-locked for direct GPU copies with `page_lock_cache`), let
     `register` add the stage's servicer (and each `colocated` stage's, with its own load tracker
     and metrics labels, sharing everything else), serve the cache's control service, run until
     SIGTERM, clean up. `credentials` secure the server, the data channel and every call to other
@@ -134,7 +135,7 @@ async def run_stage(stage: str, service_name: str, server_config: ServerConfig, 
     stages = (Colocated(stage, service_name, register), *colocated)
     server = ServiceServer(server_config, [s.service_name for s in stages], credentials=credentials)
     identity = CacheIdentity(new_owner_id(stage), server.bind(), server_config.host, server_config.advertise_host)
-    cache = await MMCache.open(cache_config, identity, credentials)
+    cache = await MMCache.open(cache_config, identity, credentials, page_lock_pool=page_lock_cache)
     executor = ModelExecutor(f"{stage}-model", fatal_after=server_config.engine_failures_fatal,
                              on_fatal=server.fail, inject_fault_after=server_config.inject_model_fault_after,
                              calls_serve_one_request=stage in ONE_REQUEST_PER_CALL_STAGES)

@@ -168,7 +168,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             raise FailedPreconditionError(f"prompt.image_embeddings[{missing[0]}]: entry is no longer in the cache")
         token_ids = list(request.prompt.token_ids)
         try:
-            self.engine.local.prefiller.validate(token_ids, embeddings)
+            await self.engine.local.prefiller.validate_off_loop(token_ids, embeddings)
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"prompt.{exc.message}") from None
         stops = frozenset() if request.ignore_eos else frozenset(request.stop_token_ids)

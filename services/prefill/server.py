@@ -79,7 +79,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         try:
             with watch.section("cache_get_ms"), tracing.span("prefill.fetch_inputs"):
                 embeddings = await self._fetch_embeddings(request.image_embeddings)
-                self.prefiller.validate(token_ids, embeddings)
+                await self.prefiller.validate_off_loop(token_ids, embeddings)
                 self._check_fastkv(fastkv)
                 layout = self._layout(len(token_ids), fastkv)
             with watch.section("kv_wait_ms"):  # before the prefix lookup: a waiting prompt holds no cached blocks
@@ -183,8 +183,6 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
     decoder = load_decoder(spec, dtype=model_config.dtype, device=model_config.device)
 
     def register(ctx: StageContext) -> None:
-        if prefill_config.kv_zero_copy and decoder.device.type == "cuda":
-            ctx.cache.page_lock_pool()
         prefixes = PrefixCache(ctx.cache, prefill_config, revision, f"lossless/{decoder.dtype}", spec.image_token_id)
         mini = MiniSequenceConfig(prefill_config.chunk_tokens, prefill_config.min_chunk_tokens,
                                   prefill_config.last_position_only)
@@ -194,7 +192,8 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         ctx.load.extra = functools.partial(_prefill_fields, prefixes, ctx.cache, kv_bytes_per_token)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, ctx.server.server)
 
-    await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register, credentials, colocated)
+    await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register, credentials, colocated,
+                    page_lock_cache=prefill_config.kv_zero_copy and decoder.device.type == "cuda")
 
 
 def _prefill_fields(prefixes: PrefixCache, cache: MMCache, kv_bytes_per_token: int, report) -> None:

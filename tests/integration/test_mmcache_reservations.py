@@ -181,6 +181,32 @@ async def test_the_pool_page_locks_only_with_a_gpu(cache):
     cache.abandon(regions)
 
 
+async def test_the_pool_is_page_locked_before_the_first_heartbeat(redis_url, namespace, tmp_path, monkeypatch):
+    """Registering a large pool with CUDA holds the event loop for seconds (10.7 s for 24 GiB on an
+    H100 host): done after the owner's first heartbeat, other owners' janitors took it for dead."""
+    from epdserve.config import CacheConfig
+    from epdserve.engine import host_memory
+    from mmcache.client import CacheIdentity
+    from mmcache.owners import OwnerRegistry
+
+    events = []
+    monkeypatch.setattr(host_memory, "page_lock", lambda address, nbytes, what="": events.append("page_lock"))
+    monkeypatch.setattr(host_memory, "unpin", lambda addresses: None)
+    beat = OwnerRegistry.heartbeat
+
+    async def recorded_heartbeat(self):
+        events.append("heartbeat")
+        await beat(self)
+
+    monkeypatch.setattr(OwnerRegistry, "heartbeat", recorded_heartbeat)
+    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=str(tmp_path / "p"), capacity_bytes=MiB)
+    cache = await MMCache.open(config, CacheIdentity("p", ""), page_lock_pool=True)
+    try:
+        assert cache.page_locked and events[:2] == ["page_lock", "heartbeat"]
+    finally:
+        await cache.close()
+
+
 def test_reserved_host_refuses_writes_once_closed():
     from services.prefill.layer_kv import LayerWritesClosed, ReservedHost
 
