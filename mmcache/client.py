@@ -164,6 +164,7 @@ class MMCache:
         options = dict(ttl_s=ttl_s, ephemeral=ephemeral, lease_s=lease_s)
         puts: list = [None] * len(items)
         fills = []  # (position, key, meta, reservation, source bytes)
+        before = {key: self.store.get(key) for key, _ in items}  # (an entry found damaged below is replaced)
         intact = await self._intact_held([key for key, _ in items if key.startswith(CONTENT_KEY_KINDS)])
         for i, (key, tensor) in enumerate(items):
             if key in intact and self.store.get(key) is intact[key]:  # still the entry that was verified
@@ -174,12 +175,19 @@ class MMCache:
             reservation = None if on_device or len(host) < PARALLEL_MIN_BYTES else self.store.reserve_host(len(host))
             if reservation is None:
                 meta["checksum"] = checksum(host)
-                puts[i] = self.store.put(key, tensor if on_device else host, meta, **options)
+                if self._held_by_a_concurrent_put(key, meta["checksum"], before):
+                    puts[i] = self._keep_held(key, options)
+                else:
+                    puts[i] = self.store.put(key, tensor if on_device else host, meta, **options)
             else:
                 fills.append((i, key, meta, reservation, host))
         digests = await self._fill(fills)
         for (i, key, meta, reservation, _), digest in zip(fills, digests):
-            puts[i] = self.store.commit(key, reservation, {**meta, "checksum": digest}, **options)
+            if self._held_by_a_concurrent_put(key, digest, before):
+                self.store.abandon(reservation)
+                puts[i] = self._keep_held(key, options)
+            else:
+                puts[i] = self.store.commit(key, reservation, {**meta, "checksum": digest}, **options)
         refs = [self._ref(key, put.lease_id) for (key, _), put in zip(items, puts)]
         self.metrics.bytes_put.inc(sum(put.entry.nbytes for put in puts))
         await self._sync_index(new=refs, ttl_s=ttl_s)
@@ -303,6 +311,14 @@ class MMCache:
                 for key, e in held.items()}
         good = await self._verify([(data[k], held[k].meta["checksum"]) for k in held])
         return {key: entry for (key, entry), ok in zip(held.items(), good) if ok}
+
+    def _held_by_a_concurrent_put(self, key: str, digest: str, before: dict) -> bool:
+        """Whether a content-keyed entry with these very bytes appeared while this put was computing
+        (two requests missed the same image and both encoded it; `before`: what was held when the put
+        began). That entry's refs may be out under leases: it is kept, since replacing it would free
+        their region under its readers."""
+        held = self.store.get(key) if key.startswith(CONTENT_KEY_KINDS) else None
+        return held is not None and held is not before.get(key) and held.meta.get("checksum") == digest
 
     def _keep_held(self, key: str, options: dict):
         """A content-keyed put of a key already held: keep the held bytes (equal keys mean equal

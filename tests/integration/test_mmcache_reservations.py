@@ -14,6 +14,7 @@ import torch
 from epdserve.errors import ResourceExhaustedError
 from mmcache.client import MMCache
 from mmcache.codec import checksum, tensor_bytes
+from mmcache.pool import region_bytes
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -222,3 +223,18 @@ def test_reserved_host_refuses_writes_once_closed():
     with pytest.raises(LayerWritesClosed):
         host.take(1, kv, None)
     assert torch.equal(regions[1], torch.zeros(2, 3))
+
+
+async def test_concurrent_puts_of_one_content_key_keep_the_first_readers_bytes(cache):
+    """Two requests publish the same image at once (both miss, both encode): the second put must
+    not replace the entry the first already handed out under a lease, whose region would then be
+    freed and reused under its reader (seen on an H100: one in-place read failed its checksum)."""
+    image = torch.randn(MiB // 2)  # large enough to be copied in worker threads (the racy path)
+    first, second = await asyncio.gather(
+        cache.put_many([("img:same", image.clone())], ttl_s=60, lease_s=60),
+        cache.put_many([("img:same", image.clone())], ttl_s=60, lease_s=60))
+    assert first[0].offset == second[0].offset, "the second put moved the entry out from under a lease"
+    assert _used(cache) == region_bytes(image.numel() * 4), "an abandoned reservation still holds pool bytes"
+    got = await cache.get_many([first[0], second[0]])
+    assert all(torch.equal(t, image) for t in got) and cache.metrics.value("corrupt") == 0
+    await cache.release([first[0], second[0]])
