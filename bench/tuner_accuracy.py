@@ -144,6 +144,7 @@ def _measure(model_dir, candidate, rates, profile, args, round_: int):
     round's profile."""
     from tuner.sim import simulate
     from tuner.synth import parse_spec, synthesize
+    from tuner.validate import compare
 
     requests = args.requests // args.rounds
     cluster = _cluster(model_dir, candidate)
@@ -155,7 +156,7 @@ def _measure(model_dir, candidate, rates, profile, args, round_: int):
             started = time.perf_counter()
             predicted = simulate(trace, profile, candidate, seed=args.seed + round_)
             sample = (trace, predicted, measured, time.perf_counter() - started)
-            _print_row(candidate.label(), rate, f"round {round_ + 1}/{args.rounds}", [sample])
+            _print_row(candidate.label(), rate, f"round {round_ + 1}/{args.rounds}", compare(predicted, measured))
             yield rate, sample
     finally:
         cluster.stop()
@@ -180,23 +181,21 @@ def _row(label: str, rate: float, samples) -> dict:
     from tuner.validate import compare, compare_by_class, comparison_json
 
     trace, predicted, measured = _pool(samples)
+    comparison = compare(predicted, measured)
     by_class = compare_by_class(trace, predicted, measured)
     row = {"replicas": label, "rate_rps": rate, "requests": len(trace), "rounds": len(samples),
            "failed": sum(1 for m in measured if m.error), "simulate_s": sum(s[3] for s in samples),
-           "comparison": comparison_json(compare(predicted, measured)),
+           "comparison": comparison_json(comparison),
            "by_class": {name: comparison_json(rows) for name, rows in by_class.items()}}
     if len(samples) > 1:
-        _print_row(label, rate, "pooled", samples)
+        _print_row(label, rate, "pooled", comparison)
     return row
 
 
-def _print_row(label: str, rate: float, what: str, samples) -> None:
-    from tuner.validate import compare
-
-    _, predicted, measured = _pool(samples)
+def _print_row(label: str, rate: float, what: str, comparison) -> None:
     print(json.dumps({"replicas": label, "rate": rate, "what": what, **{
         f"{c.metric}_{c.statistic}": [round(c.predicted_s * 1000, 1), round(c.measured_s * 1000, 1), f"{c.error:+.0%}"]
-        for c in compare(predicted, measured)}}), flush=True)
+        for c in comparison}}), flush=True)
 
 
 def _simulator_speed(profile) -> float:
