@@ -244,12 +244,18 @@ class MMCache:
         self.metrics.reserve_wait.observe(time.monotonic() - started)
         return [ReservedTensor(r, _tensor_view(r.view, dtype, shape)) for r, (shape, dtype) in zip(reserved, layouts)]
 
-    def room_bytes(self) -> int:
-        """Bytes a reservation could take now: the pool's free bytes and what eviction would free."""
-        return self.store.tiers["host"].pool.free_bytes + self.store.evictable_bytes("host")
+    def room_bytes(self, enough: int | None = None) -> int:
+        """Bytes a reservation could take now: the pool's free bytes and what eviction would free.
+        With `enough`, exact below it and some figure >= `enough` otherwise (what is evictable is
+        counted only as far as needed)."""
+        free = self.store.tiers["host"].pool.free_bytes
+        if enough is not None and free >= enough:
+            return free
+        return free + self.store.evictable_bytes("host", None if enough is None else enough - free)
 
     def _reserve_all(self, sizes: list[int]) -> list[Reservation] | None:
-        if self.room_bytes() < sum(region_bytes(n) for n in sizes):
+        need = sum(region_bytes(n) for n in sizes)
+        if self.room_bytes(enough=need) < need:
             return None  # cannot succeed now: evict nothing
         taken = []
         for nbytes in sizes:

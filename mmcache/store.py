@@ -174,10 +174,18 @@ class TieredStore:
 
     # ---- leases ----------------------------------------------------------------------------------
 
-    def evictable_bytes(self, tier: str) -> int:
-        """Pool bytes the tier's unleased entries take (what eviction could free now)."""
-        now = time.monotonic()
-        return sum(region_bytes(self.entries[k].nbytes) for k in self.lru[tier] if not self.entries[k].leased(now))
+    def evictable_bytes(self, tier: str, enough: int | None = None) -> int:
+        """Pool bytes the tier's unleased entries take (what eviction could free now), counted in
+        eviction order and only until `enough` is reached: a full count walks every entry, which a
+        reservation or load report cannot afford once the cache holds many thousands."""
+        now, total = time.monotonic(), 0
+        for key in self.lru[tier]:
+            entry = self.entries[key]
+            if not entry.leased(now):
+                total += region_bytes(entry.nbytes)
+                if enough is not None and total >= enough:
+                    break
+        return total
 
     def lease(self, key: str, lease_s: float) -> str | None:
         """Pin an entry for a reader (promoting a disk entry to host); None if the key is gone."""

@@ -189,21 +189,25 @@ async def serve(server_config: ServerConfig, model_config: ModelConfig, cache_co
         servicer = PrefillServicer(PromptPrefiller(spec, decoder, mini), ctx.cache, ctx.executor, prefill_config,
                                    prefixes, ctx.load, PrefillMetrics(ctx.metrics.registry))
         kv_bytes_per_token = spec.decoder.kv_bytes_per_token * decoder.dtype.itemsize
-        ctx.load.extra = functools.partial(_prefill_fields, prefixes, ctx.cache, kv_bytes_per_token)
+        ctx.load.extra = functools.partial(_prefill_fields, prefixes, ctx.cache, kv_bytes_per_token,
+                                           spec.decoder.max_context)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, ctx.server.server)
 
     await run_stage("prefill", SERVICE_NAME, server_config, cache_config, register, credentials, colocated,
                     page_lock_cache=prefill_config.kv_zero_copy and decoder.device.type == "cuda")
 
 
-def _prefill_fields(prefixes: PrefixCache, cache: MMCache, kv_bytes_per_token: int, report) -> None:
+def _prefill_fields(prefixes: PrefixCache, cache: MMCache, kv_bytes_per_token: int, max_context: int,
+                    report) -> None:
     """How this replica keys its prefix blocks (the router computes the same keys to look up a
-    prompt's cached prefix), where it runs, and the room its pool has for prompts' KV."""
+    prompt's cached prefix), where it runs, and the room its pool has for prompts' KV (counted up
+    to the longest prompt's: all the router asks is whether a prompt fits)."""
     if prefixes.config.prefix_cache:
         report.prefix_block_tokens = prefixes.config.prefix_block_tokens
         report.prefix_kv_settings, report.model_revision = prefixes.kv_settings, prefixes.revision
     report.host_id = cache.owner.host_id
-    report.kv_pool_room_bytes, report.kv_bytes_per_token = cache.room_bytes(), kv_bytes_per_token
+    report.kv_pool_room_bytes = cache.room_bytes(enough=max_context * kv_bytes_per_token)
+    report.kv_bytes_per_token = kv_bytes_per_token
 
 
 def _fastkv_settings(config: PrefillConfig) -> FastKVConfig:

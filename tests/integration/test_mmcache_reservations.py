@@ -127,6 +127,33 @@ async def test_unleased_entries_are_evicted_to_make_room_only_when_that_is_enoug
     cache.abandon(regions)
 
 
+async def test_room_is_counted_only_as_far_as_a_reservation_needs(cache, monkeypatch):
+    """A reservation or a load report must not walk every cached entry (a prefill's pool holds many
+    thousands of prefix blocks): what is evictable is counted only until it is enough."""
+    from mmcache.store import Entry
+
+    for i in range(300):
+        await cache.put(f"kvb:{i}", torch.zeros(256), ttl_s=60)              # unleased: evictable
+    await cache.put("kv:held", torch.zeros(MiB // 8), ttl_s=60, lease_s=60)  # a reader holds it
+    free = cache.store.tiers["host"].pool.free_bytes
+    evictable = sum(region_bytes(1024) for _ in range(300))
+    looked_at = []
+    real_leased = Entry.leased
+    monkeypatch.setattr(Entry, "leased", lambda entry, now: looked_at.append(entry.key) or real_leased(entry, now))
+
+    assert cache.room_bytes() == free + evictable and len(looked_at) == 301          # the full count
+    looked_at.clear()
+    assert cache.room_bytes(enough=free) == free and looked_at == []                 # free room is enough
+    assert free + region_bytes(1024) <= cache.room_bytes(enough=free + 1) < free + evictable
+    assert len(looked_at) == 1                                                       # one entry was enough
+    looked_at.clear()
+    assert cache.room_bytes(enough=2 * (free + evictable)) == free + evictable       # exact below `enough`
+    looked_at.clear()
+    regions = await cache.reserve_tensors([_floats(free // 2)], timeout_s=0)
+    assert looked_at == []                  # a reservation that fits the free room looks at no entry
+    cache.abandon(regions)
+
+
 async def test_the_time_limit_covers_waiting_behind_other_reservations(cache):
     await cache.put("kv:held", torch.zeros(3 * MiB // 4), ttl_s=60, lease_s=60, ephemeral=True)
     first = asyncio.ensure_future(cache.reserve_tensors([_floats(2 * MiB)], timeout_s=10))
