@@ -139,7 +139,7 @@ def _profile_deployment(model_dir, cores: int, repeats: int):
 
 
 def _measure(model_dir, candidate, rates, profile, args, round_: int):
-    """One round of one configuration: per rate, (rate, (trace, predicted, measured, simulate_s)) for
+    """One round of one configuration: per rate, (rate, (trace, predicted, measured, simulate_s, profile)) for
     a fresh trace of requests/rounds requests (seed + round), replayed live and simulated with the
     round's profile."""
     from tuner.sim import simulate
@@ -155,7 +155,7 @@ def _measure(model_dir, candidate, rates, profile, args, round_: int):
             measured = asyncio.run(_replay(address, trace, args.warmup))
             started = time.perf_counter()
             predicted = simulate(trace, profile, candidate, seed=args.seed + round_)
-            sample = (trace, predicted, measured, time.perf_counter() - started)
+            sample = (trace, predicted, measured, time.perf_counter() - started, profile)
             _print_row(candidate.label(), rate, f"round {round_ + 1}/{args.rounds}", compare(predicted, measured))
             yield rate, sample
     finally:
@@ -168,7 +168,7 @@ def _pool(samples):
     import dataclasses
 
     trace, outcomes, measured, offset = [], [], [], 0.0
-    for round_trace, predicted, round_measured, _ in samples:
+    for round_trace, predicted, round_measured, *_ in samples:
         ordered = sorted(round_trace, key=lambda r: r.arrival_s)
         trace += [dataclasses.replace(r, arrival_s=r.arrival_s + offset) for r in ordered]
         offset += (ordered[-1].arrival_s if ordered else 0.0) + 1.0
@@ -183,13 +183,30 @@ def _row(label: str, rate: float, samples) -> dict:
     trace, predicted, measured = _pool(samples)
     comparison = compare(predicted, measured)
     by_class = compare_by_class(trace, predicted, measured)
+    components = _component_fits(samples)
     row = {"replicas": label, "rate_rps": rate, "requests": len(trace), "rounds": len(samples),
            "failed": sum(1 for m in measured if m.error), "simulate_s": sum(s[3] for s in samples),
            "comparison": comparison_json(comparison),
-           "by_class": {name: comparison_json(rows) for name, rows in by_class.items()}}
+           "by_class": {name: comparison_json(rows) for name, rows in by_class.items()},
+           "components": components}
     if len(samples) > 1:
         _print_row(label, rate, "pooled", comparison)
+    print(json.dumps({"replicas": label, "rate": rate, "observed / profiled": components}), flush=True)
     return row
+
+
+def _component_fits(samples) -> dict[str, float]:
+    """Per profile component, the median live / profiled ratio over the rounds (each round judged
+    against its own profile)."""
+    import statistics
+
+    from tuner.validate import component_fits
+
+    ratios: dict[str, list[float]] = {}
+    for trace, _, measured, _, profile in samples:
+        for fit in component_fits(profile, trace, measured):
+            ratios.setdefault(fit.name, []).append(fit.median_ratio)
+    return {name: round(statistics.median(values), 3) for name, values in ratios.items()}
 
 
 def _print_row(label: str, rate: float, what: str, comparison) -> None:

@@ -426,7 +426,7 @@ def _validate(args: argparse.Namespace) -> int:
     from tuner.live import PromptMaker, replay, warm_up
     from tuner.report import load_candidate
     from tuner.sim import simulate
-    from tuner.validate import compare, compare_by_class, comparison_json, verdict
+    from tuner.validate import compare, compare_by_class, comparison_json, component_fits, verdict
 
     candidate, _ = load_candidate(pathlib.Path(args.from_dir) / "candidates.json", args.candidate)
     requests, profile, source = _workload(args)
@@ -450,12 +450,16 @@ def _validate(args: argparse.Namespace) -> int:
     for name, class_rows in compare_by_class(requests, predicted, measured).items():
         print(f"  {name}: " + ", ".join(f"{r.metric} {r.statistic} {r.predicted_s * 1000:.1f} / "
                                         f"{r.measured_s * 1000:.1f} ms ({r.error:+.0%})" for r in class_rows))
+    components = component_fits(profile, requests, measured)
+    print("  live / profiled, per component (median; under load queueing and contention add to it): " + ", ".join(
+        f"{c.name} {c.median_ratio:.2f}" for c in components))
     label = verdict(rows, failed)
     print(f"candidate {args.candidate}: {label}")
     out = pathlib.Path(args.out or args.from_dir) / "validation.json"
     out.write_text(json.dumps({"candidate": args.candidate, "label": candidate.label(), "trace": source,
                                "requests": len(requests), "failed": failed, "verdict": label,
-                               "comparison": comparison_json(rows)}, indent=1) + "\n")
+                               "comparison": comparison_json(rows),
+                               "components": {c.name: c.median_ratio for c in components}}, indent=1) + "\n")
     return 0 if label == "VERIFIED" else 3
 
 

@@ -232,10 +232,11 @@ class WorkloadBounds:
         for r, hits in zip(self.requests, self.prefix_hits):
             prompt = r.context_tokens + r.num_images * p.image_tokens(candidate.image_keep_ratio)
             local = self._may_prefill_locally(r, candidate)   # E -> PD: no prefill call, no KV hand-off
-            ms = p.router_ms.predict(prompt_tokens=prompt) + self._prefill_ms(r, candidate, hits)
-            ms += 0.0 if local else p.prefill.call_ms.predict(tokens=prompt)
+            mp = sum(i.width * i.height for i in r.images) / 1e6
+            ms = p.router_ms.predict(prompt_tokens=prompt, images=r.num_images, megapixels=mp)
+            ms += self._prefill_ms(r, candidate, hits)
+            ms += 0.0 if local else p.prefill.call_ms.predict(tokens=prompt, images=r.num_images)
             if r.images:
-                mp = sum(i.width * i.height for i in r.images) / 1e6
                 ms += p.encode.tower_ms.predict(images=r.num_images, megapixels=mp)
                 ms += p.encode.call_ms.predict(images=r.num_images, megapixels=mp)
             kv_rows = p.prefill.kv_rows(prompt, candidate.fastkv)

@@ -103,7 +103,8 @@ class EncodeProfile:
 @dataclasses.dataclass(frozen=True)
 class PrefillProfile:
     compute_ms: Fit        # model-thread time: const, tokens (computed), tokens_sq (= tokens^2 / 1000), cached_tokens
-    call_ms: Fit           # the rest of a Prefill RPC (embedding fetch, KV publish tail, gRPC): const, tokens
+    call_ms: Fit           # the rest of a Prefill RPC (embedding fetch, KV publish tail, gRPC): const, tokens,
+                           # images (profiles before 2026-12-06: const, tokens)
     block_tokens: int      # prefix-cache block size of the profiled deployment (0 = off)
     fastkv_compute_ms: Fit | None = None  # with FastKV at the deployment's rates: const, tokens, tokens_sq
                                           # (None: not profiled, or the model refuses FastKV)
@@ -144,7 +145,8 @@ class DecodeProfile:
 class Profile:
     model: str
     max_context: int
-    router_ms: Fit         # router work before the first token outside the stage RPCs: const, prompt_tokens
+    router_ms: Fit         # router work before the first token outside the stage RPCs: const, prompt_tokens,
+                           # images, megapixels (the image bytes it forwards; before 2026-12-06: const, prompt_tokens)
     encode: EncodeProfile
     prefill: PrefillProfile
     decode: DecodeProfile

@@ -63,6 +63,7 @@ class Sample:
     megapixels: float
     concurrency: int
     measured: Measured
+    run: int = 0       # decode sweep: the concurrent run this stream was one of (its streams share their steps)
 
     @property
     def prompt_tokens(self) -> int:
@@ -116,11 +117,11 @@ class Profiler:
         await asyncio.sleep(self.sweep.idle_s * self.rng.uniform(0.5, 1.5))
 
     async def _one(self, prompt: str, images: Sequence[bytes] = (), sides: Sequence[int] = (), *,
-                   max_tokens: int = 1, concurrency: int = 1, **params) -> Sample:
+                   max_tokens: int = 1, concurrency: int = 1, run: int = 0, **params) -> Sample:
         if concurrency == 1:
             await self._pause()
         measured = await timed_generate(self.client, prompt, images, max_tokens=max_tokens, **params)
-        return Sample(len(images), sum(s * s for s in sides) / 1e6, concurrency, measured)
+        return Sample(len(images), sum(s * s for s in sides) / 1e6, concurrency, measured, run)
 
     async def _prefill_sweep(self, lengths: Sequence[int]) -> list[Sample]:
         samples = []
@@ -165,8 +166,9 @@ class Profiler:
                 for _ in range(self.sweep.repeats if concurrency == 1 else 1):
                     if concurrency > 1:
                         await self._pause()
+                    run = len(samples) + 1
                     runs = [self._one(self.prompts.prompt(tokens), max_tokens=self.sweep.decode_output_tokens,
-                                      concurrency=concurrency) for _ in range(concurrency)]
+                                      concurrency=concurrency, run=run) for _ in range(concurrency)]
                     samples.extend(await asyncio.gather(*runs))
         return samples
 
@@ -194,18 +196,18 @@ def build_profile(info, prefill: Sequence[Sample], encode: Sequence[Sample], dec
     return Profile(
         model=f"{info.model}@{info.revision}",
         max_context=info.max_context,
-        router_ms=fit_linear([_router_row(s) for s in alone], "ms", ("const", "prompt_tokens")),
+        router_ms=fit_linear([_router_row(s) for s in alone], "ms", ("const", "prompt_tokens", "images", "megapixels")),
         encode=_encode_profile(encode, info.image_tokens_per_image),
         prefill=PrefillProfile(
             compute_ms=fit_linear([_prefill_row(s) for s in alone], "compute_ms",
                                   ("const", "tokens", "tokens_sq", "cached_tokens")),
-            call_ms=fit_linear([_prefill_row(s) for s in alone], "call_ms", ("const", "tokens")),
+            call_ms=fit_linear([_prefill_row(s) for s in alone], "call_ms", ("const", "tokens", "images")),
             block_tokens=deployment.prefix_block_tokens,
             fastkv_compute_ms=fit_linear([_prefill_row(s) for s in fastkv], "compute_ms",
                                          ("const", "tokens", "tokens_sq")) if fastkv else None,
             fastkv_kv_fraction=_kv_fraction(fastkv, prefill)),
         decode=DecodeProfile(
-            step_ms=fit_linear([_step_row(s) for s in decoded], "ms", ("const", "batch", "context")),
+            step_ms=fit_linear(_step_rows_per_run(decoded), "ms", ("const", "batch", "context")),
             join_ms=fit_linear([_join_row(s) for s in decoded if s.concurrency == 1], "ms", ("const", "kv_tokens")),
             max_running=deployment.max_running, kv_capacity_tokens=deployment.kv_capacity_tokens),
         measured_on=deployment.measured_on,
@@ -219,7 +221,7 @@ def _router_row(s: Sample) -> dict[str, float]:
     t = s.timings
     client_ttft_ms = s.measured.ttft_s * 1000.0
     return {"ms": max(client_ttft_ms - t.get("encode_rpc_ms", 0.0) - t["prefill_rpc_ms"], 0.0),
-            "prompt_tokens": float(s.prompt_tokens)}
+            "prompt_tokens": float(s.prompt_tokens), "images": float(s.images), "megapixels": s.megapixels}
 
 
 def _prefill_row(s: Sample) -> dict[str, float]:
@@ -227,7 +229,8 @@ def _prefill_row(s: Sample) -> dict[str, float]:
     compute = t["prefill.prefill_ms"] - t.get("prefill.kv_publish_ms", 0.0)
     tokens = t["prefill.computed_tokens"]
     return {"compute_ms": compute, "call_ms": max(t["prefill_rpc_ms"] - compute, 0.0), "tokens": tokens,
-            "tokens_sq": tokens * tokens / 1000.0, "cached_tokens": t.get("prefill.prefix_hit_tokens", 0.0)}
+            "tokens_sq": tokens * tokens / 1000.0, "cached_tokens": t.get("prefill.prefix_hit_tokens", 0.0),
+            "images": float(s.images)}
 
 
 def _kv_fraction(fastkv: Sequence[Sample], lossless: Sequence[Sample]) -> float:
@@ -241,19 +244,32 @@ def _kv_fraction(fastkv: Sequence[Sample], lossless: Sequence[Sample]) -> float:
 
 
 def _encode_profile(samples: Sequence[Sample], tokens_per_image: int) -> EncodeProfile:
-    misses = [s for s in samples if s.timings.get("encode.images_encoded", 0) > 0]
-    hits = [s for s in samples if s.images and s.timings.get("encode.images_cached", 0) == s.images]
-    tower = [{"ms": s.timings["encode.tower_ms"], "images": float(s.images), "megapixels": s.megapixels}
-             for s in misses]
-    call = [{"ms": max(s.timings["encode_rpc_ms"] - s.timings["encode.tower_ms"]
-                       - s.timings.get("encode.batch_wait_ms", 0.0), 0.0), "images": float(s.images),
-             "megapixels": s.megapixels} for s in misses]
-    hit = [{"ms": s.timings["encode_rpc_ms"], "images": float(s.images)} for s in hits]
+    tower, call, hit = _tower_rows(samples), _encode_call_rows(samples), _hit_rows(samples)
     return EncodeProfile(
         tower_ms=fit_linear(tower, "ms", ("const", "images", "megapixels")) if tower else constant(0.0),
         call_ms=fit_linear(call, "ms", ("const", "images", "megapixels")) if call else constant(0.0),
         hit_call_ms=fit_linear(hit, "ms", ("const", "images")) if hit else constant(0.0),
         tokens_per_image=tokens_per_image)
+
+
+def _encoded(samples: Sequence[Sample]) -> list[Sample]:
+    return [s for s in samples if s.timings.get("encode.images_encoded", 0) > 0]
+
+
+def _tower_rows(samples: Sequence[Sample]) -> list[dict[str, float]]:
+    return [{"ms": s.timings["encode.tower_ms"], "images": float(s.images), "megapixels": s.megapixels}
+            for s in _encoded(samples)]
+
+
+def _encode_call_rows(samples: Sequence[Sample]) -> list[dict[str, float]]:
+    return [{"ms": max(s.timings["encode_rpc_ms"] - s.timings["encode.tower_ms"]
+                       - s.timings.get("encode.batch_wait_ms", 0.0), 0.0), "images": float(s.images),
+             "megapixels": s.megapixels} for s in _encoded(samples)]
+
+
+def _hit_rows(samples: Sequence[Sample]) -> list[dict[str, float]]:
+    return [{"ms": s.timings["encode_rpc_ms"], "images": float(s.images)}
+            for s in samples if s.images and s.timings.get("encode.images_cached", 0) == s.images]
 
 
 def _step_row(s: Sample) -> dict[str, float]:
@@ -263,12 +279,40 @@ def _step_row(s: Sample) -> dict[str, float]:
             "context": batch * (s.prompt_tokens + steps / 2.0)}
 
 
+def _step_rows_per_run(samples: Sequence[Sample]) -> list[dict[str, float]]:
+    """One step row per concurrent run (the median of its streams' rows): a run's streams timed the
+    same steps, so counting each would weigh a 16-stream run 16 times against a lone stream's and
+    bend the fit away from the small batches a lightly loaded replica runs."""
+    runs: dict[int, list[dict[str, float]]] = {}
+    for index, s in enumerate(samples):
+        runs.setdefault(s.run or -1 - index, []).append(_step_row(s))
+    return [{key: statistics.median(row[key] for row in rows) for key in rows[0]} for rows in runs.values()]
+
+
 def _join_row(s: Sample) -> dict[str, float]:
     t = s.timings
     after_first_ms = (s.measured.e2e_s - s.measured.ttft_s) * 1000.0
     steps = t["decode.decode_steps"]
     decoding_ms = t["decode.decode_ms"] * steps / max(steps - 1, 1)  # decode_ms spans steps - 1 step intervals
     return {"ms": max(after_first_ms - decoding_ms, 0.0), "kv_tokens": float(s.prompt_tokens)}
+
+
+def component_rows(profile: Profile, samples: Sequence[Sample]):
+    """(name, fit, target, rows) of every component `build_profile` fits, with the rows these
+    samples give it (fitted on requests alone there; any samples here, e.g. a live replay's)."""
+    prefilled = [s for s in samples if "prefill.prefill_ms" in s.timings and "prefill_rpc_ms" in s.timings]
+    decoded = [s for s in samples if s.timings.get("decode.decode_steps", 0) > 1]
+    prefill_rows = [_prefill_row(s) for s in prefilled]
+    return [("router", profile.router_ms, "ms", [_router_row(s) for s in prefilled]),
+            ("encode tower", profile.encode.tower_ms, "ms", _tower_rows(samples)),
+            ("encode call", profile.encode.call_ms, "ms", _encode_call_rows(samples)),
+            ("encode all-hit call", profile.encode.hit_call_ms, "ms", _hit_rows(samples)),
+            ("prefill compute", profile.prefill.compute_ms, "compute_ms",
+             [{k: v for k, v in row.items() if k != "call_ms"} for row in prefill_rows]),
+            ("prefill call", profile.prefill.call_ms, "call_ms",
+             [{"call_ms": row["call_ms"], "tokens": row["tokens"], "images": row["images"]} for row in prefill_rows]),
+            ("decode step", profile.decode.step_ms, "ms", [_step_row(s) for s in decoded]),
+            ("decode join", profile.decode.join_ms, "ms", [_join_row(s) for s in decoded])]
 
 
 def summary_rows(profile: Profile) -> list[tuple[str, Fit]]:

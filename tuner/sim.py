@@ -372,6 +372,10 @@ class _DecodeReplica:
         self._plan()
 
 
+def _megapixels(images: Sequence) -> float:
+    return sum(image.width * image.height for image in images) / 1e6
+
+
 def _decoding(req: _Req, kv_rows: int) -> _Seq:
     """The sequence a decode replica runs after the first token: KV rows reserved for the rest."""
     return _Seq(req, req.trace.generated_tokens - 1, kv_rows, kv_rows + req.trace.generated_tokens)
@@ -437,7 +441,8 @@ class Simulation:
             self.outcomes[req.index].rejected = "kv capacity"
             return
         fit = self.profile.router_ms
-        ms = self.noise.draw(fit, fit.predict(prompt_tokens=req.prompt_tokens))
+        ms = self.noise.draw(fit, fit.predict(prompt_tokens=req.prompt_tokens, images=trace.num_images,
+                                              megapixels=_megapixels(trace.images)))
         self._overhead(ms, functools.partial(self._encode if trace.images else self._prefill, req))
 
     def _encode(self, req: _Req) -> None:
@@ -460,14 +465,14 @@ class Simulation:
         queued work and the encode work tell them apart; the router cannot know the embedding
         cache's hits in advance, so every image counts."""
         images = req.trace.images
-        megapixels = sum(image.width * image.height for image in images) / 1e6
+        megapixels = _megapixels(images)
         req.replica = min(self.prefills, key=lambda r: r.predicted_finish(0.0, len(images), megapixels))
         req.pending_shards = 1
         self._encode_shard(req, req.replica.encoder, list(images))
 
     def _encode_shard(self, req: _Req, replica: _EncodeReplica, images: list) -> None:
         misses = [image for image in images if not self.embeddings.hit(image.hash)]
-        megapixels = sum(image.width * image.height for image in images) / 1e6
+        megapixels = _megapixels(images)
         enc = self.profile.encode
         if not misses:
             ms = self.noise.draw(enc.hit_call_ms, enc.hit_call_ms.predict(images=len(images)))
@@ -512,7 +517,8 @@ class Simulation:
         pre, fastkv = self.profile.prefill, self.candidate.fastkv
         cached = self._cached_tokens(req)
         ms = self.noise.draw(pre.compute_fit(fastkv), pre.compute_ms_for(req.prompt_tokens, cached, fastkv))
-        call = self.noise.draw(pre.call_ms, pre.call_ms.predict(tokens=req.prompt_tokens - cached))
+        call = self.noise.draw(pre.call_ms, pre.call_ms.predict(tokens=req.prompt_tokens - cached,
+                                                                images=req.trace.num_images))
         replica = req.replica if req.replica is not None else min(self.prefills, key=lambda r: r.predicted_finish(ms))
         if self._prefilled_locally(req, replica.predicted_finish(ms) - self.clock.now + call / 1000.0):
             return

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tuner.live import Measured
+from tuner.profile import Profile
 from tuner.sim import SimResult
 from tuner.traces import TraceRequest
 
@@ -98,3 +99,40 @@ def comparison_json(rows: Sequence[Comparison]) -> list[dict]:
     return [{"metric": r.metric, "statistic": r.statistic, "predicted_ms": r.predicted_s * 1000,
              "measured_ms": r.measured_s * 1000, "error": r.error if math.isfinite(r.error) else None,
              "bound": r.bound, "within": r.within} for r in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentFit:
+    """How one fitted service-time component of a profile did on a live replay: the median of
+    observed / predicted over the requests that exercised it (1.0: the profile was right; below 1:
+    the live deployment was faster than profiled)."""
+    name: str
+    median_ratio: float
+    requests: int
+
+
+def component_fits(profile: Profile, requests: Sequence[TraceRequest], measured: Sequence[Measured]
+                   ) -> list[ComponentFit]:
+    """Each profile fit judged on the live requests' own stage timings (`Complete.timings_ms`), with
+    the rows the profiler fits it on: which stage's model a percentile miss comes from. Under load a
+    component also holds what the profile's alone-samples lacked (CPU contention on a shared host,
+    queueing in RPCs and at decode's join), so ratios above 1 are expected there; the simulator adds
+    those separately. `measured` in arrival order, as `replay` gives it."""
+    from tuner.profiler import component_rows
+
+    ordered = sorted(requests, key=lambda r: r.arrival_s)
+    samples = [sample_of(r, m) for r, m in zip(ordered, measured) if not m.error and m.timings]
+    out = []
+    for name, fit, target, rows in component_rows(profile, samples):
+        ratios = [row[target] / predicted for row in rows
+                  if (predicted := fit.predict(**{k: v for k, v in row.items() if k != target})) > 0]
+        if ratios:
+            out.append(ComponentFit(name, float(np.median(ratios)), len(ratios)))
+    return out
+
+
+def sample_of(request: TraceRequest, measured: Measured):
+    from tuner.profiler import Sample
+
+    megapixels = sum(image.width * image.height for image in request.images) / 1e6
+    return Sample(request.num_images, megapixels, 0, measured)

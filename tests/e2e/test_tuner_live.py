@@ -52,6 +52,10 @@ def test_profile_optimize_validate_on_a_live_deployment(cluster, tmp_path, capsy
         message = f"{key}: predicted {row['predicted_ms']:.1f} ms, measured {row['measured_ms']:.1f} ms"
         assert abs(row["error"]) < 1.0, message
     assert report["verdict"] == "VERIFIED" or report["verdict"].startswith("UNVERIFIED: ")
+    components = report["components"]   # each profile fit judged on the replay's own stage timings
+    assert {"router", "encode tower", "prefill compute", "prefill call", "decode step", "decode join"} <= set(components)
+    assert all(0.1 < ratio < 10 for ratio in components.values()), components
+    assert "live / profiled, per component" in printed
 
 
 def test_profile_through_the_stage_endpoints_directly(cluster, tiny_checkpoint, tmp_path, capsys):
