@@ -42,6 +42,7 @@ from services.router.placement import (
     backlog_s,
     choose_decode,
     choose_prefill,
+    encode_rate,
     finish_time_s,
     local_prefill_allowed,
     local_prefill_time_s,
@@ -279,7 +280,7 @@ class Orchestrator:
         homes = [r for r in self.prefill.replicas if r.healthy and r.address in encoders]
         if not homes:
             return None
-        rate = self.defaults.encode_images_per_s
+        rate = encode_rate(self.encode.replicas, self.defaults)
         ahead = {r.index: finish_time_s(encoders[r.address], len(req.images), rate) for r in homes}
         return choose_prefill(homes, len(prompt.token_ids), self.defaults, None, ahead).replica
 
@@ -288,7 +289,7 @@ class Orchestrator:
         if not self.config.encode_colocated:
             return None
         encoders = {r.address: r for r in self.encode.replicas}
-        rate = self.defaults.encode_images_per_s
+        rate = encode_rate(self.encode.replicas, self.defaults)
         return {r.index: backlog_s(encoders[r.address], rate) for r in self.prefill.replicas if r.address in encoders}
 
     def _prefill_candidates(self, home: Replica | None, tried: Sequence[Replica] = ()) -> list[Replica]:

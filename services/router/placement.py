@@ -75,10 +75,13 @@ def choose_prefill(replicas: Sequence[Replica], tokens: int, defaults: CostDefau
     `ahead_s` (replica index -> seconds): other work its model thread runs first (E+P colocated:
     the encode work queued there, and this request's images when it would encode them). Only
     replicas whose cache pool has room for the prompt's KV now are considered (all of them when
-    none has: the prompt then waits there for decode to take earlier KV)."""
+    none has: the prompt then waits there for decode to take earlier KV). A replica that has not
+    measured its rate yet is taken to run at its peers' (`measured_rate`)."""
+    unmeasured_rate = prefill_rate(replicas, defaults)
+
     def choice(r: Replica) -> Choice:
         hit = (cached or {}).get(r.index, NOTHING_CACHED)
-        compute_s = finish_time_s(r, tokens - hit.tokens, defaults.prefill_tokens_per_s)
+        compute_s = finish_time_s(r, tokens - hit.tokens, unmeasured_rate)
         compute_s += (ahead_s or {}).get(r.index, 0.0)
         return Choice(r, compute_s + hit.transfer_bytes(r.load) / defaults.kv_transfer_bytes_per_s, hit.tokens)
 
@@ -126,22 +129,35 @@ def choose_decode(replicas: Sequence[Replica], reserve_tokens: int, defaults: Co
 
 def shard_images(replicas: Sequence[Replica], images: int, defaults: CostDefaults) -> dict[int, list[int]]:
     """Spread a request's images over encode replicas (EPD intra-request parallelism): each image
-    goes where it would finish first given the images already placed. Returns replica index ->
-    image positions (in order), no empty entry."""
+    goes where it would finish first given the images already placed (a replica that has not
+    measured its rate yet at its peers' rate). Returns replica index -> image positions (in order),
+    no empty entry."""
     placed: dict[int, list[int]] = {}
     by_index = {r.index: r for r in replicas}
+    unmeasured_rate = encode_rate(replicas, defaults)
     for position in range(images):
         def finish(r: Replica) -> tuple[float, int]:
-            return finish_time_s(r, len(placed.get(r.index, ())) + 1, defaults.encode_images_per_s), r.index
+            return finish_time_s(r, len(placed.get(r.index, ())) + 1, unmeasured_rate), r.index
         best = min(by_index.values(), key=finish)
         placed.setdefault(best.index, []).append(position)
     return placed
 
 
-def prefill_rate(replicas: Sequence[Replica], defaults: CostDefaults) -> float:
-    """The deployment's measured prefill rate (mean over replicas that measured one)."""
+def measured_rate(replicas: Sequence[Replica], default: float) -> float:
+    """The stage's measured rate (mean over its replicas that measured one; `default` when none
+    has). What a replica that has not measured its own rate yet is taken to run at: with a fixed
+    pessimistic default it would look slower than its measured peers, get no work while they keep
+    up, and so never measure one."""
     rates = [r.load.work_per_s for r in replicas if r.load is not None and r.load.work_per_s > 0]
-    return sum(rates) / len(rates) if rates else defaults.prefill_tokens_per_s
+    return sum(rates) / len(rates) if rates else default
+
+
+def prefill_rate(replicas: Sequence[Replica], defaults: CostDefaults) -> float:
+    return measured_rate(replicas, defaults.prefill_tokens_per_s)
+
+
+def encode_rate(replicas: Sequence[Replica], defaults: CostDefaults) -> float:
+    return measured_rate(replicas, defaults.encode_images_per_s)
 
 
 def local_prefill_time_s(decode: Replica, tokens: int, rate: float, step_s: float) -> float:

@@ -110,6 +110,19 @@ def test_images_are_spread_by_predicted_finish_time():
     assert shard_images([_replica(0), _replica(1)], 4, DEFAULTS) == {0: [0, 2], 1: [1, 3]}
 
 
+def test_a_replica_that_has_not_measured_its_rate_is_taken_to_run_at_its_peers_rate():
+    """The default rates are pessimistic guesses; a replica judged by one next to a measured peer
+    would look slow, get no work while the peer keeps up, and never measure its own rate."""
+    measured = _replica(0, work_per_s=300.0)        # 300 images/s (default: 10)
+    fresh = _replica(1)                              # no report yet
+    assert shard_images([measured, fresh], 4, DEFAULTS) == {0: [0, 2], 1: [1, 3]}
+    measured = _replica(0, work_per_s=50_000.0)     # 50k tokens/s (default: 1k)
+    assert choose_prefill([measured, fresh], 500, DEFAULTS).predicted_s == pytest.approx(0.01)
+    busy = _replica(0, work_per_s=50_000.0, queued_work=1000, queued_requests=1)
+    assert choose_prefill([busy, fresh], 500, DEFAULTS).replica is fresh   # 0.03 s there vs 0.01 s here
+    assert shard_images([_replica(0), _replica(1)], 2, DEFAULTS) == {0: [0], 1: [1]}   # nobody measured: the default
+
+
 def test_local_prefill_is_allowed_only_within_both_limits():
     decode = _replica(0, local_prefill_max_tokens=256)
     assert local_prefill_allowed(decode, 100, 512)
