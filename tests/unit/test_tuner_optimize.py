@@ -184,8 +184,10 @@ def test_fastkv_is_searched_only_when_allowed_and_exported_when_chosen(tmp_path,
     assert "--fastkv" in yaml.safe_load(helm_values(best.candidate))["prefill"]["args"]
     assert "--fastkv" not in yaml.safe_load(helm_values(lossless.ranked[0].candidate))["prefill"]["args"]
 
+    unmeasured = tmp_path / "no-fastkv.json"
+    dataclasses.replace(base, prefill=dataclasses.replace(base.prefill, fastkv_compute_ms=None)).save(unmeasured)
     code = cli.main(["optimize", "--slo", "ttft=2s", "--synthetic", SPEC, "--allow-fastkv", "--no-progress",
-                     "--out", str(tmp_path / "o")])
+                     "--profile", str(unmeasured), "--out", str(tmp_path / "o")])
     assert code == 1 and "no FastKV prefill measurements" in capsys.readouterr().err
 
 
