@@ -16,6 +16,7 @@ import numpy as np
 
 from tuner.live import Measured
 from tuner.profile import Profile
+from tuner.profiler import Sample, component_rows
 from tuner.sim import SimResult
 from tuner.traces import TraceRequest
 
@@ -118,8 +119,6 @@ def component_fits(profile: Profile, requests: Sequence[TraceRequest], measured:
     component also holds what the profile's alone-samples lacked (CPU contention on a shared host,
     queueing in RPCs and at decode's join), so ratios above 1 are expected there; the simulator adds
     those separately. `measured` in arrival order, as `replay` gives it."""
-    from tuner.profiler import component_rows
-
     ordered = sorted(requests, key=lambda r: r.arrival_s)
     samples = [sample_of(r, m) for r, m in zip(ordered, measured) if not m.error and m.timings]
     out = []
@@ -131,8 +130,7 @@ def component_fits(profile: Profile, requests: Sequence[TraceRequest], measured:
     return out
 
 
-def sample_of(request: TraceRequest, measured: Measured):
-    from tuner.profiler import Sample
-
+def sample_of(request: TraceRequest, measured: Measured) -> Sample:
+    """A replayed request as the profiler's fits see it."""
     megapixels = sum(image.width * image.height for image in request.images) / 1e6
     return Sample(request.num_images, megapixels, 0, measured)
