@@ -10,8 +10,9 @@ Ownership and lease protocol (what always holds):
   ephemeral entry (KV for one decode) is freed with its last lease;
 * a consumer trusts nothing it reads: the bytes must match the ref's size and checksum, or the
   read is a miss (counted), never a crash;
-* an owner heartbeats; when it stops (cleanly or not) its entries leave the index, by its own
-  `close` or by any other owner's janitor, and its files on this host are removed.
+* an owner heartbeats, from its event loop and from a thread; when it stops (cleanly or not) its
+  entries leave the index, by its own `close` or by any other owner's janitor, and its files on
+  this host are removed; while only its event loop is blocked, its entries are not offered but kept.
 """
 
 from __future__ import annotations
@@ -50,7 +51,15 @@ from mmcache.codec import (
 from mmcache.guard import CacheUnavailableError, RedisGuard
 from mmcache.index import IndexEntry, RedisIndex
 from mmcache.metrics import CacheMetrics
-from mmcache.owners import OwnerInfo, OwnerRegistry, disk_dir, local_host_id, pool_file, remove_owner_files
+from mmcache.owners import (
+    OwnerInfo,
+    OwnerRegistry,
+    ProcessBeat,
+    disk_dir,
+    local_host_id,
+    pool_file,
+    remove_owner_files,
+)
 from mmcache.pool import PoolMappings, SharedMemoryPool, region_bytes
 from mmcache.readiness import ReadinessStream
 from mmcache.store import CapacityError, Entry, PutResult, Reservation, TieredStore, default_store_dir
@@ -100,6 +109,7 @@ class MMCache:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._workers = DealtPool(_worker_count(), "mmcache")
         self._tasks: list[asyncio.Task] = []
+        self._process_beat: ProcessBeat | None = None
         self._closed = False
         self._reserved: dict[int, Reservation] = {}  # offset -> region reserved, not yet committed or abandoned
         self._space_freed = asyncio.Event()
@@ -135,6 +145,10 @@ class MMCache:
         self.owner = dataclasses.replace(self.owner, data_address=f"{host}:{port}")
         self.registry.owner = self.owner
         await self._beat(first=True)
+        self._process_beat = ProcessBeat(self.config.redis_url, self.index.live_key(self.owner.owner_id),
+                                         interval_s=self.config.heartbeat_interval_s, ttl_s=self.registry.ttl_s,
+                                         timeout_s=self.config.redis_timeout_s)
+        self._process_beat.start()
         self._tasks.append(asyncio.create_task(self._maintain()))
 
     def servicer(self) -> CacheControlServicer:
@@ -693,6 +707,8 @@ class MMCache:
         if self._closed:
             return
         self._closed = True
+        if self._process_beat is not None:   # before unregistering: it would bring the live key back
+            await asyncio.to_thread(self._process_beat.stop)
         await _stop(self._tasks)
         if self.data_server is not None:
             await self.data_server.close()

@@ -5,7 +5,8 @@ path a request takes. A lookup returns only entries whose owner is alive (its he
 exists), so nobody is sent to a dead or restarted owner. Key schema (versioned):
   <ns>:mmcache:v1:e:<key>        entry header (string, PX = entry TTL)
   <ns>:mmcache:v1:owners         hash: owner id -> owner info (JSON)
-  <ns>:mmcache:v1:alive:<owner>  heartbeat (PX = a few heartbeat intervals)
+  <ns>:mmcache:v1:alive:<owner>  heartbeat from the owner's event loop: it answers (PX = a few intervals)
+  <ns>:mmcache:v1:live:<owner>   heartbeat from a thread of the owner's: its process runs (same PX)
   <ns>:mmcache:v1:owned:<owner>  set of the entry keys an owner published
   <ns>:mmcache:v1:ready:<prefix> stream of readiness events (layer-wise publishing)
 """
@@ -97,6 +98,9 @@ class RedisIndex:
 
     def alive_key(self, owner: str) -> str:
         return f"{self.prefix}:alive:{owner}"
+
+    def live_key(self, owner: str) -> str:
+        return f"{self.prefix}:live:{owner}"
 
     def owned_key(self, owner: str) -> str:
         return f"{self.prefix}:owned:{owner}"

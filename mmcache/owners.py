@@ -1,12 +1,18 @@
 """Owner liveness: registration, heartbeats, and the janitor that removes a dead owner's entries.
 
 An owner is one process start (its id carries a random epoch, so a restarted service is a new
-owner). It registers itself and refreshes a heartbeat key every `interval_s`; the key expires
-after `ttl_intervals` missed beats. Any owner's janitor (off the request path) drops the index
-entries of owners whose heartbeat is gone and, on the same host, their leftover shared memory.
-A silent owner on the same host whose process still holds its pool file (a blocked event loop: a
-model load, a long compile) is alive, and is left alone: removing its file would leave it serving
-from memory no reader on the host can map.
+owner). It registers itself and beats twice every `interval_s`, each key expiring after
+`ttl_intervals` missed beats: from its event loop (`alive`: it answers; lookups offer only such
+owners' entries) and from a thread of its own (`live`: its process runs, even while a model load
+or a compile blocks the event loop). Any owner's janitor (off the request path) drops the index
+entries of owners with neither beat and, on the same host, their leftover shared memory. A silent
+owner on the same host whose process still holds its pool file (stopped, or cut off from Redis)
+is alive too, and is left alone: removing its file would leave it serving from memory no reader
+on the host can map.
+
+Invariant: an owner whose process runs and reaches Redis keeps its index entries, however long
+its event loop is blocked; a killed owner's entries leave the index within a TTL plus a janitor
+round.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import pathlib
 import shutil
 import socket
+import threading
 
 from mmcache.guard import RedisGuard
 from mmcache.index import RedisIndex
@@ -36,6 +43,43 @@ class OwnerInfo:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+
+class ProcessBeat:
+    """Refreshes an owner's `live` key from a daemon thread on a Redis connection of its own, at
+    once and then every `interval_s`, until `stop` or the process ends. Redis errors are left to the
+    event loop's heartbeat to notice; the thread tries again at the next beat."""
+
+    def __init__(self, redis_url: str, key: str, *, interval_s: float, ttl_s: float, timeout_s: float) -> None:
+        self.redis_url, self.key = redis_url, key
+        self.interval_s, self.ttl_ms, self.timeout_s = interval_s, int(ttl_s * 1000), timeout_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mmcache-process-beat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating; returns when the thread has (or after a Redis timeout, if a beat hangs)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout_s + 1.0)
+
+    def _run(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=self.timeout_s,
+                                      socket_connect_timeout=self.timeout_s)
+        try:
+            while not self._stop.is_set():
+                try:
+                    client.set(self.key, "1", px=self.ttl_ms)
+                except (redis.RedisError, OSError):
+                    pass
+                self._stop.wait(self.interval_s)
+        finally:
+            client.close()
 
 
 def local_host_id() -> str:
@@ -74,7 +118,7 @@ class OwnerRegistry:
             pipe = redis.pipeline(transaction=False)
             for start in range(0, len(held_keys), _BATCH):
                 pipe.delete(*(self.index.entry_key(k) for k in held_keys[start : start + _BATCH]))
-            pipe.delete(self.index.owned_key(owner), self.index.alive_key(owner))
+            pipe.delete(self.index.owned_key(owner), self.index.alive_key(owner), self.index.live_key(owner))
             pipe.hdel(self.index.owners_key, owner)
             await pipe.execute()
 
@@ -89,10 +133,10 @@ class OwnerRegistry:
             return []
         ids = [k.decode() if isinstance(k, bytes) else k for k in owners]
 
-        async def alive():
+        async def alive():   # either beat: it answers, or at least its process runs
             pipe = redis.pipeline(transaction=False)
             for owner in ids:
-                pipe.exists(self.index.alive_key(owner))
+                pipe.exists(self.index.alive_key(owner), self.index.live_key(owner))
             return await pipe.execute()
 
         flags = await self.guard.run(alive)

@@ -231,6 +231,65 @@ async def test_a_stalled_owner_is_kept_and_a_killed_one_is_forgotten(config, tmp
         await survivor.stop()
 
 
+_BLOCKING_OWNER = """
+import asyncio, sys, time, torch
+from epdserve.config import CacheConfig
+import mmcache.client
+from mmcache.client import CacheIdentity, MMCache
+
+mmcache.client.local_host_id = lambda: "another-host/1"   # so no same-host rule can keep it
+
+async def main():
+    config = CacheConfig(redis_url=sys.argv[1], namespace=sys.argv[2], shm_dir=sys.argv[3],
+                         capacity_bytes=1 << 20, heartbeat_interval_s=0.2)
+    cache = await MMCache.open(config, CacheIdentity("remote", ""))
+    await cache.put("img:remote", torch.ones(2), ttl_s=600)
+    print("ready", flush=True)
+    await asyncio.sleep(0.5)
+    print("blocking", flush=True)
+    time.sleep(float(sys.argv[4]))   # the event loop blocked, as a model load or a compile blocks it
+    print("unblocked", flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+async def test_an_owner_on_another_host_whose_event_loop_is_blocked_keeps_its_entries(config, tmp_path):
+    """An owner elsewhere whose event loop is blocked for ten heartbeat TTLs misses its event-loop
+    heartbeats: lookups stop offering its entry. Its process still runs, and its thread keeps
+    beating, so the janitor keeps its index entries (only its own host could check its pool file).
+    Once unblocked its entry is offered again; killed, it is dropped."""
+    blocked_s = 6.0
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _BLOCKING_OWNER, config.redis_url, config.namespace, str(tmp_path / "remote"),
+        str(blocked_s), stdout=asyncio.subprocess.PIPE)
+    janitor = await Owner.start(config, "janitor")
+    entry_key = janitor.cache.index.entry_key("img:remote")
+    try:
+        assert await asyncio.wait_for(process.stdout.readline(), timeout=60) == b"ready\n"
+        assert await asyncio.wait_for(process.stdout.readline(), timeout=10) == b"blocking\n"
+        await _wait_for(lambda: _is_none(janitor.cache.lookup_many(["img:remote"])),
+                        "a blocked owner's entry is still offered", timeout_s=3.0)
+        assert await janitor.cache.registry.collect_dead() == []
+        assert await janitor.cache.redis.exists(entry_key), "the janitor dropped a blocked owner's entries"
+        assert await asyncio.wait_for(process.stdout.readline(), timeout=blocked_s + 10) == b"unblocked\n"
+        await _wait_for(lambda: _is_not_none(janitor.cache.lookup_many(["img:remote"])),
+                        "an unblocked owner's entry is not offered again")
+        process.kill()
+        await process.wait()
+
+        async def dropped() -> bool:
+            await janitor.cache.registry.collect_dead()
+            return not await janitor.cache.redis.exists(entry_key)
+        await _wait_for(dropped, "the killed owner's entries were kept")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await janitor.stop()
+
+
 async def _is_none(lookup) -> bool:
     return (await lookup)[0] is None
 
