@@ -165,26 +165,38 @@ async def test_longest_prefix_stops_at_the_first_miss(config):
 
 
 _OWNER_PROCESS = """
-import asyncio, sys, torch
+import asyncio, sys, time, torch
 from epdserve.config import CacheConfig
+import mmcache.client
 from mmcache.client import CacheIdentity, MMCache
 
+redis_url, namespace, shm_dir, name, host, blocked_s = sys.argv[1:7]
+if host:
+    mmcache.client.local_host_id = lambda: host   # another host: no same-host rule can keep it
+
 async def main():
-    config = CacheConfig(redis_url=sys.argv[1], namespace=sys.argv[2], shm_dir=sys.argv[3],
+    config = CacheConfig(redis_url=redis_url, namespace=namespace, shm_dir=shm_dir,
                          capacity_bytes=1 << 20, heartbeat_interval_s=0.2)
-    cache = await MMCache.open(config, CacheIdentity("other", ""))
-    await cache.put("img:ghost", torch.ones(2), ttl_s=600)
+    cache = await MMCache.open(config, CacheIdentity(name, ""))
+    await cache.put(f"img:{name}", torch.ones(2), ttl_s=600)
     print("ready", flush=True)
+    if float(blocked_s):
+        await asyncio.sleep(0.5)
+        print("blocking", flush=True)
+        time.sleep(float(blocked_s))   # the event loop blocked, as a model load or a compile blocks it
+        print("unblocked", flush=True)
     await asyncio.sleep(600)
 
 asyncio.run(main())
 """
 
 
-async def _owner_process(config, shm_dir):
+async def _owner_process(config, shm_dir, name: str = "other", host: str = "", blocked_s: float = 0.0):
+    """Another process owning the entry img:<name> (on `host`, when given, rather than this one;
+    blocking its event loop for `blocked_s` after printing "blocking")."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _OWNER_PROCESS, config.redis_url, config.namespace, str(shm_dir),
-        stdout=asyncio.subprocess.PIPE)
+        sys.executable, "-c", _OWNER_PROCESS, config.redis_url, config.namespace, str(shm_dir), name, host,
+        str(blocked_s), stdout=asyncio.subprocess.PIPE)
     line = await asyncio.wait_for(process.stdout.readline(), timeout=60)
     assert line.strip() == b"ready"
     return process
@@ -205,19 +217,19 @@ async def test_a_stalled_owner_is_kept_and_a_killed_one_is_forgotten(config, tmp
     process = await _owner_process(config, tmp_path / "other")
     pool_file = next((tmp_path / "other").glob("pool-other.shm"))
     survivor = await Owner.start(config, "survivor")
-    entry_key = survivor.cache.index.entry_key("img:ghost")
+    entry_key = survivor.cache.index.entry_key("img:other")
     try:
-        assert (await survivor.cache.lookup_many(["img:ghost"]))[0] is not None
+        assert (await survivor.cache.lookup_many(["img:other"]))[0] is not None
         process.send_signal(signal.SIGSTOP)
-        await _wait_for(lambda: _is_none(survivor.cache.lookup_many(["img:ghost"])),
+        await _wait_for(lambda: _is_none(survivor.cache.lookup_many(["img:other"])),
                         "a silent owner's entry is still offered")
         await asyncio.sleep(2.0)  # ten heartbeat periods: two janitor rounds
         assert pool_file.exists() and await survivor.cache.redis.exists(entry_key), \
             "the janitor removed a live owner's pool or entries"
         process.send_signal(signal.SIGCONT)
-        await _wait_for(lambda: _is_not_none(survivor.cache.lookup_many(["img:ghost"])),
+        await _wait_for(lambda: _is_not_none(survivor.cache.lookup_many(["img:other"])),
                         "a resumed owner's entry is not offered again")
-        (ref,) = await survivor.cache.lookup_many(["img:ghost"])
+        (ref,) = await survivor.cache.lookup_many(["img:other"])
         (tensor,) = await survivor.cache.get_many([ref])
         assert torch.equal(tensor, torch.ones(2)) and survivor.cache.metrics.value("bytes_read_local") > 0
         process.kill()
@@ -231,43 +243,16 @@ async def test_a_stalled_owner_is_kept_and_a_killed_one_is_forgotten(config, tmp
         await survivor.stop()
 
 
-_BLOCKING_OWNER = """
-import asyncio, sys, time, torch
-from epdserve.config import CacheConfig
-import mmcache.client
-from mmcache.client import CacheIdentity, MMCache
-
-mmcache.client.local_host_id = lambda: "another-host/1"   # so no same-host rule can keep it
-
-async def main():
-    config = CacheConfig(redis_url=sys.argv[1], namespace=sys.argv[2], shm_dir=sys.argv[3],
-                         capacity_bytes=1 << 20, heartbeat_interval_s=0.2)
-    cache = await MMCache.open(config, CacheIdentity("remote", ""))
-    await cache.put("img:remote", torch.ones(2), ttl_s=600)
-    print("ready", flush=True)
-    await asyncio.sleep(0.5)
-    print("blocking", flush=True)
-    time.sleep(float(sys.argv[4]))   # the event loop blocked, as a model load or a compile blocks it
-    print("unblocked", flush=True)
-    await asyncio.sleep(600)
-
-asyncio.run(main())
-"""
-
-
 async def test_an_owner_on_another_host_whose_event_loop_is_blocked_keeps_its_entries(config, tmp_path):
     """An owner elsewhere whose event loop is blocked for ten heartbeat TTLs misses its event-loop
     heartbeats: lookups stop offering its entry. Its process still runs, and its thread keeps
     beating, so the janitor keeps its index entries (only its own host could check its pool file).
     Once unblocked its entry is offered again; killed, it is dropped."""
     blocked_s = 6.0
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _BLOCKING_OWNER, config.redis_url, config.namespace, str(tmp_path / "remote"),
-        str(blocked_s), stdout=asyncio.subprocess.PIPE)
+    process = await _owner_process(config, tmp_path / "remote", "remote", "another-host/1", blocked_s)
     janitor = await Owner.start(config, "janitor")
     entry_key = janitor.cache.index.entry_key("img:remote")
     try:
-        assert await asyncio.wait_for(process.stdout.readline(), timeout=60) == b"ready\n"
         assert await asyncio.wait_for(process.stdout.readline(), timeout=10) == b"blocking\n"
         await _wait_for(lambda: _is_none(janitor.cache.lookup_many(["img:remote"])),
                         "a blocked owner's entry is still offered", timeout_s=3.0)
