@@ -13,6 +13,13 @@ measured only early or only late would otherwise be compared with a profile take
 
     python bench/tuner_accuracy.py [--configs "1,1,1;1,2,1;2,1,2;+,1,1"] [--rates 2,6] [--requests 200]
                                    [--rounds 3] [--out bench/results]
+    python bench/tuner_accuracy.py --pool-from A/tuner-accuracy-samples.jsonl B/tuner-accuracy-samples.jsonl
+                                   [--out bench/results]
+
+Every replay is written as it finishes (`tuner-accuracy-samples.jsonl` and `samples/`, beside the
+round's profile), so a run cut short keeps what it measured, and `--pool-from` re-pools saved
+replays (several runs' too: e.g. configurations split over calls with a time limit), re-simulating
+each with its round's profile and seed.
 
 A configuration is E,P,D replica counts; E "+" means encode colocated in the prefill replicas
 (prefill --with-encode, router --encode-colocated).
@@ -91,7 +98,12 @@ def main() -> int:
                              "configuration and rate (seed + round); the rounds are pooled, so a machine whose "
                              "speed drifts over minutes weighs on every configuration alike")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--pool-from", nargs="+", default=(), metavar="SAMPLES_JSONL",
+                        help="measure nothing: pool the replays these runs saved")
     args = parser.parse_args()
+    if args.pool_from:
+        pooled, hardware = _saved_samples(args.pool_from)
+        return _report(pathlib.Path(args.out), pooled, max(len(s) for s in pooled.values()), hardware)
 
     from epdserve.env import read_env
     from epdserve.models.tiny import cached_tiny_checkpoint
@@ -102,6 +114,8 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    hardware = f"{cores}-core CPU, {platform.platform()}"
+    (out / "tuner-accuracy-samples.jsonl").unlink(missing_ok=True)   # this run's replays only
     pooled: dict[tuple[str, float], list] = {}
     for round_ in range(args.rounds):
         profile = _profile_deployment(model_dir, cores, args.repeats)
@@ -110,17 +124,73 @@ def main() -> int:
         for candidate in configs:
             for rate, sample in _measure(model_dir, candidate, rates, profile, args, round_):
                 pooled.setdefault((candidate.label(), rate), []).append(sample)
-    rows = [_row(label, rate, samples) for (label, rate), samples in pooled.items()]
+                _save_sample(out, name, hardware, candidate, rate, round_, args.seed + round_, sample)
+    return _report(out, pooled, args.rounds, hardware)
 
+
+def _report(out: pathlib.Path, pooled: dict, rounds: int, hardware: str) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [_row(label, rate, samples) for (label, rate), samples in pooled.items()]
+    first = next(iter(pooled.values()))[0]
+    profile = first[4]
     speed = _simulator_speed(profile)
-    result = {"date": datetime.date.today().isoformat(), "hardware": f"{cores}-core CPU, {platform.platform()}",
+    result = {"date": datetime.date.today().isoformat(), "hardware": hardware,
               "model": profile.model, "idle_cores_per_process": profile.idle_cores_per_process, "spec": SPEC,
-              "rounds": args.rounds, "requests_per_round": args.requests // args.rounds,
+              "rounds": rounds, "requests_per_round": len(first[0]),
               "rows": rows, "simulator_configs_per_s_1000_requests": speed}
     (out / "tuner-accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "tuner-accuracy.md").write_text(markdown(result))
     print(markdown(result))
     return 0
+
+
+def _save_sample(out: pathlib.Path, profile_name: str, hardware: str, candidate, rate: float, round_: int,
+                 seed: int, sample) -> None:
+    """Append one replay (its trace and measurements, exactly) to the run's samples."""
+    import dataclasses
+
+    trace, _, measured, *_ = sample
+    (out / "samples").mkdir(exist_ok=True)
+    name = f"samples/{candidate.label()}-{rate:g}rps-round{round_}.json"
+    (out / name).write_text(json.dumps({"trace": [dataclasses.asdict(r) for r in trace],
+                                        "measured": [dataclasses.asdict(m) for m in measured]}))
+    line = {"config": _config_text(candidate), "rate": rate, "round": round_, "seed": seed, "profile": profile_name,
+            "replay": name, "hardware": hardware}
+    with open(out / "tuner-accuracy-samples.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def _config_text(candidate) -> str:
+    encode = "+" if candidate.encode_colocated else str(candidate.encode_replicas)
+    return f"{encode},{candidate.prefill_replicas},{candidate.decode_replicas}"
+
+
+def _saved_samples(paths) -> tuple[dict[tuple[str, float], list], str]:
+    """Saved replays, re-simulated with their round's profile and seed, grouped as a run groups
+    them; and the hardware they were measured on."""
+    from tuner.live import Measured
+    from tuner.profile import Profile
+    from tuner.sim import simulate
+    from tuner.traces import TraceImage, TraceRequest
+
+    pooled: dict[tuple[str, float], list] = {}
+    hardware: set[str] = set()
+    for path in map(pathlib.Path, paths):
+        for line in path.read_text().splitlines():
+            saved = json.loads(line)
+            replay = json.loads((path.parent / saved["replay"]).read_text())
+            trace = [TraceRequest(**{**r, "prefix_blocks": tuple(r["prefix_blocks"]),
+                                     "images": tuple(TraceImage(**i) for i in r["images"])}) for r in replay["trace"]]
+            measured = [Measured(**m) for m in replay["measured"]]
+            profile, candidate = Profile.load(path.parent / saved["profile"]), parse_config(saved["config"])
+            started = time.perf_counter()
+            predicted = simulate(trace, profile, candidate, seed=saved["seed"])
+            sample = (trace, predicted, measured, time.perf_counter() - started, profile)
+            pooled.setdefault((candidate.label(), saved["rate"]), []).append(sample)
+            hardware.add(saved["hardware"])
+    if not pooled:
+        raise SystemExit(f"--pool-from: no saved replays in {', '.join(map(str, paths))}")
+    return pooled, "; ".join(sorted(hardware))
 
 
 def _profile_deployment(model_dir, cores: int, repeats: int):
