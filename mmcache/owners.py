@@ -161,7 +161,7 @@ class OwnerRegistry:
             return False
         if info.owner_id not in self._spared:
             self._spared.add(info.owner_id)
-            log.warning("cache owner %s missed its heartbeats but its process still holds its pool: kept (blocked, or "
+            log.warning("cache owner %s missed its heartbeats but its process still holds its pool: kept (stopped, or "
                         "cut off from Redis, for over %.1f s)", info.owner_id, self.ttl_s)
         return True
 
