@@ -190,7 +190,7 @@ class WorkloadBounds:
         requests = [r for r in requests
                     if r.context_tokens + r.num_images * image_tokens + r.generated_tokens <= profile.max_context]
         self.requests = list(requests)
-        distinct = {i.hash: i.width * i.height / 1e6 for r in requests for i in r.images}
+        distinct = {i.hash: i.megapixels for r in requests for i in r.images}
         self.distinct_images, self.distinct_megapixels = len(distinct), sum(distinct.values())
         self.output_tokens = sum(max(r.generated_tokens - 1, 0) for r in requests)
         self.prefix_hits = _prefix_hits(requests)
@@ -232,7 +232,7 @@ class WorkloadBounds:
         for r, hits in zip(self.requests, self.prefix_hits):
             prompt = r.context_tokens + r.num_images * p.image_tokens(candidate.image_keep_ratio)
             local = self._may_prefill_locally(r, candidate)   # E -> PD: no prefill call, no KV hand-off
-            mp = sum(i.width * i.height for i in r.images) / 1e6
+            mp = r.megapixels
             ms = p.router_ms.predict(prompt_tokens=prompt, images=r.num_images, megapixels=mp)
             ms += self._prefill_ms(r, candidate, hits)
             ms += 0.0 if local else p.prefill.call_ms.predict(tokens=prompt, images=r.num_images)

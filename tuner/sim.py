@@ -372,10 +372,6 @@ class _DecodeReplica:
         self._plan()
 
 
-def _megapixels(images: Sequence) -> float:
-    return sum(image.width * image.height for image in images) / 1e6
-
-
 def _decoding(req: _Req, kv_rows: int) -> _Seq:
     """The sequence a decode replica runs after the first token: KV rows reserved for the rest."""
     return _Seq(req, req.trace.generated_tokens - 1, kv_rows, kv_rows + req.trace.generated_tokens)
@@ -442,7 +438,7 @@ class Simulation:
             return
         fit = self.profile.router_ms
         ms = self.noise.draw(fit, fit.predict(prompt_tokens=req.prompt_tokens, images=trace.num_images,
-                                              megapixels=_megapixels(trace.images)))
+                                              megapixels=trace.megapixels))
         self._overhead(ms, functools.partial(self._encode if trace.images else self._prefill, req))
 
     def _encode(self, req: _Req) -> None:
@@ -465,14 +461,14 @@ class Simulation:
         queued work and the encode work tell them apart; the router cannot know the embedding
         cache's hits in advance, so every image counts."""
         images = req.trace.images
-        megapixels = _megapixels(images)
+        megapixels = req.trace.megapixels
         req.replica = min(self.prefills, key=lambda r: r.predicted_finish(0.0, len(images), megapixels))
         req.pending_shards = 1
         self._encode_shard(req, req.replica.encoder, list(images))
 
     def _encode_shard(self, req: _Req, replica: _EncodeReplica, images: list) -> None:
         misses = [image for image in images if not self.embeddings.hit(image.hash)]
-        megapixels = _megapixels(images)
+        megapixels = sum(image.megapixels for image in images)
         enc = self.profile.encode
         if not misses:
             ms = self.noise.draw(enc.hit_call_ms, enc.hit_call_ms.predict(images=len(images)))
@@ -487,7 +483,7 @@ class Simulation:
             if left[0] == 0:
                 self._overhead(overhead, functools.partial(self._shard_done, req))
         for image in misses:
-            replica.submit((self.clock.now, image.width * image.height / 1e6, functools.partial(one_done, image)))
+            replica.submit((self.clock.now, image.megapixels, functools.partial(one_done, image)))
 
     def _shard_done(self, req: _Req) -> None:
         req.pending_shards -= 1

@@ -36,6 +36,10 @@ class TraceImage:
     width: int
     height: int
 
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1e6
+
 
 @dataclasses.dataclass(frozen=True)
 class TraceRequest:
@@ -50,6 +54,11 @@ class TraceRequest:
     @property
     def num_images(self) -> int:
         return len(self.images)
+
+    @property
+    def megapixels(self) -> float:
+        """Of all its images together."""
+        return sum(image.megapixels for image in self.images)
 
 
 def read_trace(path: str | pathlib.Path, image_spec: SynthSpec | None = None) -> list[TraceRequest]:

@@ -132,5 +132,4 @@ def component_fits(profile: Profile, requests: Sequence[TraceRequest], measured:
 
 def sample_of(request: TraceRequest, measured: Measured) -> Sample:
     """A replayed request as the profiler's fits see it."""
-    megapixels = sum(image.width * image.height for image in request.images) / 1e6
-    return Sample(request.num_images, megapixels, 0, measured)
+    return Sample(request.num_images, request.megapixels, 0, measured)
